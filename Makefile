@@ -1,0 +1,28 @@
+# Quick start: `make demo` (run the default model), `make test` (run the tests).
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMPS := .stamps
+
+.PHONY: demo test model clean
+
+$(STAMPS)/venv: pyproject.toml
+	@mkdir -p $(STAMPS)
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# torch first and pinned: later installs then keep this build instead of pulling another
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e ".[dev]"
+	@touch $@
+
+model: $(STAMPS)/venv
+	$(PY) builder/default_model.py
+
+demo: model
+	$(PY) handler.py --test_input "$$(cat test_input.json)"
+
+test: model
+	$(PY) -m pytest
+
+clean:
+	rm -rf $(VENV) $(STAMPS)

@@ -1,0 +1,212 @@
+"""Settings: the one place that reads the environment.
+
+Every setting is declared once, as a field of `Settings`, with its environment variable, default,
+parser and description in the field's metadata. `Settings.from_env(os.environ)` builds a frozen object;
+a bad value stops startup with one line naming the variable, the value and what is allowed.
+The README's environment table is generated from these fields (`python -m worker_transformers.config`)
+and a test keeps the two identical.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+MODEL_SOURCES = ("auto", "baked", "cached", "volume", "hub")
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+DEVICES = ("auto", "cuda", "cpu")
+
+_TRUE = ("true", "1", "yes", "on")
+_FALSE = ("false", "0", "no", "off")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+
+
+class ConfigError(ValueError):
+    """A setting has a value the worker cannot use. The message is one line."""
+
+
+class Secret(str):
+    """A string that never shows itself in a repr, a log line or an error message."""
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+
+Parser = Callable[[str, str], Any]  # (variable name, raw text) -> value
+
+
+def _text(name: str, raw: str) -> str:
+    if not raw.strip():
+        raise ConfigError(f"{name} is empty; set it to a value or unset it to use the default")
+    return raw.strip()
+
+
+def _optional_text(name: str, raw: str) -> str | None:
+    return raw.strip() or None
+
+
+def _model_name(name: str, raw: str) -> str:
+    value = raw.strip()
+    if value.startswith("/") or _HUB_ID.match(value):
+        return value
+    raise ConfigError(
+        f"{name}={raw!r} is not allowed; use a Hugging Face model id (org/name) or an absolute folder"
+    )
+
+
+def _choice(*allowed: str) -> Parser:
+    def parse(name: str, raw: str) -> str:
+        value = raw.strip().lower()
+        if value not in allowed:
+            raise ConfigError(f"{name}={raw!r} is not allowed; use one of {', '.join(allowed)}")
+        return value
+
+    return parse
+
+
+def _absolute_path(name: str, raw: str) -> Path:
+    if not raw.startswith("/"):
+        raise ConfigError(f"{name}={raw!r} is not allowed; use an absolute folder path")
+    return Path(raw)
+
+
+def _flag(name: str, raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ConfigError(f"{name}={raw!r} is not allowed; use true or false")
+
+
+def _int_between(low: int, high: int) -> Parser:
+    def parse(name: str, raw: str) -> int:
+        try:
+            value = int(raw.strip())
+        except ValueError:
+            raise ConfigError(
+                f"{name}={raw!r} is not allowed; use a whole number from {low} to {high}"
+            ) from None
+        if not low <= value <= high:
+            raise ConfigError(f"{name}={raw!r} is not allowed; use a whole number from {low} to {high}")
+        return value
+
+    return parse
+
+
+def _secret(name: str, raw: str) -> Secret | None:
+    return Secret(raw.strip()) if raw.strip() else None
+
+
+def setting(env: str, default: str | None, parse: Parser, help: str) -> Any:
+    """A dataclass field that knows its environment variable. `default` is the raw text, parsed like
+    any other value so that a default can never be a value the parser would refuse."""
+    value = None if default is None else parse(env, default)
+    return field(
+        default=value,
+        metadata={"env": env, "raw_default": default, "parse": parse, "help": help},
+    )
+
+
+@dataclass(frozen=True)
+class Settings:
+    model_name: str = setting(
+        "MODEL_NAME", DEFAULT_MODEL, _model_name, "Hugging Face model id, or an absolute folder holding the model"
+    )
+    model_revision: str | None = setting(
+        "MODEL_REVISION", None, _optional_text, "Branch, tag or commit of the model; unset means `main`"
+    )
+    model_source: str = setting(
+        "MODEL_SOURCE",
+        "auto",
+        _choice(*MODEL_SOURCES),
+        "Where to look for the weights: `auto` (baked, cached, volume, local cache, then Hub) or one source only",
+    )
+    baked_model_dir: Path = setting(
+        "BAKED_MODEL_DIR", "/models", _absolute_path, "Folder of a model baked into the image (with `manifest.json`)"
+    )
+    runpod_cache_dir: Path = setting(
+        "RUNPOD_CACHE_DIR",
+        "/runpod-volume/huggingface-cache/hub",
+        _absolute_path,
+        "Hugging Face cache where RunPod mounts cached models",
+    )
+    volume_model_dir: Path = setting(
+        "VOLUME_MODEL_DIR",
+        "/runpod-volume/models",
+        _absolute_path,
+        "Network-volume folder holding models as `ORG/NAME` subfolders",
+    )
+    dtype: str = setting(
+        "DTYPE", "auto", _choice(*DTYPES), "Weights' dtype on the device; `auto` keeps the checkpoint's dtype"
+    )
+    device: str = setting("DEVICE", "auto", _choice(*DEVICES), "`auto` uses CUDA when present, else the CPU")
+    max_new_tokens: int = setting(
+        "MAX_NEW_TOKENS", "1024", _int_between(1, 1_000_000), "Largest `max_new_tokens` a job may ask for"
+    )
+    max_input_tokens: int = setting(
+        "MAX_INPUT_TOKENS", "4096", _int_between(1, 10_000_000), "Longest prompt, in tokens after the chat template"
+    )
+    trust_remote_code: bool = setting(
+        "TRUST_REMOTE_CODE", "false", _flag, "Run Python code shipped with the model; only for models you trust"
+    )
+    init_timeout_s: int = setting(
+        "RUNPOD_INIT_TIMEOUT", "420", _int_between(1, 86_400), "Seconds the platform allows for startup"
+    )
+    hf_token: Secret | None = setting(
+        "HF_TOKEN", None, _secret, "Hugging Face token, for private or gated models"
+    )
+    hf_hub_offline: bool = setting(
+        "HF_HUB_OFFLINE", "false", _flag, "Never contact the Hub (set in baked images)"
+    )
+    # Where huggingface_hub keeps its cache; derived in from_env exactly as huggingface_hub does.
+    hf_hub_cache: Path = field(default_factory=lambda: hf_hub_cache_dir({}))
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Settings:
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            name = f.metadata.get("env")
+            if name is not None and name in env:
+                values[f.name] = f.metadata["parse"](name, env[name])
+        values["hf_hub_cache"] = hf_hub_cache_dir(env)
+        return cls(**values)
+
+    @property
+    def model_is_folder(self) -> bool:
+        return self.model_name.startswith("/")
+
+    @property
+    def hub_allowed(self) -> bool:
+        return self.model_source in ("auto", "hub") and not self.hf_hub_offline and not self.model_is_folder
+
+
+def hf_hub_cache_dir(env: Mapping[str, str]) -> Path:
+    """The Hugging Face hub cache, resolved the way huggingface_hub resolves it."""
+    if env.get("HF_HUB_CACHE"):
+        return Path(env["HF_HUB_CACHE"]).expanduser()
+    if env.get("HF_HOME"):
+        return Path(env["HF_HOME"]).expanduser() / "hub"
+    cache_home = Path(env["XDG_CACHE_HOME"]) if env.get("XDG_CACHE_HOME") else Path(env.get("HOME", "~")) / ".cache"
+    return cache_home.expanduser() / "huggingface" / "hub"
+
+
+def settings_table() -> str:
+    """The README's environment table, in Markdown."""
+    rows = ["| Variable | Default | Meaning |", "|---|---|---|"]
+    for f in fields(Settings):
+        if "env" not in f.metadata:
+            continue
+        default = f.metadata["raw_default"]
+        shown = f"`{default}`" if default is not None else "unset"
+        rows.append(f"| `{f.metadata['env']}` | {shown} | {f.metadata['help']} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(settings_table())

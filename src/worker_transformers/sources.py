@@ -1,0 +1,197 @@
+"""Where are the weights? A pure answer (no torch): a folder on local disk, and how it was found.
+
+MODEL_SOURCE=auto looks, in order, at the baked folder, RunPod's cached models, the network volume and the
+local Hugging Face cache, then downloads from the Hub where that is allowed. A forced source looks only
+there. Every place looked at is recorded, so that "not found" can say what was tried and what would fix it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import Settings
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+@dataclass(frozen=True)
+class ModelLocation:
+    path: Path  # a folder with config.json, tokenizer files and safetensors weights
+    source: str  # folder | baked | cached | volume | local-cache | hub
+    model_id: str  # the name the worker serves the model under (MODEL_NAME, in its original case)
+    revision: str | None
+
+
+class ModelNotFound(Exception):
+    """No source holds the model. The message lists every path tried and the setting that would fix it."""
+
+
+class UnsupportedWeights(Exception):
+    """The folder holds the model, but not in a form this worker loads (pickle weights, missing shards)."""
+
+
+def check_model_folder(path: Path, model_id: str) -> None:
+    """Raise UnsupportedWeights unless `path` holds a config and complete safetensors weights."""
+    if not (path / "config.json").is_file():
+        raise UnsupportedWeights(f"{model_id}: {path} has no config.json")
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing = [s for s in shards if not (path / s).is_file()]
+        if missing:
+            raise UnsupportedWeights(
+                f"{model_id}: {path} is missing {len(missing)} of {len(shards)} weight shards ({missing[0]}, ...); "
+                "the copy is incomplete: download it again"
+            )
+        return
+    if any(path.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise UnsupportedWeights(
+            f"{model_id}: {path} has only pickle weights ({', '.join(pickles)}), which can run arbitrary code "
+            "when loaded; this worker loads safetensors only: choose a revision with .safetensors files or "
+            "convert the weights with safetensors' convert script"
+        )
+    raise UnsupportedWeights(f"{model_id}: {path} has no .safetensors weights")
+
+
+class _Search:
+    """One resolution: the places looked at, in order, for the final error message."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.tried: list[str] = []
+
+    def found(self, source: str, path: Path | None, why_not: str = "missing") -> ModelLocation | None:
+        if path is None or not path.is_dir():
+            self.tried.append(f"{source}: {path if path is not None else '-'} ({why_not})")
+            return None
+        check_model_folder(path, self.settings.model_name)
+        return ModelLocation(path, source, self.settings.model_name, self.settings.model_revision)
+
+
+def _baked(search: _Search) -> ModelLocation | None:
+    folder = search.settings.baked_model_dir
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        search.tried.append(f"baked: {folder} (no {MANIFEST})")
+        return None
+    baked = json.loads(manifest.read_text())
+    wanted = (search.settings.model_name, search.settings.model_revision)
+    if baked.get("model_id") != wanted[0] or (wanted[1] and baked.get("revision") != wanted[1]):
+        search.tried.append(
+            f"baked: {folder} holds {baked.get('model_id')}@{baked.get('revision')}, not {wanted[0]}@{wanted[1] or 'any'}"
+        )
+        return None
+    return search.found("baked", folder)
+
+
+def hf_snapshot(cache_dir: Path, repo_id: str, revision: str | None, newest_if_no_ref: bool) -> Path | None:
+    """The snapshot folder of `repo_id` in a Hugging Face cache, found by huggingface_hub's own lookup
+    (refs/<revision>, or snapshots/<commit>). When there is no ref for main and `newest_if_no_ref` is set,
+    fall back to the newest snapshot (RunPod's cache has been seen without refs)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    config = try_to_load_from_cache(repo_id, "config.json", cache_dir=cache_dir, revision=revision)
+    if isinstance(config, str):
+        return Path(config).parent
+    snapshots = cache_dir / f"models--{repo_id.replace('/', '--')}" / "snapshots"
+    if revision is None and newest_if_no_ref and snapshots.is_dir():
+        candidates = [s for s in snapshots.iterdir() if (s / "config.json").is_file()]
+        if candidates:
+            return max(candidates, key=lambda s: s.stat().st_mtime)
+    return None
+
+
+def _cached(search: _Search) -> ModelLocation | None:
+    settings = search.settings
+    spellings = dict.fromkeys([settings.model_name, settings.model_name.lower()])  # exact case first
+    for repo_id in spellings:
+        snapshot = hf_snapshot(settings.runpod_cache_dir, repo_id, settings.model_revision, newest_if_no_ref=True)
+        if snapshot is not None:
+            return search.found("cached", snapshot)
+        search.tried.append(
+            f"cached: {settings.runpod_cache_dir / ('models--' + repo_id.replace('/', '--'))} "
+            f"(no snapshot for {settings.model_revision or 'main'})"
+        )
+    return None
+
+
+def _volume(search: _Search) -> ModelLocation | None:
+    return search.found("volume", search.settings.volume_model_dir / search.settings.model_name)
+
+
+def _local_cache(search: _Search) -> ModelLocation | None:
+    settings = search.settings
+    snapshot = hf_snapshot(settings.hf_hub_cache, settings.model_name, settings.model_revision, newest_if_no_ref=False)
+    if snapshot is None:
+        search.tried.append(
+            f"local-cache: {settings.hf_hub_cache / ('models--' + settings.model_name.replace('/', '--'))} "
+            f"(no snapshot for {settings.model_revision or 'main'})"
+        )
+        return None
+    return search.found("local-cache", snapshot)
+
+
+_LOOKUPS: dict[str, Callable[[_Search], ModelLocation | None]] = {
+    "baked": _baked,
+    "cached": _cached,
+    "volume": _volume,
+    "local-cache": _local_cache,
+}
+_ORDER = {
+    "auto": ("baked", "cached", "volume", "local-cache"),
+    "baked": ("baked",),
+    "cached": ("cached",),
+    "volume": ("volume",),
+    "hub": ("local-cache",),  # a model downloaded earlier sits in the local cache
+}
+
+Downloader = Callable[[Settings], Path]
+
+
+def resolve(settings: Settings, download: Downloader | None = None) -> ModelLocation:
+    """Find the model's folder, downloading it from the Hub only where MODEL_SOURCE allows it."""
+    search = _Search(settings)
+    if settings.model_is_folder:
+        location = search.found("folder", Path(settings.model_name))
+        if location is not None:
+            return location
+        raise ModelNotFound(f"MODEL_NAME={settings.model_name} is not a folder; tried {search.tried[0]}")
+
+    for source in _ORDER[settings.model_source]:
+        location = _LOOKUPS[source](search)
+        if location is not None:
+            return location
+
+    if settings.hub_allowed:
+        if download is None:
+            from .download import download_from_hub as download
+        path = download(settings)
+        return ModelLocation(path, "hub", settings.model_name, settings.model_revision)
+
+    raise ModelNotFound(_not_found_message(settings, search.tried))
+
+
+def _not_found_message(settings: Settings, tried: list[str]) -> str:
+    if settings.model_source in ("auto", "hub"):
+        fix = (
+            "HF_HUB_OFFLINE is set, so the Hub was not asked: unset it to download, or"
+            if settings.hf_hub_offline
+            else "or"
+        )
+        fix = f"{fix} bake the model into the image, or select it as the endpoint's cached model"
+    else:
+        fix = "put the model there, or set MODEL_SOURCE=auto to look everywhere"
+    return (
+        f"model {settings.model_name}@{settings.model_revision or 'main'} not found "
+        f"(MODEL_SOURCE={settings.model_source}); tried: " + "; ".join(tried) + f". Fix: {fix}"
+    )
