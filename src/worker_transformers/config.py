@@ -162,7 +162,7 @@ class Settings:
         "HF_TOKEN", None, _secret, "Hugging Face token, for private or gated models"
     )
     hf_hub_offline: bool = setting(
-        "HF_HUB_OFFLINE", "false", _flag, "Never contact the Hub (set in baked images)"
+        "HF_HUB_OFFLINE", "false", _flag, "Never contact the Hub; only local sources are used"
     )
     # Where huggingface_hub keeps its cache; derived in from_env exactly as huggingface_hub does.
     hf_hub_cache: Path = field(default_factory=lambda: hf_hub_cache_dir({}))
