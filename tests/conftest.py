@@ -84,7 +84,9 @@ def tiny_settings(tiny_model_dir) -> Settings:
 def tiny_engine(tiny_settings):
     from worker_transformers.worker import setup
 
-    return setup(tiny_settings)
+    engine = setup(tiny_settings)
+    yield engine
+    engine.close()
 
 
 @pytest.fixture(scope="session")

@@ -26,12 +26,19 @@ def test_max_new_tokens_ends_with_length(tiny_engine):
     assert out["text"] == " three" * 7
 
 
-def test_an_end_of_turn_token_ends_with_stop(tiny_engine):
-    request = parse_request({"prompt": "x", "max_new_tokens": 3}, 64)
-    words = tiny_engine.tokenizer(" world world")["input_ids"]
-    eos = tiny_engine.tokenizer.eos_token_id
-    assert tiny_engine.finish([*words, eos], request) == (" world world", "stop")
-    assert tiny_engine.finish(words + words[:1], request) == (" world world world", "length")
+def test_an_end_of_turn_token_ends_with_stop_and_is_not_text(tiny_settings):
+    from worker_transformers.worker import setup
+
+    engine = setup(tiny_settings)
+    try:
+        # The tiny model, greedy, repeats " three" after this prompt: make that its end-of-turn token.
+        three = engine.tokenizer(" three", add_special_tokens=False)["input_ids"]
+        assert len(three) == 1
+        engine.batcher.eos_ids = {three[0]}
+        out = run(engine, prompt="one, two, three", max_new_tokens=7, temperature=0)
+        assert (out["text"], out["finish_reason"], out["usage"]["completion_tokens"]) == ("", "stop", 1)
+    finally:
+        engine.close()
 
 
 def test_greedy_is_deterministic(tiny_engine):
@@ -85,6 +92,10 @@ def test_messages_to_a_model_without_chat_template_are_refused(tmp_path):
 
     folder = make_tiny_model(tmp_path / "plain", chat_template=False)
     engine = setup(Settings.from_env({"MODEL_NAME": str(folder)}))
-    with pytest.raises(RequestError, match="messages: this model has no chat template; send prompt instead"):
-        run(engine, messages=[{"role": "user", "content": "hi"}])
-    assert run(engine, prompt="hi", max_new_tokens=2)["text"] is not None
+    try:
+        with pytest.raises(RequestError, match="messages: this model has no chat template; send prompt instead"):
+            run(engine, messages=[{"role": "user", "content": "hi"}])
+        assert run(engine, prompt="hi", max_new_tokens=2)["usage"]["completion_tokens"] == 2
+    finally:
+        engine.close()
+

@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from runpod.serverless.modules.rp_job import run_job
+from runpod.serverless.modules.rp_handler import is_generator
+from runpod.serverless.modules.rp_job import run_job_generator
 
 from worker_transformers.worker import make_handler
 
@@ -16,14 +17,32 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def sdk_run(handler, job_input):
-    """Run one job through the SDK's own job runner, the code path a deployed worker takes."""
-    return asyncio.run(run_job(handler, {"id": "test-job", "input": job_input}))
+    """Run one job the way the SDK's job loop does for a generator handler (rp_job.handle_job): its own
+    run_job_generator, the first error ends the job, outputs are aggregated (return_aggregate_stream)."""
+
+    async def run():
+        result = {"output": []}
+        async for item in run_job_generator(handler, {"id": "test-job", "input": job_input}):
+            output = item.get("output")
+            if isinstance(output, dict) and output.get("error"):
+                item = {"error": str(output["error"])}
+            if item.get("error"):
+                return item
+            result["output"].append(output)
+        return result
+
+    return asyncio.run(run())
 
 
-def test_a_valid_job_returns_output(tiny_engine, tiny_settings):
+def test_the_handler_is_one_the_sdk_streams_from(tiny_engine, tiny_settings):
+    assert is_generator(make_handler(tiny_engine, tiny_settings))
+
+
+def test_a_valid_job_returns_one_output(tiny_engine, tiny_settings):
     result = sdk_run(make_handler(tiny_engine, tiny_settings), {"prompt": "Hello", "max_new_tokens": 3})
     assert "error" not in result
-    assert result["output"]["usage"]["completion_tokens"] <= 3
+    [output] = result["output"]
+    assert output["usage"]["completion_tokens"] <= 3
 
 
 def test_a_bad_job_fails_with_the_field_named_and_no_traceback(tiny_engine, tiny_settings):
@@ -49,7 +68,8 @@ def test_the_handler_does_not_block_the_event_loop(tiny_engine, tiny_settings):
                 ticks += 1
 
         task = asyncio.create_task(ticker())
-        await handler({"input": {"prompt": "Hello", "max_new_tokens": 48, "temperature": 0}})
+        async for _ in handler({"input": {"prompt": "Hello", "max_new_tokens": 48, "temperature": 0}}):
+            pass
         task.cancel()
         return ticks
 
@@ -81,7 +101,27 @@ def test_test_input_with_a_good_job_exits_0(tiny_model_dir):
     job = json.dumps({"input": {"prompt": "Hello", "max_new_tokens": 2}})
     proc = run_handler("--test_input", job, env={"MODEL_NAME": str(tiny_model_dir)})
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "completed successfully" in proc.stdout
+    [line] = proc.stdout.splitlines()
+    assert json.loads(line)["usage"]["completion_tokens"] <= 2
+    assert "job local_test completed" in proc.stderr
+
+
+@pytest.mark.slow
+def test_test_input_prints_a_streaming_job_chunk_by_chunk(tiny_model_dir):
+    job = json.dumps({"input": {"prompt": "Hello", "max_new_tokens": 6, "temperature": 0, "stream": True}})
+    proc = run_handler("--test_input", job, env={"MODEL_NAME": str(tiny_model_dir)})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    chunks = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert len(chunks) > 1
+    assert chunks[-1]["finish_reason"] == "length" and chunks[-1]["usage"]["completion_tokens"] == 6
+    assert all(set(c) == {"text"} for c in chunks[:-1])
+
+
+@pytest.mark.slow
+def test_test_input_that_is_not_json_exits_1(tiny_model_dir):
+    proc = run_handler("--test_input", "{not json", env={"MODEL_NAME": str(tiny_model_dir)})
+    assert proc.returncode == 1
+    assert "--test_input: not valid JSON" in proc.stderr
 
 
 def test_a_bad_setting_stops_startup_with_one_line():
@@ -102,3 +142,10 @@ def test_a_missing_model_stops_startup_listing_what_was_tried(tmp_path):
     assert proc.returncode == 1
     assert f"{tmp_path / 'cache'}/models--nobody--nothing" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_refused_openai_request_fails_the_job_with_an_openai_error_body(tiny_engine, tiny_settings):
+    job_input = {"openai_route": "/v1/chat/completions", "openai_input": {"model": "x", "messages": []}}
+    result = sdk_run(make_handler(tiny_engine, tiny_settings), job_input)
+    assert set(result) == {"error"}
+    assert json.loads(result["error"])["error"]["type"] == "invalid_request_error"

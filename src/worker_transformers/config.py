@@ -152,6 +152,12 @@ class Settings:
     max_input_tokens: int = setting(
         "MAX_INPUT_TOKENS", "4096", _int_between(1, 10_000_000), "Longest prompt, in tokens after the chat template"
     )
+    max_concurrency: int = setting(
+        "MAX_CONCURRENCY",
+        "8",
+        _int_between(1, 1024),
+        "Jobs one worker runs at once, batched together on the device",
+    )
     trust_remote_code: bool = setting(
         "TRUST_REMOTE_CODE", "false", _flag, "Run Python code shipped with the model; only for models you trust"
     )
@@ -166,6 +172,8 @@ class Settings:
     )
     # Where huggingface_hub keeps its cache; derived in from_env exactly as huggingface_hub does.
     hf_hub_cache: Path = field(default_factory=lambda: hf_hub_cache_dir({}))
+    # RunPod sets RUNPOD_WEBHOOK_GET_JOB on a deployed worker; without it the SDK runs one local test job.
+    deployed: bool = False
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
@@ -175,6 +183,7 @@ class Settings:
             if name is not None and name in env:
                 values[f.name] = f.metadata["parse"](name, env[name])
         values["hf_hub_cache"] = hf_hub_cache_dir(env)
+        values["deployed"] = bool(env.get("RUNPOD_WEBHOOK_GET_JOB"))
         return cls(**values)
 
     @property

@@ -1,32 +1,41 @@
-"""Generation: a validated request in, text with its finish reason and token counts out.
+"""Generation: a validated request in, text with its finish reason and token counts out, whole or streamed.
 
-The engine owns the model and tokenizer once they are loaded. `generate` blocks (it runs the forward
-passes), so the async handler calls it from a worker thread; a lock keeps one generation at a time on the
-device, and with it the global RNG that a request's seed sets.
+The engine owns the tokenizer and the batcher (which owns the model). Tokenizing and the input cap happen
+here, before anything is queued, so a request that is refused is refused before its first chunk.
 """
 
 from __future__ import annotations
 
-import copy
-import threading
+import asyncio
+import queue
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-import torch
-from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from .batcher import Batcher, Delta, Done, Event, Failed, Sequence
+from .sampling import Sampler
 from .schema import GenerationRequest, RequestError
+from .textstream import TextStream
+
+
+class GenerationFailed(RuntimeError):
+    """The model failed while generating (not the caller's fault); the cause is chained and was logged."""
 
 
 class Engine:
     def __init__(
-        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, model_name: str, max_input_tokens: int
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        model_name: str,
+        max_input_tokens: int,
+        max_batch: int,
     ) -> None:
-        self.model = model
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.max_input_tokens = max_input_tokens
-        self._base_config = model.generation_config
-        self._lock = threading.Lock()
+        self.batcher = Batcher(model, max_batch, _eos_ids(model, tokenizer))
 
     def prompt_ids(self, request: GenerationRequest) -> list[int]:
         """Token ids of the request's input: the chat template applied to messages, or the prompt as is."""
@@ -45,64 +54,80 @@ class Engine:
             raise RequestError(
                 f"{field}: {len(ids)} tokens is more than MAX_INPUT_TOKENS={self.max_input_tokens}; send less"
             )
+        if not ids:
+            raise RequestError("prompt: the text has no tokens")
         return ids
 
-    def generation_config(self, request: GenerationRequest) -> GenerationConfig:
-        # Start from the model's own config (its EOS tokens) and override every sampling knob, so the
-        # checkpoint's suggested temperature never silently replaces what the caller asked for.
-        config = copy.deepcopy(self._base_config)
-        config.max_new_tokens = request.max_new_tokens
-        config.do_sample = not request.greedy
-        config.temperature = request.temperature if not request.greedy else 1.0
-        config.top_p = request.top_p
-        config.top_k = request.top_k if request.top_k > 0 else None
-        config.repetition_penalty = request.repetition_penalty
-        config.stop_strings = request.stop or None
-        if config.pad_token_id is None:
-            config.pad_token_id = self.tokenizer.pad_token_id or self.tokenizer.eos_token_id
-        return config
+    def submit(self, request: GenerationRequest, ids: list[int], emit: Callable[[Event], None]) -> Sequence:
+        sequence = Sequence(
+            prompt_ids=ids,
+            max_new_tokens=request.max_new_tokens,
+            sampler=Sampler(request, self.batcher.device),
+            text=TextStream(self._decode, request.stop),
+            emit=emit,
+        )
+        self.batcher.submit(sequence)
+        return sequence
+
+    async def stream(self, request: GenerationRequest, ids: list[int]) -> AsyncIterator[Delta | Done]:
+        """Events for one request as the batcher produces them. Leaving early (the job was cancelled or
+        timed out) takes the request out of the batch."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[Event] = asyncio.Queue()
+        sequence = self.submit(request, ids, lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+        try:
+            while True:
+                event = await events.get()
+                if isinstance(event, Failed):
+                    raise GenerationFailed(f"generation failed: {type(event.error).__name__}") from event.error
+                yield event
+                if isinstance(event, Done):
+                    return
+        finally:
+            if not sequence.finished:
+                self.batcher.cancel(sequence)
 
     def generate(self, request: GenerationRequest) -> dict[str, Any]:
+        """The whole answer, blocking: for scripts, tests and benchmarks outside an event loop."""
         ids = self.prompt_ids(request)
-        config = self.generation_config(request)
-        input_ids = torch.tensor([ids], device=self.model.device)
-        with self._lock, torch.inference_mode():
-            if request.seed is not None:
-                torch.manual_seed(request.seed)
-            output = self.model.generate(
-                input_ids=input_ids,
-                attention_mask=torch.ones_like(input_ids),
-                generation_config=config,
-                tokenizer=self.tokenizer,
-            )
-        new_ids = output[0, len(ids) :].tolist()
-        text, finish_reason = self.finish(new_ids, request)
-        return self.response(text, finish_reason, len(ids), len(new_ids))
+        events: queue.Queue[Event] = queue.Queue()
+        self.submit(request, ids, events.put)
+        pieces = []
+        while True:
+            event = events.get()
+            if isinstance(event, Failed):
+                raise GenerationFailed(f"generation failed: {type(event.error).__name__}") from event.error
+            pieces.append(event.text)
+            if isinstance(event, Done):
+                return self.response("".join(pieces), event)
 
-    def finish(self, new_ids: list[int], request: GenerationRequest) -> tuple[str, str]:
-        """The text to return, cut before the first stop string, and why generation ended."""
-        text = self.tokenizer.decode(new_ids, skip_special_tokens=True)
-        cut = min((i for i in (text.find(s) for s in request.stop) if i >= 0), default=-1)
-        if cut >= 0:
-            return text[:cut], "stop"
-        if new_ids and new_ids[-1] in self._eos_ids():
-            return text, "stop"
-        return text, "length" if len(new_ids) >= request.max_new_tokens else "stop"
+    def close(self) -> None:
+        self.batcher.close()
 
-    def _eos_ids(self) -> set[int]:
-        eos = self._base_config.eos_token_id
-        if eos is None:
-            eos = self.tokenizer.eos_token_id
-        return set(eos) if isinstance(eos, list) else {eos}
-
-    def response(self, text: str, finish_reason: str, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+    def response(self, text: str, done: Done) -> dict[str, Any]:
         return {
             "text": text,
-            "finish_reason": finish_reason,
-            "usage": {
-                "prompt_tokens": prompt_tokens,
-                "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens,
-            },
+            "finish_reason": done.finish_reason,
+            "usage": usage(done),
             "model": self.model_name,
         }
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def usage(done: Done) -> dict[str, int]:
+    return {
+        "prompt_tokens": done.prompt_tokens,
+        "completion_tokens": done.completion_tokens,
+        "total_tokens": done.prompt_tokens + done.completion_tokens,
+    }
+
+
+def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    eos = model.generation_config.eos_token_id
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    if eos is None:
+        return set()
+    return set(eos) if isinstance(eos, list) else {eos}

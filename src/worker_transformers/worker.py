@@ -1,7 +1,8 @@
 """The worker's two phases: `setup` (once, before the first job) and the async handler (every job).
 
-Blocking generation runs in a worker thread, so the SDK's event loop keeps fetching jobs, heartbeats and
-cancellations while the model computes.
+The handler is an async generator, because the runpod SDK streams only from functions written with `yield`.
+Generation happens in the batcher's thread, so the SDK's event loop keeps fetching jobs, heartbeats and
+cancellations while the model computes, and up to MAX_CONCURRENCY jobs share each forward pass.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import asyncio
 import logging
 import os
 import sys
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 from .config import ConfigError, Settings
@@ -19,7 +20,7 @@ from .sources import ModelNotFound, UnsupportedWeights, resolve
 
 log = logging.getLogger("worker_transformers")
 
-Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+Handler = Callable[[dict[str, Any]], AsyncIterator[dict[str, Any] | str]]
 
 
 def setup(settings: Settings):
@@ -30,21 +31,44 @@ def setup(settings: Settings):
     location = resolve(settings)
     log.info("model %s found: %s at %s", location.model_id, location.source, location.path)
     loaded = load(location, settings)
-    return Engine(loaded.model, loaded.tokenizer, location.model_id, settings.max_input_tokens)
+    return Engine(
+        loaded.model, loaded.tokenizer, location.model_id, settings.max_input_tokens, settings.max_concurrency
+    )
 
 
 def make_handler(engine, settings: Settings) -> Handler:
-    async def handler(job: dict[str, Any]) -> dict[str, Any]:
+    from .batcher import Done
+    from .openai_routes import OpenAIRoutes, is_openai_job
+
+    openai = OpenAIRoutes(engine, settings.max_new_tokens)
+
+    async def handler(job: dict[str, Any]) -> AsyncIterator[dict[str, Any] | str]:
+        job_input = job.get("input")
+        if is_openai_job(job_input):
+            async for item in openai.handle(job_input):
+                yield item
+            return
+        # Everything the caller can get wrong is checked before the first chunk: a stream's consumers never
+        # see an error yielded after it.
         try:
-            request = parse_request(job.get("input"), settings.max_new_tokens)
-            return await asyncio.to_thread(engine.generate, request)
+            request = parse_request(job_input, settings.max_new_tokens)
+            ids = await asyncio.to_thread(engine.prompt_ids, request)
         except RequestError as error:
-            return {"error": str(error)}
+            yield {"error": str(error)}
+            return
+        text = ""  # a whole (non-streamed) answer is gathered here
+        async for event in engine.stream(request, ids):
+            if isinstance(event, Done):
+                yield engine.response(event.text if request.stream else text + event.text, event)
+            elif request.stream:
+                yield {"text": event.text}
+            else:
+                text += event.text
 
     return handler
 
 
-def main(env: Mapping[str, str] = os.environ) -> None:
+def main(env: Mapping[str, str] = os.environ, argv: list[str] = sys.argv) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         settings = Settings.from_env(env)
@@ -52,7 +76,28 @@ def main(env: Mapping[str, str] = os.environ) -> None:
     except (ConfigError, ModelNotFound, UnsupportedWeights) as error:
         log.error("%s", error)
         sys.exit(1)
+    handler = make_handler(engine, settings)
+
+    from .local import LocalJobError, local_job, run_local
+
+    try:
+        job = local_job(argv, settings)
+    except LocalJobError as error:
+        log.error("%s", error)
+        sys.exit(1)
+    if job is not None:
+        exit_code = asyncio.run(run_local(handler, job))
+        engine.close()
+        sys.exit(exit_code)
 
     import runpod
 
-    runpod.serverless.start({"handler": make_handler(engine, settings), "return_aggregate_stream": True})
+    concurrency = settings.max_concurrency
+    runpod.serverless.start(
+        {
+            "handler": handler,
+            # Called on every fetch loop; a constant, since the SDK only resizes its queue when idle.
+            "concurrency_modifier": lambda current: concurrency,
+            "return_aggregate_stream": True,
+        }
+    )

@@ -1,0 +1,52 @@
+"""Choosing the next token for one sequence from its logits, with that sequence's own settings.
+
+Every request in a batch keeps its own temperature, top-k, top-p, repetition penalty and random generator,
+so a seeded request samples the same tokens whatever else shares the batch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .schema import GenerationRequest
+
+
+class Sampler:
+    def __init__(self, request: GenerationRequest, device: torch.device) -> None:
+        self.greedy = request.greedy
+        self.temperature = request.temperature
+        self.top_k = request.top_k
+        self.top_p = request.top_p
+        self.repetition_penalty = request.repetition_penalty
+        self.generator: torch.Generator | None = None
+        if not self.greedy:
+            self.generator = torch.Generator(device=device)
+            if request.seed is not None:
+                self.generator.manual_seed(request.seed)
+            else:
+                self.generator.seed()
+
+    def pick(self, logits: torch.Tensor, seen: torch.Tensor) -> int:
+        """The next token id. `logits` is this sequence's last-position row (vocab,), `seen` the ids of the
+        prompt and the tokens generated so far (for the repetition penalty)."""
+        logits = logits.float()
+        if self.repetition_penalty != 1.0:
+            previous = logits.gather(0, seen)
+            penalized = torch.where(
+                previous > 0, previous / self.repetition_penalty, previous * self.repetition_penalty
+            )
+            logits = logits.scatter(0, seen, penalized)
+        if self.greedy:
+            return int(logits.argmax())
+        logits = logits / self.temperature
+        if 0 < self.top_k < logits.numel():
+            kth = torch.topk(logits, self.top_k).values[-1]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if self.top_p < 1.0:
+            ordered, order = torch.sort(logits, descending=True)
+            cumulative = ordered.softmax(-1).cumsum(-1)
+            # Drop tokens once the mass before them already reaches top_p; the likeliest token always stays.
+            drop = (cumulative - ordered.softmax(-1)) >= self.top_p
+            logits = logits.scatter(0, order[drop], float("-inf"))
+        probs = logits.softmax(-1)
+        return int(torch.multinomial(probs, 1, generator=self.generator))
