@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMPS := .stamps
 
-.PHONY: demo test model clean
+.PHONY: demo test model bench bench-serve clean
 
 $(STAMPS)/venv: pyproject.toml
 	@mkdir -p $(STAMPS)
@@ -23,6 +23,12 @@ demo: model
 
 test: model
 	$(PY) -m pytest
+
+# Benchmarks print a table and write JSON + PNG under bench/out/.
+bench: bench-serve
+
+bench-serve: model
+	$(PY) bench/serve.py --json bench/out/serve.json
 
 clean:
 	rm -rf $(VENV) $(STAMPS)

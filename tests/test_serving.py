@@ -106,7 +106,8 @@ def test_streams_in_flight_together_interleave(engine, settings):
     assert "a" in order[first_b:], f"stream a finished before stream b started: {order}"
 
 
-def test_a_cancelled_job_frees_its_place_for_the_next(tiny_model_dir):
+@pytest.mark.parametrize("how", ["closed", "task cancelled"])
+def test_a_cancelled_job_frees_its_place_for_the_next(tiny_model_dir, how):
     settings = Settings.from_env({"MODEL_NAME": str(tiny_model_dir), "MAX_CONCURRENCY": "1", "MAX_NEW_TOKENS": "5000"})
     engine = setup(settings)
     try:
@@ -115,12 +116,25 @@ def test_a_cancelled_job_frees_its_place_for_the_next(tiny_model_dir):
         async def scenario():
             # Seconds of work for the tiny model, unless it is cancelled.
             long_job = {"prompt": "Hello world", "max_new_tokens": 5000, "temperature": 0, "stream": True}
-            stream = handler({"id": "long", "input": long_job})
-            await stream.__anext__()  # the long job is generating and holds the only place
+            started = asyncio.Event()
+
+            async def consume_long():
+                async for _ in handler({"id": "long", "input": long_job}):
+                    started.set()
+
+            if how == "closed":
+                stream = handler({"id": "long", "input": long_job})
+                await stream.__anext__()  # the long job is generating and holds the only place
+            else:
+                consumer = asyncio.create_task(consume_long())
+                await started.wait()
             waiting = asyncio.create_task(collect(handler, {"prompt": "hi", "max_new_tokens": 3, "temperature": 0}))
             await asyncio.sleep(0.05)
             assert not waiting.done()
-            await stream.aclose()  # what the SDK does to a job it cancels or times out
+            if how == "closed":
+                await stream.aclose()  # what happens to a generator abandoned mid-stream
+            else:
+                consumer.cancel()  # what the SDK does to the task of a job it cancels or times out
             return await asyncio.wait_for(waiting, timeout=30)
 
         [result] = asyncio.run(scenario())
