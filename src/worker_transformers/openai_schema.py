@@ -47,7 +47,7 @@ def _only(value: Any, allowed: tuple[Any, ...], name: str) -> Any:
 
 
 class _Common(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
     model: str
     temperature: float = Field(1.0, ge=0.0, le=2.0)

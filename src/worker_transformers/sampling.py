@@ -10,11 +10,17 @@ import torch
 
 from .schema import GenerationRequest
 
+_FINITE = 1e30
+
+# Below this, dividing float32 logits by the temperature overflows to inf; the distribution is already
+# one-hot long before it, so sampling at this floor is indistinguishable from the temperature asked for.
+MIN_TEMPERATURE = 1e-4
+
 
 class Sampler:
     def __init__(self, request: GenerationRequest, device: torch.device) -> None:
         self.greedy = request.greedy
-        self.temperature = request.temperature
+        self.temperature = max(request.temperature, MIN_TEMPERATURE)
         self.top_k = request.top_k
         self.top_p = request.top_p
         self.repetition_penalty = request.repetition_penalty
@@ -35,7 +41,8 @@ class Sampler:
             penalized = torch.where(
                 previous > 0, previous / self.repetition_penalty, previous * self.repetition_penalty
             )
-            logits = logits.scatter(0, seen, penalized)
+            # A tiny penalty divides logits towards inf; keep them finite so the softmax stays defined.
+            logits = logits.scatter(0, seen, penalized).clamp(min=-_FINITE, max=_FINITE)
         if self.greedy:
             return int(logits.argmax())
         logits = logits / self.temperature
@@ -47,6 +54,7 @@ class Sampler:
             cumulative = ordered.softmax(-1).cumsum(-1)
             # Drop tokens once the mass before them already reaches top_p; the likeliest token always stays.
             drop = (cumulative - ordered.softmax(-1)) >= self.top_p
+            drop[0] = False  # even when top_p rounds to 0 in float32
             logits = logits.scatter(0, order[drop], float("-inf"))
         probs = logits.softmax(-1)
         return int(torch.multinomial(probs, 1, generator=self.generator))

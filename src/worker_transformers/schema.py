@@ -6,6 +6,7 @@ client's mistake is reported instead of being guessed at. The cap on `max_new_to
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
@@ -25,7 +26,8 @@ class Message(BaseModel):
 
 
 class GenerationRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    # inf and nan are refused: no sampling setting means anything at either, and they poison the arithmetic.
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
     prompt: str | None = Field(None, min_length=1, description="Text to continue, as is")
     messages: list[Message] | None = Field(
@@ -39,7 +41,9 @@ class GenerationRequest(BaseModel):
     top_k: int = Field(0, ge=0, description="Sample from the k likeliest tokens; 0 turns it off")
     repetition_penalty: float = Field(1.0, gt=0.0, description="Above 1 discourages repeats")
     stop: list[str] = Field(default_factory=list, max_length=4, description="Up to 4 strings that end the text")
-    seed: int | None = Field(None, description="Makes sampling reproducible")
+    seed: int | None = Field(
+        None, ge=-(2**63), le=2**64 - 1, description="Makes sampling reproducible (a 64-bit integer)"
+    )
     stream: bool = Field(False, description="Yield text as it is generated")
 
     @field_validator("stop")
@@ -84,11 +88,22 @@ def parse_request(job_input: Any, max_new_tokens: int) -> GenerationRequest:
         raise RequestError(describe(error)) from None
 
 
+_PLAIN_NAME = re.compile(r"^[A-Za-z_][\w-]{0,63}$")
+
+
+def field_name(part: str | int) -> str:
+    """A field as it appears in a message: plain names and list indexes as they are, any other key (an
+    unknown one a caller sent: empty, spaced, very long) quoted and cut short."""
+    if isinstance(part, int) or _PLAIN_NAME.match(part):
+        return str(part)
+    return repr(part[:40] + "..." if len(part) > 40 else part)
+
+
 def describe(error: ValidationError) -> str:
     """`field.sub: reason; other: reason`, with pydantic's own reasons and no input echoed back."""
     problems = []
     for item in error.errors(include_url=False, include_input=False):
-        where = ".".join(str(part) for part in item["loc"]) or "input"
+        where = ".".join(field_name(part) for part in item["loc"]) or "input"
         reason = item["msg"].removeprefix("Value error, ")
         problems.append(f"{where}: {reason}")
     return "; ".join(problems)
