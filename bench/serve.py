@@ -115,6 +115,24 @@ def handler_overhead(engine, settings, jobs: list[dict], rounds: int = 200) -> f
     return (time.perf_counter() - start) / rounds
 
 
+# Peak memory bandwidth (GB/s) of GPUs the worker commonly runs on, from their vendors' data sheets.
+PEAK_BANDWIDTH_GB_S = {"H200": 4800, "H100 SXM": 3350, "H100 PCIe": 2000, "A100-SXM4-80GB": 2039, "L40S": 864, "A10": 600}
+
+
+def decode_bandwidth(model, itl_s: float) -> dict:
+    """Batch-1 decode reads every weight once per token: weight bytes / inter-token latency is the bandwidth
+    it reached; against the device's peak, the model bandwidth utilisation (MBU)."""
+    import torch
+
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    reached = weight_bytes / itl_s / 1e9
+    peak = None
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        peak = next((bw for key, bw in PEAK_BANDWIDTH_GB_S.items() if key in name), None)
+    return {"weight_bytes": weight_bytes, "decode_gb_s": reached, "peak_gb_s": peak, "mbu": reached / peak if peak else None}
+
+
 def machine() -> dict:
     import torch
 
@@ -184,6 +202,7 @@ def main() -> int:
         "single_request_latency_p99_s": serial["latency_p99_s"],
         "handler_overhead_s": handler_overhead(engine, settings, jobs),
         "itl_at_batch_1_s": serial["itl_p50_s"],
+        "batch_1_decode": decode_bandwidth(engine.batcher.model, serial["itl_p50_s"]),
     }
     engine.close()
 
@@ -197,6 +216,9 @@ def main() -> int:
               f"{lv['latency_p99_s'] / serial['latency_p99_s']:>14.2f}")
     print(f"handler overhead per request (validation, tokenization, response): {report['handler_overhead_s'] * 1e3:.2f} ms; "
           f"one decode step at batch 1: {report['itl_at_batch_1_s'] * 1e3:.1f} ms")
+    bw = report["batch_1_decode"]
+    mbu = f", MBU {bw['mbu']:.0%} of {bw['peak_gb_s']} GB/s" if bw["mbu"] else " (peak bandwidth of this device unknown: no MBU)"
+    print(f"batch-1 decode read the weights at {bw['decode_gb_s']:.1f} GB/s{mbu}")
 
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2))
