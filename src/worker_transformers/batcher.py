@@ -128,6 +128,17 @@ class Batcher:
                     if self._active:
                         self._decode_step()
                         self._retire()
+            except torch.OutOfMemoryError as error:
+                # Expected under memory pressure, not a bug: one line, then give the memory back.
+                tokens = 0 if self._mask is None else self._mask.numel()
+                log.error(
+                    "out of memory with %d requests in flight (%d cached tokens); failing them and freeing the cache",
+                    len(self._active) + len(admitted),
+                    tokens,
+                )
+                self._fail_all(error, admitted)
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
             except Exception as error:  # noqa: BLE001 - the thread must survive; every caller gets the error
                 log.exception("generation failed; failing the %d requests in flight", len(self._active))
                 self._fail_all(error, admitted)

@@ -11,6 +11,7 @@ import queue
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .batcher import Batcher, Delta, Done, Event, Failed, Sequence
@@ -21,6 +22,22 @@ from .textstream import TextStream
 
 class GenerationFailed(RuntimeError):
     """The model failed while generating (not the caller's fault); the cause is chained and was logged."""
+
+
+class OutOfMemory(GenerationFailed):
+    """The device ran out of memory during this request's batch; the batch's memory has been released."""
+
+    def __str__(self) -> str:
+        return (
+            "out of memory on the device while generating; the request was dropped and its memory freed: retry it, "
+            "and if it recurs lower MAX_CONCURRENCY, MAX_NEW_TOKENS or MAX_INPUT_TOKENS, or use a larger GPU"
+        )
+
+
+def _failure(error: BaseException) -> GenerationFailed:
+    if isinstance(error, torch.OutOfMemoryError):
+        return OutOfMemory()
+    return GenerationFailed(f"generation failed: {type(error).__name__}")
 
 
 class Engine:
@@ -79,7 +96,7 @@ class Engine:
             while True:
                 event = await events.get()
                 if isinstance(event, Failed):
-                    raise GenerationFailed(f"generation failed: {type(event.error).__name__}") from event.error
+                    raise _failure(event.error) from event.error
                 yield event
                 if isinstance(event, Done):
                     return
@@ -96,7 +113,7 @@ class Engine:
         while True:
             event = events.get()
             if isinstance(event, Failed):
-                raise GenerationFailed(f"generation failed: {type(event.error).__name__}") from event.error
+                raise _failure(event.error) from event.error
             pieces.append(event.text)
             if isinstance(event, Done):
                 return self.response("".join(pieces), event)

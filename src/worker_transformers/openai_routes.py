@@ -30,8 +30,10 @@ def is_openai_job(job_input: Any) -> bool:
     return isinstance(job_input, dict) and "openai_route" in job_input
 
 
-def error_result(message: str, param: str | None = None, code: str | None = None) -> dict[str, str]:
-    body = {"error": {"message": message, "type": "invalid_request_error", "param": param, "code": code}}
+def error_result(
+    message: str, param: str | None = None, code: str | None = None, kind: str = "invalid_request_error"
+) -> dict[str, str]:
+    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
     return {"error": json.dumps(body)}
 
 

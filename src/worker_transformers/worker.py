@@ -36,14 +36,37 @@ def setup(settings: Settings):
     )
 
 
-def make_handler(engine, settings: Settings) -> Handler:
+# Out-of-memory failures in a row after which the worker asks to be replaced: one can be a burst of long
+# requests, several in a row mean this worker's device is in a bad state or too small for the traffic.
+OOM_LIMIT = 3
+
+
+class OomGuard:
+    """Counts consecutive out-of-memory failures and, past OOM_LIMIT, asks the platform for a fresh worker."""
+
+    def __init__(self, on_unhealthy: Callable[[], None]) -> None:
+        self.on_unhealthy = on_unhealthy
+        self.streak = 0
+
+    def failed(self) -> None:
+        self.streak += 1
+        if self.streak >= OOM_LIMIT:
+            log.error("%d out-of-memory failures in a row: asking the platform to replace this worker", self.streak)
+            self.on_unhealthy()
+
+    def succeeded(self) -> None:
+        self.streak = 0
+
+
+def make_handler(engine, settings: Settings, on_unhealthy: Callable[[], None] = lambda: None) -> Handler:
     from .batcher import Done
-    from .openai_routes import OpenAIRoutes, is_openai_job
+    from .engine import OutOfMemory
+    from .openai_routes import OpenAIRoutes, error_result, is_openai_job
 
     openai = OpenAIRoutes(engine, settings.max_new_tokens)
+    oom = OomGuard(on_unhealthy)
 
-    async def handler(job: dict[str, Any]) -> AsyncIterator[dict[str, Any] | str]:
-        job_input = job.get("input")
+    async def answer(job_input: Any) -> AsyncIterator[dict[str, Any] | str]:
         if is_openai_job(job_input):
             async for item in openai.handle(job_input):
                 yield item
@@ -65,6 +88,23 @@ def make_handler(engine, settings: Settings) -> Handler:
             else:
                 text += event.text
 
+    async def handler(job: dict[str, Any]) -> AsyncIterator[dict[str, Any] | str]:
+        job_input = job.get("input")
+        generated = False  # a refused job says nothing about the device's health
+        try:
+            async for item in answer(job_input):
+                generated = generated or not (isinstance(item, dict) and "error" in item)
+                yield item
+        except OutOfMemory as error:
+            oom.failed()
+            if is_openai_job(job_input):
+                yield error_result(str(error), code="out_of_memory", kind="server_error")
+            else:
+                yield {"error": str(error)}
+            return
+        if generated:
+            oom.succeeded()
+
     return handler
 
 
@@ -76,7 +116,10 @@ def main(env: Mapping[str, str] = os.environ, argv: list[str] = sys.argv) -> Non
     except (ConfigError, ModelNotFound, UnsupportedWeights) as error:
         log.error("%s", error)
         sys.exit(1)
-    handler = make_handler(engine, settings)
+    # For a generator handler the SDK ignores a returned "refresh_worker"; it stops the worker after a job only
+    # when its config says so (rp_job.handle_job), so the guard sets it there.
+    config: dict[str, Any] = {"return_aggregate_stream": True}
+    handler = make_handler(engine, settings, on_unhealthy=lambda: config.update(refresh_worker=True))
 
     from .local import LocalJobError, local_job, run_local
 
@@ -93,11 +136,7 @@ def main(env: Mapping[str, str] = os.environ, argv: list[str] = sys.argv) -> Non
     import runpod
 
     concurrency = settings.max_concurrency
-    runpod.serverless.start(
-        {
-            "handler": handler,
-            # Called on every fetch loop; a constant, since the SDK only resizes its queue when idle.
-            "concurrency_modifier": lambda current: concurrency,
-            "return_aggregate_stream": True,
-        }
-    )
+    config["handler"] = handler
+    # Called on every fetch loop; a constant, since the SDK only resizes its queue when idle.
+    config["concurrency_modifier"] = lambda current: concurrency
+    runpod.serverless.start(config)

@@ -1,0 +1,104 @@
+"""Faults at the engine boundary: the device running out of memory mid-generation (injected, as this
+machine has no GPU to exhaust)."""
+
+import asyncio
+
+import pytest
+import torch
+
+from worker_transformers.config import Settings
+from worker_transformers.worker import OOM_LIMIT, make_handler, setup
+
+
+@pytest.fixture
+def engine(tiny_model_dir):
+    engine = setup(Settings.from_env({"MODEL_NAME": str(tiny_model_dir), "MAX_CONCURRENCY": "4"}))
+    yield engine
+    engine.close()
+
+
+def out_of_memory_for(model, calls: int):
+    """Make the model's next `calls` forward passes raise what CUDA raises when memory runs out."""
+    real_forward = model.forward
+    left = {"calls": calls}
+
+    def forward(*args, **kwargs):
+        if left["calls"] > 0:
+            left["calls"] -= 1
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_forward(*args, **kwargs)
+
+    model.forward = forward
+
+
+def run(handler, job_input):
+    async def collect():
+        return [item async for item in handler({"id": "t", "input": job_input})]
+
+    return asyncio.run(collect())
+
+
+JOB = {"prompt": "Hello world", "max_new_tokens": 5, "temperature": 0}
+
+
+def test_out_of_memory_fails_the_job_clearly_frees_the_batch_and_the_next_job_succeeds(engine, tiny_model_dir):
+    handler = make_handler(engine, Settings.from_env({"MODEL_NAME": str(tiny_model_dir)}))
+    out_of_memory_for(engine.batcher.model, calls=1)
+    [failed] = run(handler, JOB)
+    assert failed["error"].startswith("out of memory on the device while generating")
+    assert "MAX_CONCURRENCY" in failed["error"] and "Traceback" not in failed["error"]
+    assert engine.batcher.in_flight() == 0 and engine.batcher._cache is None
+    [ok] = run(handler, JOB)
+    assert ok["usage"]["completion_tokens"] == 5
+
+
+def test_out_of_memory_in_a_batch_fails_every_job_in_it_and_none_after(engine, tiny_model_dir):
+    handler = make_handler(engine, Settings.from_env({"MODEL_NAME": str(tiny_model_dir)}))
+
+    async def scenario():
+        first = handler({"id": "a", "input": {**JOB, "max_new_tokens": 400, "stream": True}})
+        await first.__anext__()  # job a is decoding
+        out_of_memory_for(engine.batcher.model, calls=1)
+        a_rest = asyncio.create_task(_drain(first))
+        b = asyncio.create_task(_drain(handler({"id": "b", "input": JOB})))
+        return await a_rest, await b
+
+    a_items, b_items = asyncio.run(scenario())
+    errors = [item for item in a_items + b_items if isinstance(item, dict) and "error" in item]
+    assert errors, "the injected out-of-memory error reached no job"
+    assert all(e["error"].startswith("out of memory") for e in errors)
+    [ok] = run(handler, JOB)
+    assert ok["finish_reason"] == "length"
+
+
+async def _drain(stream):
+    return [item async for item in stream]
+
+
+def test_repeated_out_of_memory_asks_for_a_fresh_worker_and_a_success_resets_the_count(engine, tiny_model_dir):
+    asked = []
+    handler = make_handler(
+        engine, Settings.from_env({"MODEL_NAME": str(tiny_model_dir)}), on_unhealthy=lambda: asked.append(1)
+    )
+    for _ in range(OOM_LIMIT - 1):
+        out_of_memory_for(engine.batcher.model, calls=1)
+        run(handler, JOB)
+    run(handler, JOB)  # a success in between
+    for _ in range(OOM_LIMIT - 1):
+        out_of_memory_for(engine.batcher.model, calls=1)
+        run(handler, JOB)
+    assert asked == []
+    out_of_memory_for(engine.batcher.model, calls=1)
+    run(handler, JOB)
+    assert asked == [1]
+
+
+def test_an_openai_job_out_of_memory_gets_an_openai_server_error(engine, tiny_model_dir):
+    import json
+
+    handler = make_handler(engine, Settings.from_env({"MODEL_NAME": str(tiny_model_dir)}))
+    out_of_memory_for(engine.batcher.model, calls=1)
+    body = {"model": str(tiny_model_dir), "prompt": "Hello", "max_tokens": 3}
+    [item] = run(handler, {"openai_route": "/v1/completions", "openai_input": body})
+    error = json.loads(item["error"])["error"]
+    assert (error["type"], error["code"]) == ("server_error", "out_of_memory")
