@@ -214,3 +214,16 @@ def test_the_module_runs_as_a_command_without_torch():
     )  # fmt: skip
     assert bad.returncode == 2 and "usage:" in bad.stderr
 
+
+def test_the_readme_example_shows_what_the_advisor_prints(advise):
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"\$ python -m worker_transformers\.advise (.+)\n((?:.+\n)+?)```", readme)
+    assert block, "the README shows no advisor run"
+    code, out, _ = advise(*block[1].split())
+    assert code == 0
+
+    def settings(text: str) -> list[list[str]]:
+        rows = [re.split(r"\s{2,}", line) for line in text.splitlines() if re.match(r"^[A-Z][\w ]+\s{2,}\S", line)]
+        return [row[:2] for row in rows]
+
+    assert settings(block[2]) == settings(out) and len(settings(out)) == 6
