@@ -28,7 +28,7 @@ class ModelFacts:
     shape: ModelShape
     found: str  # where the files were read, for the report
     on_hub: bool
-    private: bool | None  # None: not known (a Hub id whose Hub could not be asked)
+    private: bool | None  # None: not known (a folder, or the Hub could not be asked)
 
 
 def find(model: str, revision: str | None, settings: Settings, private: bool) -> ModelFacts:
