@@ -1,0 +1,151 @@
+"""How much GPU memory a model needs in this worker, from the model's own files. Light: no torch.
+
+The shape comes from config.json, the parameter count per dtype from the safetensors headers (a few kB at the
+start of each file, so nothing else is read). The worst case is sized: MAX_CONCURRENCY jobs, each with a full
+prompt and a full answer, on the batcher as it is written.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+# Bytes per element of the safetensors dtypes; the float ones change size when DTYPE asks for another dtype.
+ELEMENT_BYTES = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+    "F8_E4M3": 1, "F8_E5M2": 1,
+}  # fmt: skip
+FLOAT_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+DTYPE_BYTES = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}
+
+# The batcher rebuilds the whole KV cache when a job joins (torch.cat of the padded caches) or leaves (an
+# indexed copy), while the old cache is still alive; a newcomer longer than the batch also pads a copy of it.
+# So at worst three copies coexist for a moment.
+KV_COPIES = 3
+RUNTIME_BYTES = 10**9  # CUDA context, cuBLAS workspace and kernels: memory no tensor accounts for
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
+
+
+class FootprintError(ValueError):
+    """The model's files do not say what the estimate needs. The message names the file and the fix."""
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    layers: int
+    kv_heads: int
+    head_dim: int
+    hidden_size: int
+    intermediate_size: int
+    parameters: Mapping[str, int]  # safetensors dtype -> parameter count
+
+    @property
+    def stored_bytes(self) -> int:
+        """The weights as the checkpoint stores them: what a download, an image or a volume holds."""
+        return sum(count * ELEMENT_BYTES[dtype] for dtype, count in self.parameters.items())
+
+    @property
+    def checkpoint_dtype(self) -> str:
+        """The float dtype most parameters have: what DTYPE=auto loads."""
+        floats = {d: n for d, n in self.parameters.items() if d in FLOAT_NAMES}
+        if not floats:
+            raise FootprintError("the weights hold no float tensors; set DTYPE to the dtype the model runs in")
+        return FLOAT_NAMES[max(floats, key=floats.get)]
+
+
+@dataclass(frozen=True)
+class Footprint:
+    dtype: str
+    weights: int  # bytes, in `dtype`
+    kv_cache: int  # bytes at the worst moment (KV_COPIES)
+    kv_per_token: int
+    activations: int
+    runtime: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv_cache + self.activations + self.runtime
+
+
+def shape_from_config(config: Mapping, parameters: Mapping[str, int], where: str = "config.json") -> ModelShape:
+    # Multimodal checkpoints keep the language model's shape under text_config.
+    text = config.get("text_config") or config
+
+    def need(key: str) -> int:
+        if not isinstance(text.get(key), int):
+            raise FootprintError(
+                f"{where} has no integer {key}; the estimate needs a decoder-only transformer's config "
+                "(num_hidden_layers, num_attention_heads, hidden_size)"
+            )
+        return text[key]
+
+    heads, hidden = need("num_attention_heads"), need("hidden_size")
+    return ModelShape(
+        layers=need("num_hidden_layers"),
+        kv_heads=text.get("num_key_value_heads") or heads,  # absent means plain multi-head attention
+        head_dim=text.get("head_dim") or hidden // heads,
+        hidden_size=hidden,
+        intermediate_size=text.get("intermediate_size") or 4 * hidden,
+        parameters=dict(parameters),
+    )
+
+
+def weight_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return [folder / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    return sorted(folder.glob("*.safetensors"))
+
+
+def read_parameters(folder: Path) -> dict[str, int]:
+    """Parameter count per safetensors dtype, from the headers of the folder's weight files."""
+    files = weight_files(folder)
+    if not files:
+        raise FootprintError(f"{folder} has no .safetensors weights; this worker loads safetensors only")
+    counts: Counter[str] = Counter()
+    for path in files:
+        for name, entry in _header(path).items():
+            if name != "__metadata__":
+                counts[entry["dtype"]] += math.prod(entry["shape"])
+    return dict(counts)
+
+
+def _header(path: Path) -> dict:
+    damaged = f"{path} is missing, truncated or not safetensors; fetch the model again"
+    try:
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            if length > MAX_HEADER_BYTES:
+                raise FootprintError(damaged)
+            return json.loads(f.read(length))
+    except (OSError, struct.error, UnicodeDecodeError, json.JSONDecodeError):
+        raise FootprintError(damaged) from None
+
+
+def shape_from_folder(folder: Path) -> ModelShape:
+    config = folder / "config.json"
+    if not config.is_file():
+        raise FootprintError(f"{folder} has no config.json; point --model at a folder holding the whole model")
+    return shape_from_config(json.loads(config.read_text()), read_parameters(folder), str(config))
+
+
+def footprint(shape: ModelShape, dtype: str, concurrency: int, max_input_tokens: int, max_new_tokens: int) -> Footprint:
+    """GPU memory for `concurrency` jobs of `max_input_tokens` + `max_new_tokens` tokens, with DTYPE `dtype`."""
+    served = shape.checkpoint_dtype if dtype == "auto" else dtype
+    width = DTYPE_BYTES[served]
+    weights = sum(
+        count * (width if stored in FLOAT_NAMES else ELEMENT_BYTES[stored])  # DTYPE casts floats only
+        for stored, count in shape.parameters.items()
+    )
+    kv_per_token = 2 * shape.layers * shape.kv_heads * shape.head_dim * width  # a key and a value per layer
+    kv_cache = KV_COPIES * concurrency * (max_input_tokens + max_new_tokens) * kv_per_token
+    # The peak while a full prompt is prefilled: the MLP's two intermediate projections and a few hidden-sized
+    # buffers per token. Attention runs in SDPA's memory-efficient kernels and only the last token's logits
+    # are kept, so neither grows with the square of the prompt or with the vocabulary.
+    activations = max_input_tokens * (2 * shape.intermediate_size + 4 * shape.hidden_size) * width
+    return Footprint(served, weights, kv_cache, kv_per_token, activations, RUNTIME_BYTES)
