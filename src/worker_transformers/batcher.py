@@ -19,7 +19,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 
@@ -172,15 +171,12 @@ class Batcher:
             self._cache, self._mask = cache, torch.ones(1, length, dtype=torch.long, device=self.device)
         else:
             total = max(self._mask.shape[1], length)
-            pad_batch, pad_new = total - self._mask.shape[1], total - length
-            layers = [
-                (_left_pad(old.keys, pad_batch, dim=2), _left_pad(old.values, pad_batch, dim=2),
-                 _left_pad(new.keys, pad_new, dim=2), _left_pad(new.values, pad_new, dim=2))
-                for old, new in zip(self._cache.layers, cache.layers)
-            ]
-            self._cache = DynamicCache([(torch.cat([ok, nk]), torch.cat([ov, nv])) for ok, ov, nk, nv in layers])
+            # Layer by layer, so that beside the cache only one layer's new copy exists at any moment.
+            for old, new in zip(self._cache.layers, cache.layers):
+                old.keys, new.keys = _stack_right_aligned(old.keys, new.keys, total), None
+                old.values, new.values = _stack_right_aligned(old.values, new.values, total), None
             new_mask = torch.ones(1, length, dtype=torch.long, device=self.device)
-            self._mask = torch.cat([_left_pad(self._mask, pad_batch, dim=1), _left_pad(new_mask, pad_new, dim=1)])
+            self._mask = _stack_right_aligned(self._mask, new_mask, total)
         self._active.append(sequence)
         self.peak_batch = max(self.peak_batch, len(self._active))
 
@@ -236,9 +232,9 @@ class Batcher:
         self._mask = self._mask[index]
         unused = int((self._mask.sum(0) == 0).long().cumprod(0).sum())  # leading columns that are all padding
         self._mask = self._mask[:, unused:]
-        self._cache = DynamicCache(
-            [(layer.keys[index, :, unused:], layer.values[index, :, unused:]) for layer in self._cache.layers]
-        )
+        for layer in self._cache.layers:  # one layer at a time, as in _join
+            layer.keys = layer.keys[index, :, unused:]
+            layer.values = layer.values[index, :, unused:]
 
     def _fail_all(self, error: BaseException, admitted: list[Sequence]) -> None:
         for sequence in dict.fromkeys([*self._active, *admitted]):
@@ -252,8 +248,13 @@ def _joinable(cache: object) -> bool:
     return type(cache) is DynamicCache and all(type(layer) is DynamicLayer for layer in cache.layers)
 
 
-def _left_pad(tensor: torch.Tensor, amount: int, dim: int) -> torch.Tensor:
-    if amount == 0:
-        return tensor
-    pad = [0, 0] * (tensor.dim() - 1 - dim) + [amount, 0]  # F.pad lists dims from the last one backwards
-    return F.pad(tensor, pad)
+def _stack_right_aligned(batch: torch.Tensor, extra: torch.Tensor, total: int) -> torch.Tensor:
+    """`batch` and `extra` stacked on dim 0, each right-aligned in a sequence dim of `total` (the last dim
+    for masks, dim 2 for keys and values), zeros in front: the left padding the attention mask hides."""
+    dim = 1 if batch.dim() == 2 else 2
+    shape = list(batch.shape)
+    shape[0], shape[dim] = batch.shape[0] + extra.shape[0], total
+    out = batch.new_zeros(shape)
+    out[: batch.shape[0]].narrow(dim, total - batch.shape[dim], batch.shape[dim]).copy_(batch)
+    out[batch.shape[0] :].narrow(dim, total - extra.shape[dim], extra.shape[dim]).copy_(extra)
+    return out

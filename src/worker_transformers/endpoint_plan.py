@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from .footprint import KV_COPIES, Footprint
+from .footprint import Footprint
 from .gpus import USABLE_SHARE, pools_that_fit
 
 PEAK_HEADROOM = 1.2  # max workers: about 20 % above the expected peak
@@ -93,7 +93,7 @@ def gpu_pools(need: Footprint, concurrency: int, tokens_per_job: int) -> Setting
     sizes = (
         f"needs {_gb(need.total)} at worst: weights {_gb(need.weights)} ({need.dtype}) + KV cache "
         f"{_gb(need.kv_cache)} ({concurrency} jobs x {tokens_per_job} tokens x {need.kv_per_token / 1024:.1f} kB, "
-        f"x{KV_COPIES} while the batch is rebuilt) + activations {_gb(need.activations)} + runtime {_gb(need.runtime)}"
+        f"+ one layer's copy while the batch is rebuilt) + activations {_gb(need.activations)} + runtime {_gb(need.runtime)}"
     )
     if not chosen:
         reason = (

@@ -23,10 +23,8 @@ ELEMENT_BYTES = {
 FLOAT_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 DTYPE_BYTES = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}
 
-# The batcher rebuilds the whole KV cache when a job joins (torch.cat of the padded caches) or leaves (an
-# indexed copy), while the old cache is still alive; a newcomer longer than the batch also pads a copy of it.
-# So at worst three copies coexist for a moment.
-KV_COPIES = 3
+# The batcher rebuilds the KV cache layer by layer when a job joins or leaves, and each decode step grows one
+# layer at a time: beside the cache, at most one layer's new copy exists.
 RUNTIME_BYTES = 10**9  # CUDA context, cuBLAS workspace and kernels: memory no tensor accounts for
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
 
@@ -62,7 +60,7 @@ class ModelShape:
 class Footprint:
     dtype: str
     weights: int  # bytes, in `dtype`
-    kv_cache: int  # bytes at the worst moment (KV_COPIES)
+    kv_cache: int  # bytes at the worst moment: the full cache and one layer's copy
     kv_per_token: int
     activations: int
     runtime: int
@@ -143,7 +141,8 @@ def footprint(shape: ModelShape, dtype: str, concurrency: int, max_input_tokens:
         for stored, count in shape.parameters.items()
     )
     kv_per_token = 2 * shape.layers * shape.kv_heads * shape.head_dim * width  # a key and a value per layer
-    kv_cache = KV_COPIES * concurrency * (max_input_tokens + max_new_tokens) * kv_per_token
+    full_cache = concurrency * (max_input_tokens + max_new_tokens) * kv_per_token
+    kv_cache = full_cache + full_cache // shape.layers
     # The peak while a full prompt is prefilled: the MLP's two intermediate projections and a few hidden-sized
     # buffers per token. Attention runs in SDPA's memory-efficient kernels and only the last token's logits
     # are kept, so neither grows with the square of the prompt or with the vocabulary.
