@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMPS := .stamps
 
-.PHONY: demo test model clean
+.PHONY: demo test model docker-check clean
 
 $(STAMPS)/venv: pyproject.toml
 	@mkdir -p $(STAMPS)
@@ -23,6 +23,10 @@ demo: model
 
 test: model
 	$(PY) -m pytest
+
+# The image in its three modes, built and run with a private Docker engine (root; see tests/docker/check_image.sh).
+docker-check: model
+	bash tests/docker/check_image.sh
 
 clean:
 	rm -rf $(VENV) $(STAMPS)
