@@ -66,7 +66,8 @@ def verified_sha256(path: Path, expected: Expected, progress) -> str | None:
 
 
 def with_retries(what: str, attempts: int, action):
-    """Run `action` until it succeeds, waiting 1, 2, 4 ... s (at most 30) between tries of transient faults."""
+    """Run `action` until it succeeds, waiting 1, 2, 4 ... s (at most 30) after each transient fault: no
+    connection, a timeout, a cut transfer, HTTP 429 or 5xx. Any other error is raised as it is."""
     from httpx2 import HTTPError
     from huggingface_hub.errors import HfHubHTTPError
 
@@ -74,13 +75,11 @@ def with_retries(what: str, attempts: int, action):
         try:
             return action()
         except HfHubHTTPError as error:
-            status = error.response.status_code if error.response is not None else None
-            if status in (401, 403):
-                raise FetchError(f"{what}: the Hub refused access (HTTP {status}); check HF_TOKEN") from None
+            status = http_status(error)
             if status is not None and status < 500 and status != 429:
-                raise FetchError(f"{what}: the Hub answered HTTP {status}") from None
+                raise
             fault = f"HTTP {status}"
-        except (HTTPError, OSError) as error:  # connection refused, DNS, timeouts, a truncated transfer
+        except (HTTPError, ConnectionError, TimeoutError) as error:
             fault = type(error).__name__
         if attempt == attempts:
             raise FetchError(f"{what}: failed {attempts} times, last with {fault}; check the network and retry")
@@ -89,16 +88,27 @@ def with_retries(what: str, attempts: int, action):
         time.sleep(wait)
 
 
+def http_status(error) -> int | None:
+    return error.response.status_code if error.response is not None else None
+
+
+def refused(what: str, error) -> FetchError:
+    """A one-line FetchError for an HTTP error the Hub will answer again. Only the status is kept: the
+    error's own text can quote request details."""
+    status = http_status(error)
+    hint = "; check HF_TOKEN" if status in (401, 403) else ""
+    return FetchError(f"{what}: the Hub answered HTTP {status}{hint}")
+
+
 def hub_files(model_id: str, revision: str | None, token: str | None, attempts: int) -> tuple[str, list[Expected]]:
     """The commit `revision` points at, and the model files at that commit with their sizes and hashes."""
     from huggingface_hub import HfApi
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 
+    what = f"{model_id}@{revision or 'main'}"
     try:
         info = with_retries(
-            f"{model_id}@{revision or 'main'}",
-            attempts,
-            lambda: HfApi(token=token).model_info(model_id, revision=revision, files_metadata=True),
+            what, attempts, lambda: HfApi(token=token).model_info(model_id, revision=revision, files_metadata=True)
         )
     except GatedRepoError:
         raise FetchError(f"{model_id} is gated: accept its terms on the Hub and pass HF_TOKEN") from None
@@ -106,6 +116,8 @@ def hub_files(model_id: str, revision: str | None, token: str | None, attempts: 
         raise FetchError(f"{model_id} is not on the Hub or is private: check the id, or pass HF_TOKEN") from None
     except RevisionNotFoundError:
         raise FetchError(f"{model_id} has no revision {revision!r}: check MODEL_REVISION") from None
+    except HfHubHTTPError as error:
+        raise refused(what, error) from None
     files = [
         Expected(s.rfilename, s.size, s.lfs.sha256 if s.lfs else None, None if s.lfs else s.blob_id)
         for s in info.siblings or []
@@ -151,15 +163,21 @@ def fetch(source: str, out: Path, model_id: str, revision: str | None, attempts:
 
     else:
         from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import HfHubHTTPError
 
         token = read_token()
         commit, files = hub_files(source, revision, token, attempts)
         check_weights([f.path for f in files], source)
 
         def obtain(f: Expected) -> None:
-            with_retries(
-                f.path, attempts, lambda: hf_hub_download(source, f.path, revision=commit, local_dir=staging, token=token)
-            )
+            try:
+                with_retries(
+                    f.path,
+                    attempts,
+                    lambda: hf_hub_download(source, f.path, revision=commit, local_dir=staging, token=token),
+                )
+            except HfHubHTTPError as error:
+                raise refused(f.path, error) from None
 
     hashes = {}
     with progress_bar(f"{model_id}", sum(f.size for f in files)) as bar:
