@@ -7,7 +7,8 @@
 # Layers run from the most stable to the most changed: a code change rebuilds only the last few.
 
 # RunPod's own PyTorch image, pinned: RunPod hosts keep their popular base images cached, so a worker's first
-# pull fetches only this project's layers. CUDA 12.8.1 (Ampere to Blackwell), torch 2.8.0, Python 3.12.
+# pull fetches only this project's layers. CUDA 12.8.1 (Hopper and Blackwell included; the host's driver must
+# support CUDA 12.8), torch 2.8.0, Python 3.12, Ubuntu 22.04.
 ARG BASE_IMAGE=runpod/pytorch:1.0.2-cu1281-torch280-ubuntu2204
 ARG MODEL_SOURCE=cached
 ARG MODEL_NAME=HuggingFaceTB/SmolLM2-135M-Instruct

@@ -14,12 +14,12 @@
 # image layer, the image's history or the build log. DOCKER names the docker client (default: docker).
 set -euo pipefail
 
-usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//' >&2; exit "${1:-2}"; }
 fail() { echo "build.sh: $*" >&2; exit 2; }
 
 [ $# -ge 1 ] || usage
 mode=$1; shift
-case "$mode" in baked | cached | volume) ;; -h | --help) usage ;; *) fail "unknown mode '$mode'; use baked, cached or volume" ;; esac
+case "$mode" in baked | cached | volume) ;; -h | --help) usage 0 ;; *) fail "unknown mode '$mode'; use baked, cached or volume" ;; esac
 
 root=$(cd "$(dirname "$0")/.." && pwd)
 model= revision= tag="worker-transformers:$mode" from_folder=
