@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMPS := .stamps
 
-.PHONY: demo test model bench bench-serve clean
+.PHONY: demo test model bench bench-serve docker-check clean
 
 $(STAMPS)/venv: pyproject.toml
 	@mkdir -p $(STAMPS)
@@ -29,6 +29,10 @@ bench: bench-serve
 
 bench-serve: model
 	$(PY) bench/serve.py --json bench/out/serve.json
+
+# The image in its three modes, built and run with a private Docker engine (root; see tests/docker/check_image.sh).
+docker-check: model
+	bash tests/docker/check_image.sh
 
 clean:
 	rm -rf $(VENV) $(STAMPS)

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from worker_transformers.config import Settings
+from worker_transformers.model_files import model_files, sha256, write_manifest
 from worker_transformers.sources import ModelNotFound, UnsupportedWeights, resolve
 
 MODEL = "Org/Some-Model"
@@ -19,6 +20,14 @@ def write_model(folder: Path, weights=("model.safetensors",)) -> Path:
     (folder / "tokenizer.json").write_text("{}")
     for name in weights:
         (folder / name).write_bytes(b"weights")
+    return folder
+
+
+def write_volume_model(folder: Path, model_id=MODEL) -> Path:
+    """A complete network-volume folder: the model's files, then its manifest."""
+    write_model(folder)
+    entries = [{"path": p, "size": (folder / p).stat().st_size, "sha256": sha256(folder / p)} for p in model_files(folder)]
+    write_manifest(folder, model_id, None, entries)
     return folder
 
 
@@ -145,7 +154,7 @@ def test_a_missing_pinned_revision_does_not_fall_back_to_another_snapshot(env):
 
 def test_volume_folder_is_used_after_the_cache(env):
     settings = env()
-    folder = write_model(settings.volume_model_dir / MODEL)
+    folder = write_volume_model(settings.volume_model_dir / MODEL)
     location = resolve(settings)
     assert (location.source, location.path) == ("volume", folder)
 
@@ -166,7 +175,7 @@ def test_a_forced_source_looks_only_there(env, forced):
     if forced != "cached":
         write_cache_snapshot(settings.runpod_cache_dir, MODEL, "c1")
     if forced != "volume":
-        write_model(settings.volume_model_dir / MODEL)
+        write_volume_model(settings.volume_model_dir / MODEL)
     write_cache_snapshot(settings.hf_hub_cache, MODEL, "local1")
     with pytest.raises(ModelNotFound) as caught:
         resolve(settings)

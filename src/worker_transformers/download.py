@@ -10,24 +10,10 @@ import logging
 from pathlib import Path
 
 from .config import Settings
+from .model_files import MODEL_FILE_PATTERNS
 from .sources import ModelNotFound, check_model_folder
 
 log = logging.getLogger(__name__)
-
-# The files a causal LM is served from; shared with builder/fetch_model.py.
-MODEL_FILE_PATTERNS = (
-    "*.safetensors",
-    "*.safetensors.index.json",
-    "config.json",
-    "generation_config.json",
-    "tokenizer*",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "chat_template.*",
-    "vocab.*",
-    "merges.txt",
-    "*.model",
-)
 
 
 def download_from_hub(settings: Settings) -> Path:

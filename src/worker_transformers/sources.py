@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import Settings
+from .model_files import MANIFEST
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
@@ -66,8 +66,9 @@ def check_model_folder(path: Path, model_id: str) -> None:
 class _Search:
     """One resolution: the places looked at, in order, for the final error message."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, download: Downloader | None) -> None:
         self.settings = settings
+        self.download = download or _download_from_hub
         self.tried: list[str] = []
 
     def found(self, source: str, path: Path | None, why_not: str = "missing") -> ModelLocation | None:
@@ -126,7 +127,18 @@ def _cached(search: _Search) -> ModelLocation | None:
 
 
 def _volume(search: _Search) -> ModelLocation | None:
-    return search.found("volume", search.settings.volume_model_dir / search.settings.model_name)
+    from . import volume
+    from .model_files import why_incomplete
+
+    settings = search.settings
+    folder = volume.model_folder(settings)
+    if not folder.exists() and volume.fill_allowed(settings):
+        volume.fill(settings, search.download)
+    why_not = why_incomplete(folder, settings.model_name, settings.model_revision)
+    if why_not is not None:  # only a folder with its manifest (written last) is complete
+        search.tried.append(f"volume: {folder} ({why_not})")
+        return None
+    return search.found("volume", folder)
 
 
 def _local_cache(search: _Search) -> ModelLocation | None:
@@ -158,9 +170,15 @@ _ORDER = {
 Downloader = Callable[[Settings], Path]
 
 
+def _download_from_hub(settings: Settings) -> Path:
+    from .download import download_from_hub  # imported here: download.py imports this module
+
+    return download_from_hub(settings)
+
+
 def resolve(settings: Settings, download: Downloader | None = None) -> ModelLocation:
     """Find the model's folder, downloading it from the Hub only where MODEL_SOURCE allows it."""
-    search = _Search(settings)
+    search = _Search(settings, download)
     if settings.model_is_folder:
         location = search.found("folder", Path(settings.model_name))
         if location is not None:
@@ -173,9 +191,7 @@ def resolve(settings: Settings, download: Downloader | None = None) -> ModelLoca
             return location
 
     if settings.hub_allowed:
-        if download is None:
-            from .download import download_from_hub as download
-        path = download(settings)
+        path = search.download(settings)
         return ModelLocation(path, "hub", settings.model_name, settings.model_revision)
 
     raise ModelNotFound(_not_found_message(settings, search.tried))
@@ -189,6 +205,11 @@ def _not_found_message(settings: Settings, tried: list[str]) -> str:
             else "or"
         )
         fix = f"{fix} bake the model into the image, or select it as the endpoint's cached model"
+    elif settings.model_source == "volume":
+        folder = settings.volume_model_dir / settings.model_name
+        fix = f"fill the volume with `python builder/fetch_model.py {settings.model_name} --out {folder}`"
+        if settings.hf_hub_offline:
+            fix += ", or unset HF_HUB_OFFLINE and the worker fills a missing folder from the Hub itself"
     else:
         fix = "put the model there, or set MODEL_SOURCE=auto to look everywhere"
     return (
