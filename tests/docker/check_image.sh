@@ -92,7 +92,7 @@ answer() {  # answer NAME IMAGE DOCKER-RUN-OPTIONS...: run the test job; the ans
     fail "$name: the worker failed"
   fi
   RUN_S[$name]=$((SECONDS - start))
-  grep -q "Job result: {'output': {'text': '[^']*Paris" "$WORK/run-$name.log" \
+  grep -q '^{"text": "[^"]*Paris' "$WORK/run-$name.log" \
     || { tail -n 5 "$WORK/run-$name.log" >&2; fail "$name: the answer does not contain Paris"; }
   log "$name: Paris, in ${RUN_S[$name]} s ($(grep -o "found: [a-z-]* at [^ ]*" "$WORK/run-$name.log"))"
 }
