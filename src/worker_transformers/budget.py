@@ -28,6 +28,9 @@ RESERVE_FIXED_S = 30.0
 RESERVE_BYTES_PER_S = 500e6
 # A transfer is judged on its average rate once it has run this long; earlier rates are mostly ramp-up.
 MIN_OBSERVE_S = 5.0
+# Progress may come in large steps (huggingface_hub reports plain HTTP downloads every 10 MB), so a
+# transfer is called stalled only after this long without a byte.
+STALL_S = 30.0
 
 
 class InitTooSlow(Exception):
@@ -207,26 +210,36 @@ class TransferWatch:
     def too_slow(self) -> str | None:
         """The message to stop with, or None while the transfer can still finish in time."""
         elapsed = self.budget.elapsed()
+        running = elapsed - self._started
         left = self.total_bytes - self.done_bytes
+        timeout = f"RUNPOD_INIT_TIMEOUT={self.budget.timeout_s:g} s"
+        fixes = "Fix: bake the model into the image, or select it as the endpoint's cached model, or "
         if left <= 0:
             return None
+        if self.budget.remaining() <= self.reserve_s:
+            return (
+                f"{self.model}: no time is left for the {self.what} of {human_bytes(self.total_bytes)}: loading "
+                f"needs ~{self.reserve_s:.0f} s after it and {timeout} has {max(0.0, self.budget.remaining()):.0f} s "
+                f"left (startup has used {elapsed:.0f} s). {fixes}raise RUNPOD_INIT_TIMEOUT"
+            )
+        if self.done_bytes == 0:
+            if running < STALL_S:
+                return None
+            return (
+                f"{self.model}: the {self.what} of {human_bytes(self.total_bytes)} has received nothing in "
+                f"{running:.0f} s; it cannot finish within {timeout}. {fixes}raise RUNPOD_INIT_TIMEOUT"
+            )
+        if running < MIN_OBSERVE_S:
+            return None  # too early to judge: the first seconds are mostly ramp-up
         rate = self.rate()
-        if elapsed - self._started < MIN_OBSERVE_S and self.budget.remaining() > self.reserve_s:
-            return None  # too early to judge the rate, and the reserve is not yet eaten into
-        eta = left / rate if rate > 0 else math.inf
+        eta = left / rate
         if elapsed + eta + self.reserve_s <= self.budget.timeout_s:
             return None
-        if math.isinf(eta):
-            estimate, raise_to = "has received nothing", "raise RUNPOD_INIT_TIMEOUT"
-        else:
-            estimate = f"needs ~{eta:.0f} s more at {human_bytes(rate)}/s"
-            raise_to = f"set RUNPOD_INIT_TIMEOUT={suggest_timeout(elapsed + eta + self.reserve_s)}"
         return (
-            f"{self.model}: the {self.what} of {human_bytes(self.total_bytes)} {estimate} "
-            f"({human_bytes(self.done_bytes)} in {elapsed - self._started:.0f} s) and loading needs "
-            f"~{self.reserve_s:.0f} s after it, past RUNPOD_INIT_TIMEOUT={self.budget.timeout_s:g} s "
-            f"(startup has used {elapsed:.0f} s). Fix: bake the model into the image, or select it as the "
-            f"endpoint's cached model, or {raise_to}"
+            f"{self.model}: the {self.what} of {human_bytes(self.total_bytes)} needs ~{eta:.0f} s more at "
+            f"{human_bytes(rate)}/s ({human_bytes(self.done_bytes)} in {running:.0f} s) and loading needs "
+            f"~{self.reserve_s:.0f} s after it, past {timeout} (startup has used {elapsed:.0f} s). "
+            f"{fixes}set RUNPOD_INIT_TIMEOUT={suggest_timeout(elapsed + eta + self.reserve_s)}"
         )
 
     def check(self) -> None:

@@ -161,6 +161,9 @@ class Settings:
     hf_token: Secret | None = setting(
         "HF_TOKEN", None, _secret, "Hugging Face token, for private or gated models"
     )
+    hf_endpoint: str | None = setting(
+        "HF_ENDPOINT", None, _optional_text, "Address of the Hugging Face Hub, for a mirror; unset means huggingface.co"
+    )
     hf_hub_offline: bool = setting(
         "HF_HUB_OFFLINE", "false", _flag, "Never contact the Hub; only local sources are used"
     )
