@@ -5,7 +5,12 @@ source is that slow download answers its job with the message.
 huggingface_hub reports a plain HTTP download every 10 MB (DOWNLOAD_CHUNK_SIZE); the tiny model's weights
 are 100 kB, so in-process tests set that step to 4 kB for the rate to be measured on the weights too."""
 
+import json
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from fake_hub import COMMIT, FakeHub
@@ -15,6 +20,7 @@ from worker_transformers.config import Settings
 from worker_transformers.download import download_from_hub
 from worker_transformers.sources import ModelNotFound
 
+ROOT = Path(__file__).resolve().parents[1]
 REPO = "Org/Tiny"
 SLOW = 2000  # bytes per second: the tiny model's ~100 kB of weights would take about a minute
 
@@ -59,3 +65,27 @@ def test_a_repo_the_hub_does_not_have_is_not_found(tiny_model_dir, tmp_path):
     with FakeHub("Org/Other", tiny_model_dir) as hub:
         with pytest.raises(ModelNotFound, match="could not be downloaded from the Hub"):
             download_from_hub(settings(tmp_path, hub))
+
+
+@pytest.mark.slow
+def test_a_worker_whose_download_is_too_slow_answers_its_job_with_the_reason(tiny_model_dir, tmp_path):
+    job = json.dumps({"input": {"prompt": "Hello", "max_new_tokens": 2}})
+    with FakeHub(REPO, tiny_model_dir, weights_bytes_per_s=SLOW) as hub:
+        env = {**os.environ, **settings_env(tmp_path, hub), "MODEL_SOURCE": "hub", "RUNPOD_INIT_TIMEOUT": "60"}
+        proc = subprocess.Popen(
+            [sys.executable, "handler.py", "--test_input", job], cwd=ROOT, env=env, text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        try:
+            # The job's answer is the point; the process then waits for the abandoned download's threads
+            # to reach their next 10 MB step (the whole file, here) before it exits, so it is not awaited.
+            output = ""
+            for line in proc.stdout:
+                output += line
+                if "Job local_test failed" in line:
+                    break
+        finally:
+            proc.kill()
+            proc.wait()
+    assert f"Job local_test failed with error: {REPO}@main: the download from the Hub of " in output
+    assert "Traceback" not in output

@@ -156,7 +156,18 @@ class Settings:
         "TRUST_REMOTE_CODE", "false", _flag, "Run Python code shipped with the model; only for models you trust"
     )
     init_timeout_s: int = setting(
-        "RUNPOD_INIT_TIMEOUT", "420", _int_between(1, 86_400), "Seconds the platform allows for startup"
+        "RUNPOD_INIT_TIMEOUT",
+        "420",
+        _int_between(1, 86_400),
+        "Seconds the platform allows for startup; the worker warns at 50 % and 80 % of it and stops a download "
+        "that cannot finish in time",
+    )
+    fast_load: bool = setting(
+        "FAST_LOAD",
+        "true",
+        _flag,
+        "Load the weights straight into an empty model when the checkpoint allows it; `false` always uses "
+        "`from_pretrained`",
     )
     hf_token: Secret | None = setting(
         "HF_TOKEN", None, _secret, "Hugging Face token, for private or gated models"
