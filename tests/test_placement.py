@@ -129,6 +129,21 @@ def test_auto_dtype_keeps_the_checkpoint_dtype(bf16_model_dir):
 
 
 @pytest.fixture(scope="module")
+def sharded_model_dir(tiny_model_dir, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-sharded")
+    reference(tiny_model_dir).save_pretrained(folder, max_shard_size="30KB")
+    return folder
+
+
+@pytest.mark.parametrize("transfers", [None, SmallChunks, LateCopies], ids=["mapped", "streamed", "streamed-async"])
+def test_a_sharded_checkpoint_gives_from_pretrained_logits(sharded_model_dir, transfers):
+    files = inspect(sharded_model_dir, "tiny")
+    assert len(files) > 1
+    fast = load_fast(sharded_model_dir, files, CPU, None, transfers=transfers and transfers())
+    assert torch.equal(logits(fast), logits(reference(sharded_model_dir)))
+
+
+@pytest.fixture(scope="module")
 def renamed_model_dir(tiny_model_dir, tmp_path_factory):
     """A checkpoint saved from the base model: no `model.` prefix, which from_pretrained maps back."""
     folder = tmp_path_factory.mktemp("tiny-renamed")
