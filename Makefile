@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMPS := .stamps
 
-.PHONY: demo test model clean
+.PHONY: demo test model bench-coldstart clean
 
 $(STAMPS)/venv: pyproject.toml
 	@mkdir -p $(STAMPS)
@@ -23,6 +23,11 @@ demo: model
 
 test: model
 	$(PY) -m pytest
+
+# Cold start against its baselines (a few minutes; see README). RUNS=5 for more runs per case.
+RUNS ?= 3
+bench-coldstart: model
+	$(PY) bench/coldstart.py --runs $(RUNS) --json bench/out/coldstart.json --png bench/out/coldstart.png
 
 clean:
 	rm -rf $(VENV) $(STAMPS)
