@@ -11,10 +11,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from worker_transformers import placement
 from worker_transformers.config import Settings
 from worker_transformers.loading import load_model
-from worker_transformers.placement import NotEligible, Transfers, load_fast, plan_chunks
+from worker_transformers.placement import NotEligible, load_fast
+from worker_transformers.streaming import Transfers, plan_chunks
 from worker_transformers.sources import ModelLocation
 from worker_transformers.weights import inspect
 
@@ -215,5 +215,5 @@ def test_the_fast_path_gives_from_pretrained_logits_on_the_default_model(default
     files = inspect(default_model_path, "default")
     reference_logits = logits(reference(default_model_path))
     assert torch.equal(logits(load_fast(default_model_path, files, CPU, None)), reference_logits)
-    streamed = load_fast(default_model_path, files, CPU, None, transfers=placement.Transfers())
+    streamed = load_fast(default_model_path, files, CPU, None, transfers=Transfers())
     assert torch.equal(logits(streamed), reference_logits)
