@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from worker_transformers.config import DEFAULT_MODEL, hf_hub_cache_dir  # noqa: E402
 from worker_transformers.sources import hf_snapshot  # noqa: E402
 from worker_transformers.weights import weight_paths  # noqa: E402
+from worker_transformers.worker import processor_name  # noqa: E402
 
 PY = sys.executable
 JOB = json.dumps({"input": {"prompt": "Hi", "max_new_tokens": 1}})
@@ -64,13 +65,9 @@ def machine() -> dict:
     import torch
     import transformers
 
-    cpu = next(
-        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")),
-        platform.processor(),
-    )  # fmt: skip
     memory = int(Path("/proc/meminfo").read_text().split()[1]) * 1024
     return {
-        "cpu": cpu,
+        "cpu": processor_name(),
         "cores": os.cpu_count(),
         "memory_gb": round(memory / 2**30, 1),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
@@ -161,7 +158,10 @@ def run_case(folder: Path, cache: str, runs: int, cold_method: str) -> list[dict
                 make_cold(cold_method, files)
             sample.update(variant(folder))
         samples.append(sample)
-        print(f"  run {run + 1}/{runs}: ready {sample['ready_s']:.2f} s, naive {sample['naive_ready_s']:.2f} s", flush=True)
+        print(
+            f"  run {run + 1}/{runs}: ready {sample['ready_s']:.2f} s, naive {sample['naive_ready_s']:.2f} s",
+            flush=True,
+        )
     return samples
 
 
@@ -186,7 +186,10 @@ def sdk_costs(runs: int) -> dict:
     plain = [timed([PY, "-c", "import runpod"])[0] for _ in range(runs)]
     patched = [timed([PY, "-c", worker_import], env)[0] for _ in range(runs)]
     try:
-        seconds = [float(next(x for x in timed([PY, "-c", checks])[1] if x.startswith("checks")).split()[1]) for _ in range(runs)]
+        seconds = [
+            float(next(x for x in timed([PY, "-c", checks])[1] if x.startswith("checks")).split()[1])
+            for _ in range(runs)
+        ]
         checks_s = statistics.median(seconds)
     except RuntimeError:  # a failing check exits the process, as it would the worker
         checks_s = None
@@ -204,7 +207,9 @@ def goals(cases: dict) -> list[dict]:
             if case["cache"] != cache:
                 continue
             ratio = case["median"][key] / baseline(case["median"])
-            verdicts.append({"goal": goal, "case": name, "ratio": round(ratio, 3), "limit": limit, "met": ratio <= limit})
+            verdicts.append(
+                {"goal": goal, "case": name, "ratio": round(ratio, 3), "limit": limit, "met": ratio <= limit}
+            )
     return verdicts
 
 
@@ -213,7 +218,9 @@ def print_report(result: dict) -> None:
     print(f"\nmachine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GiB, GPU: {m['gpu'] or 'none'}; "
           f"torch {m['torch']}, transformers {m['transformers']}; cold cache by {result['cold_method']}; "
           f"medians of {result['runs']} runs ({result['cold_runs']} cold)")  # fmt: skip
-    header = f"{'case':<18}{'ready':>7}{'naive':>7}{'floor':>7}{'raw':>7}{'weights':>9}{'naive w':>9}  phases (median s)"
+    header = (
+        f"{'case':<18}{'ready':>7}{'naive':>7}{'floor':>7}{'raw':>7}{'weights':>9}{'naive w':>9}  phases (median s)"
+    )
     print(header)
     for name, case in result["cases"].items():
         med = case["median"]
@@ -246,7 +253,13 @@ def main() -> None:
         sys.exit(f"{DEFAULT_MODEL} is not in the Hugging Face cache: run `make model` first")
     cold_method = "drop_caches" if can_drop_caches() else "fadvise_dontneed_weights"
     started = time.perf_counter()
-    result: dict = {"machine": machine(), "runs": args.runs, "cold_runs": cold_runs, "cold_method": cold_method, "cases": {}}
+    result: dict = {
+        "machine": machine(),
+        "runs": args.runs,
+        "cold_runs": cold_runs,
+        "cold_method": cold_method,
+        "cases": {},
+    }
     scratch = Path(tempfile.mkdtemp(prefix="coldstart-"))
     try:
         folders = {}

@@ -33,7 +33,9 @@ def write_synthetic_model(folder: Path, tokenizer_from: Path, min_bytes: int = 1
         dtype=torch.float32,
     )
     with torch.device("meta"):
-        shapes = {name: t.shape for name, t in LlamaForCausalLM(config).state_dict().items() if name != "lm_head.weight"}
+        shapes = {
+            name: t.shape for name, t in LlamaForCausalLM(config).state_dict().items() if name != "lm_head.weight"
+        }
     generator = torch.Generator().manual_seed(0)
     names = list(shapes)
     shards = [names[: len(names) // 2], names[len(names) // 2 :]]

@@ -55,9 +55,14 @@ def test_a_download_that_cannot_finish_in_time_stops_early_with_the_numbers(tiny
             download_from_hub(settings(tmp_path, hub, RUNPOD_INIT_TIMEOUT="60"), budget)
         stopped_at = budget.elapsed()
     message = str(caught.value)
-    assert re.match(rf"{REPO}@main: the download from the Hub of 1\d\d\.\d kB needs ~\d+ s more at \d\.\d kB/s", message)
+    assert re.match(
+        rf"{REPO}@main: the download from the Hub of 1\d\d\.\d kB needs ~\d+ s more at \d\.\d kB/s", message
+    )
     assert "past RUNPOD_INIT_TIMEOUT=60 s" in message
-    assert "bake the model into the image, or select it as the endpoint's cached model, or set RUNPOD_INIT_TIMEOUT=" in message
+    assert (
+        "bake the model into the image, or select it as the endpoint's cached model, or set RUNPOD_INIT_TIMEOUT="
+        in message
+    )
     assert stopped_at < 30, "stopped no earlier than halfway: not early"
 
 

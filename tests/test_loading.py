@@ -32,7 +32,9 @@ def test_the_model_code_is_imported_before_loading(tiny_model_dir):
         "import_model_code(ModelLocation(path, 'folder', 'tiny', None), Settings.from_env({}))\n"
         "print('transformers.models.llama.modeling_llama' in sys.modules)"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={"PYTHONPATH": str(ROOT / "src")})
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env={"PYTHONPATH": str(ROOT / "src")}
+    )
     assert proc.stdout.strip() == "True", proc.stderr
 
 

@@ -14,8 +14,8 @@ from transformers import AutoModelForCausalLM
 from worker_transformers.config import Settings
 from worker_transformers.loading import load_model
 from worker_transformers.placement import NotEligible, load_fast
-from worker_transformers.streaming import Transfers, plan_chunks
 from worker_transformers.sources import ModelLocation
+from worker_transformers.streaming import Transfers, plan_chunks
 from worker_transformers.weights import inspect
 
 CPU = torch.device("cpu")

@@ -160,13 +160,16 @@ def test_an_unexpected_startup_fault_is_logged_with_its_traceback_and_answered(t
 def test_runpod_is_imported_without_its_processor_probe_and_still_names_the_processor():
     code = (
         "import cpuinfo; probe = cpuinfo.get_cpu_info\n"
-        "from worker_transformers.worker import import_runpod, _processor_name\n"
+        "from worker_transformers.worker import import_runpod, processor_name\n"
         "import_runpod()\n"
         "from runpod.serverless.utils import rp_debugger\n"
         "assert cpuinfo.get_cpu_info is probe, 'the probe was not put back'\n"
-        "print(rp_debugger.PROCESSOR == _processor_name() != 'unknown')"
+        "print(rp_debugger.PROCESSOR == processor_name() != 'unknown')"
     )
     proc = subprocess.run(
-        [sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(ROOT / "src")}, capture_output=True, text=True
+        [sys.executable, "-c", code],
+        env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+        capture_output=True,
+        text=True,
     )
     assert proc.stdout.strip() == "True", proc.stderr

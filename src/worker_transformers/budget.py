@@ -157,9 +157,7 @@ class InitBudget:
             end = phase.end_s if phase.end_s is not None else now
             seconds = end - phase.start_s if phase.name != "ready" else phase.start_s
             note = "" if phase.end_s is not None else "  (still running)"
-            rows.append(
-                f"  {phase.name:<12}{phase.start_s:>9.3f}{seconds:>9.3f}{seconds / self.timeout_s:>8.1%}{note}"
-            )
+            rows.append(f"  {phase.name:<12}{phase.start_s:>9.3f}{seconds:>9.3f}{seconds / self.timeout_s:>8.1%}{note}")
         return "\n".join(rows)
 
 

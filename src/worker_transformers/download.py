@@ -85,7 +85,12 @@ def download_from_hub(settings: Settings, budget: InitBudget | None = None) -> P
         watch.check()
         if budget.elapsed() >= next_log:
             next_log += PROGRESS_LOG_S
-            log.info("downloaded %s of %s at %s/s", human_bytes(watch.done_bytes), human_bytes(total), human_bytes(watch.rate()))
+            log.info(
+                "downloaded %s of %s at %s/s",
+                human_bytes(watch.done_bytes),
+                human_bytes(total),
+                human_bytes(watch.rate()),
+            )
     if "error" in outcome:
         raise _hub_error(outcome["error"], model) from None
     path = Path(outcome["path"])

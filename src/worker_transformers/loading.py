@@ -143,7 +143,9 @@ def warm_up(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
     """One short greedy generation through the chat template, so the first job does not pay for first-call
     work (kernel selection, lazy imports, caches, memory-mapped pages touched for the first time)."""
     if tokenizer.chat_template:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True, tokenize=False)
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "Hi"}], add_generation_prompt=True, tokenize=False
+        )
         ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
     else:
         ids = tokenizer("Hi", return_tensors="pt")["input_ids"]
@@ -162,4 +164,3 @@ def warm_up(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
             "out of memory in the warm-up generation: the weights fit but nothing is left for activations; "
             "use a GPU with more memory, or a smaller DTYPE or model"
         ) from None
-

@@ -100,7 +100,9 @@ def _targets(model: PreTrainedModel, files: list[WeightFile]) -> tuple[dict[str,
         raise NotEligible("tied weights are stored in an unusual way")
     for name, entry in stored.items():
         if tuple(state[name].shape) != entry.shape:
-            raise NotEligible(f"{name} has shape {entry.shape} in the checkpoint, {tuple(state[name].shape)} in the model")
+            raise NotEligible(
+                f"{name} has shape {entry.shape} in the checkpoint, {tuple(state[name].shape)} in the model"
+            )
     return {name: state[name] for name in stored}, missing
 
 

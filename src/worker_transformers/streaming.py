@@ -135,7 +135,9 @@ def _read_chunk(fd: int, chunk: _Chunk, view: memoryview) -> None:
     while got < want:
         n = os.preadv(fd, [view[got:want]], chunk.start + got)
         if n == 0:
-            raise CorruptWeights(f"{chunk.file.path} ended early, at {chunk.start + got} bytes: it changed while loading")
+            raise CorruptWeights(
+                f"{chunk.file.path} ended early, at {chunk.start + got} bytes: it changed while loading"
+            )
         got += n
 
 

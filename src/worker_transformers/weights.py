@@ -74,7 +74,9 @@ def read_header(path: Path, model_id: str) -> WeightFile:
             raise _damaged(path, model_id, f"has {size} bytes, too few for a safetensors header")
         (header_len,) = struct.unpack("<Q", head)
         if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
-            raise _damaged(path, model_id, f"is truncated or not safetensors (header of {header_len} bytes, file of {size})")
+            raise _damaged(
+                path, model_id, f"is truncated or not safetensors (header of {header_len} bytes, file of {size})"
+            )
         try:
             header = json.loads(f.read(header_len))
         except (UnicodeDecodeError, json.JSONDecodeError):

@@ -92,7 +92,7 @@ def import_runpod():
 
         return runpod
     probe = cpuinfo.get_cpu_info
-    cpuinfo.get_cpu_info = lambda: {"brand_raw": _processor_name()}
+    cpuinfo.get_cpu_info = lambda: {"brand_raw": processor_name()}
     try:
         import runpod
     finally:
@@ -100,7 +100,7 @@ def import_runpod():
     return runpod
 
 
-def _processor_name() -> str:
+def processor_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -140,7 +140,9 @@ def start_worker(env: Mapping[str, str]) -> Handler:
             log.error("startup failed after %.1f s: %s", budget.elapsed(), message)
         else:
             first_line = (str(error).splitlines() or [""])[0][:300]
-            message = f"startup failed unexpectedly ({type(error).__name__}: {first_line}); the worker log has the traceback"
+            message = (
+                f"startup failed unexpectedly ({type(error).__name__}: {first_line}); the worker log has the traceback"
+            )
             log.exception("startup failed unexpectedly after %.1f s", budget.elapsed())
         return failed_init_handler(message)
     budget.ready()
