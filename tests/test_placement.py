@@ -116,7 +116,7 @@ def bf16_model_dir(tiny_model_dir, tmp_path_factory):
     return folder
 
 
-@pytest.mark.parametrize("transfers", [None, SmallChunks], ids=["mapped", "streamed"])
+@pytest.mark.parametrize("transfers", [None, SmallChunks, LateCopies], ids=["mapped", "streamed", "streamed-async"])
 def test_weights_converted_to_another_dtype_match_from_pretrained(bf16_model_dir, transfers):
     files = inspect(bf16_model_dir, "tiny")
     fast = load_fast(bf16_model_dir, files, CPU, torch.float32, transfers=transfers and transfers())

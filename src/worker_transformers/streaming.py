@@ -181,19 +181,22 @@ def stream_weights(files: list[WeightFile], targets: dict[str, torch.Tensor], tr
             filled.put((index, slot, None))
 
     # Tensors whose dtype differs from their parameter's arrive as raw bytes on the device and are
-    # converted there once complete; the others are written in place through a byte view.
+    # converted there once complete; the others are written in place through a byte view. A raw buffer
+    # exists only while its tensor is in flight, so a dtype change costs one tensor of memory, not a model.
+    waiting = {
+        t.name: t.nbytes
+        for f in files
+        for t in f.tensors
+        if TORCH_DTYPES[t.dtype] != targets[t.name].dtype or not targets[t.name].is_contiguous()
+    }
     raw: dict[str, torch.Tensor] = {}
-    waiting: dict[str, int] = {}
-    for entry in (t for f in files for t in f.tensors):
-        target = targets[entry.name]
-        if TORCH_DTYPES[entry.dtype] != target.dtype or not target.is_contiguous():
-            raw[entry.name] = transfers.empty(entry.nbytes)
-            waiting[entry.name] = entry.nbytes
 
     def destination(entry: TensorEntry) -> torch.Tensor:
-        if entry.name in raw:
-            return raw[entry.name]
-        return targets[entry.name].data.view(-1).view(torch.uint8)
+        if entry.name not in waiting:
+            return targets[entry.name].data.view(-1).view(torch.uint8)
+        if entry.name not in raw:
+            raw[entry.name] = transfers.empty(entry.nbytes)
+        return raw[entry.name]
 
     threads = [threading.Thread(target=read, name=f"weights-reader-{i}", daemon=True) for i in range(readers)]
     for thread in threads:
