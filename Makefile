@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMPS := .stamps
 
-.PHONY: demo test model bench bench-serve docker-check clean
+.PHONY: demo test model bench bench-serve bench-coldstart docker-check clean
 
 $(STAMPS)/venv: pyproject.toml
 	@mkdir -p $(STAMPS)
@@ -25,7 +25,7 @@ test: model
 	$(PY) -m pytest
 
 # Benchmarks print a table and write JSON + PNG under bench/out/.
-bench: bench-serve
+bench: bench-coldstart bench-serve
 
 bench-serve: model
 	$(PY) bench/serve.py --json bench/out/serve.json
@@ -33,6 +33,11 @@ bench-serve: model
 # The image in its three modes, built and run with a private Docker engine (root; see tests/docker/check_image.sh).
 docker-check: model
 	bash tests/docker/check_image.sh
+
+# Cold start against its baselines (a few minutes; see README). RUNS=5 for more runs per case.
+RUNS ?= 3
+bench-coldstart: model
+	$(PY) bench/coldstart.py --runs $(RUNS) --json bench/out/coldstart.json --png bench/out/coldstart.png
 
 clean:
 	rm -rf $(VENV) $(STAMPS)

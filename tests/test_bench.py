@@ -1,5 +1,8 @@
-"""The benchmark programs run end to end on the tiny model and write what they promise (no timings asserted)."""
+"""The benchmark programs: they run end to end on the tiny model and write what they promise (no timings
+asserted), and the cold-start benchmark reads the worker's startup table from its log, so the two must stay in
+step."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -7,6 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from worker_transformers.budget import InitBudget
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,3 +36,36 @@ def test_serve_benchmark_writes_its_table_json_and_plot(tiny_model_dir, tmp_path
     assert report["serial_throughput_tok_s"] == report["levels"][0]["throughput_tok_s"]
     assert out.with_suffix(".png").read_bytes().startswith(b"\x89PNG")
     assert "serial baseline" in proc.stdout
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("coldstart", ROOT / "bench" / "coldstart.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class Clock:
+    now = 50.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_the_benchmark_reads_every_phase_of_the_startup_table():
+    clock = Clock()
+    budget = InitBudget(420, clock=clock, age_s=0.25)
+    with budget.phase("resolve"):
+        clock.now += 0.5
+    budget.begin("prefetch")  # still running at ready
+    with budget.phase("warm-up"):
+        clock.now += 1.25
+    budget.ready()
+    log = ["2026-01-01 00:00:00,000 INFO worker_transformers.budget: " + budget.table(), "INFO   | Job result"]
+    phases = load_bench().parse_timeline("\n".join(log).splitlines())
+    assert phases == [
+        {"name": "resolve", "start_s": 0.25, "seconds": 0.5},
+        {"name": "prefetch", "start_s": 0.75, "seconds": 1.25},
+        {"name": "warm-up", "start_s": 0.75, "seconds": 1.25},
+        {"name": "ready", "start_s": 2.0, "seconds": 2.0},
+    ]

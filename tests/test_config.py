@@ -20,7 +20,9 @@ def test_defaults_need_no_environment():
     assert (settings.dtype, settings.device) == ("auto", "auto")
     assert settings.trust_remote_code is False
     assert settings.init_timeout_s == 420
+    assert settings.fast_load is True
     assert settings.hf_token is None
+    assert settings.hf_endpoint is None
     assert settings.hf_hub_cache == Path("/home/someone/.cache/huggingface/hub")
 
 
@@ -36,6 +38,8 @@ def test_values_are_parsed_from_the_environment():
             "MAX_INPUT_TOKENS": "99",
             "TRUST_REMOTE_CODE": "yes",
             "RUNPOD_INIT_TIMEOUT": "600",
+            "FAST_LOAD": "off",
+            "HF_ENDPOINT": "https://hub.example.com",
             "HF_HOME": "/data/hf",
         }
     )
@@ -46,6 +50,8 @@ def test_values_are_parsed_from_the_environment():
     assert (settings.max_new_tokens, settings.max_input_tokens) == (77, 99)
     assert settings.trust_remote_code is True
     assert settings.init_timeout_s == 600
+    assert settings.fast_load is False
+    assert settings.hf_endpoint == "https://hub.example.com"
     assert settings.hf_hub_cache == Path("/data/hf/hub")
 
 

@@ -254,11 +254,13 @@ def test_sharded_weights_with_a_missing_shard_are_refused(env):
         resolve(env(MODEL_NAME=str(folder)))
 
 
-def test_sources_module_does_not_import_torch():
+def test_light_modules_do_not_import_torch():
+    """They run before the heavy imports (the entry point starts reading weights during them)."""
     import subprocess
     import sys
 
-    code = "import sys, worker_transformers.sources, worker_transformers.config, worker_transformers.schema; "
+    light = ("config", "schema", "sources", "budget", "weights", "prefetch")
+    code = "import sys; " + "; ".join(f"import worker_transformers.{name}" for name in light) + "; "
     code += "sys.exit('torch' in sys.modules or 'transformers' in sys.modules)"
     src = str(Path(__file__).resolve().parents[1] / "src")
     assert subprocess.run([sys.executable, "-c", code], env={"PYTHONPATH": src}).returncode == 0

@@ -1,8 +1,11 @@
-"""The handler as the runpod SDK runs it, and `python handler.py` as a user runs it."""
+"""The handler as the runpod SDK runs it, and `python handler.py` as a user runs it: startup, its
+timeline, and what a worker whose startup failed does (it answers every job with the reason)."""
 
 import asyncio
 import json
+import logging
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +14,7 @@ import pytest
 from runpod.serverless.modules.rp_handler import is_generator
 from runpod.serverless.modules.rp_job import run_job_generator
 
-from worker_transformers.worker import make_handler
+from worker_transformers.worker import failed_init_handler, make_handler, start_worker
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -97,13 +100,17 @@ def test_test_input_with_a_bad_job_exits_1_with_the_message(tiny_model_dir):
 
 
 @pytest.mark.slow
-def test_test_input_with_a_good_job_exits_0(tiny_model_dir):
+def test_test_input_with_a_good_job_exits_0_after_logging_the_startup_timeline(tiny_model_dir):
     job = json.dumps({"input": {"prompt": "Hello", "max_new_tokens": 2}})
     proc = run_handler("--test_input", job, env={"MODEL_NAME": str(tiny_model_dir)})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     [line] = proc.stdout.splitlines()
     assert json.loads(line)["usage"]["completion_tokens"] <= 2
     assert "job local_test completed" in proc.stderr
+    timeline = proc.stderr[proc.stderr.index("startup timeline, RUNPOD_INIT_TIMEOUT=420 s:") :]
+    phases = [line.split()[0] for line in timeline.splitlines()[2:] if line.startswith("  ")]
+    assert phases[:1] == ["resolve"] and phases[-1] == "ready"
+    assert {"imports", "prefetch", "tokenizer", "weights", "warm-up"} <= set(phases)
 
 
 @pytest.mark.slow
@@ -124,15 +131,23 @@ def test_test_input_that_is_not_json_exits_1(tiny_model_dir):
     assert "--test_input: not valid JSON" in proc.stderr
 
 
-def test_a_bad_setting_stops_startup_with_one_line():
+def test_a_worker_whose_startup_failed_answers_every_job_with_the_reason():
+    handler = failed_init_handler("MODEL_NAME: no such model; fix it")
+    assert sdk_run(handler, {"prompt": "Hello"}) == {"error": "MODEL_NAME: no such model; fix it"}
+    assert sdk_run(handler, {"anything": 1}) == {"error": "MODEL_NAME: no such model; fix it"}
+
+
+def test_a_bad_setting_fails_each_job_with_one_line_naming_it():
     proc = run_handler("--test_input", '{"input": {"prompt": "x"}}', env={"DTYPE": "fp8"})
     assert proc.returncode == 1
+    message = "DTYPE='fp8' is not allowed; use one of auto, bfloat16, float16, float32"
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, proc.stderr
-    assert "DTYPE='fp8' is not allowed; use one of auto, bfloat16, float16, float32" in lines[0]
+    assert len(lines) == 2, proc.stderr  # the startup error, then the job's
+    assert message in lines[0] and f"job local_test failed: {message}" in lines[1]
+    assert json.loads(proc.stdout) == {"error": message}
 
 
-def test_a_missing_model_stops_startup_listing_what_was_tried(tmp_path):
+def test_a_missing_model_fails_each_job_listing_what_was_tried(tmp_path):
     env = {
         "MODEL_NAME": "nobody/nothing",
         "MODEL_SOURCE": "cached",
@@ -140,8 +155,10 @@ def test_a_missing_model_stops_startup_listing_what_was_tried(tmp_path):
     }
     proc = run_handler("--test_input", '{"input": {"prompt": "x"}}', env=env)
     assert proc.returncode == 1
-    assert f"{tmp_path / 'cache'}/models--nobody--nothing" in proc.stderr
-    assert "Traceback" not in proc.stderr
+    error = json.loads(proc.stdout.splitlines()[-1])["error"]
+    assert error.startswith("model nobody/nothing@main not found")
+    assert f"{tmp_path / 'cache'}/models--nobody--nothing" in error
+    assert "Traceback" not in proc.stdout + proc.stderr
 
 
 def test_a_refused_openai_request_fails_the_job_with_an_openai_error_body(tiny_engine, tiny_settings):
@@ -149,3 +166,63 @@ def test_a_refused_openai_request_fails_the_job_with_an_openai_error_body(tiny_e
     result = sdk_run(make_handler(tiny_engine, tiny_settings), job_input)
     assert set(result) == {"error"}
     assert json.loads(result["error"])["error"]["type"] == "invalid_request_error"
+
+
+def copy_model(source: Path, target: Path) -> Path:
+    shutil.copytree(source, target)
+    return target
+
+
+@pytest.mark.slow
+def test_truncated_weights_fail_each_job_with_the_file_and_the_fix(tiny_model_dir, tmp_path):
+    folder = copy_model(tiny_model_dir, tmp_path / "model")
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])
+    proc = run_handler("--test_input", '{"input": {"prompt": "x"}}', env={"MODEL_NAME": str(folder)})
+    assert proc.returncode == 1
+    error = json.loads(proc.stdout)["error"]
+    assert error.startswith(f"{folder}: {weights} is truncated")
+    assert "delete it and fetch the model again" in error
+    assert "Traceback" not in proc.stdout + proc.stderr
+
+
+def test_startup_returns_a_working_handler_and_logs_the_timeline(tiny_model_dir, caplog):
+    with caplog.at_level(logging.INFO):
+        started = start_worker({"MODEL_NAME": str(tiny_model_dir), "MAX_NEW_TOKENS": "8"})
+    try:
+        assert "startup timeline" in caplog.text
+        result = sdk_run(started.handler, {"prompt": "Hello", "max_new_tokens": 2})
+        [output] = result["output"]
+        assert output["usage"]["completion_tokens"] <= 2
+    finally:
+        started.close()
+
+
+def test_an_unexpected_startup_fault_is_logged_with_its_traceback_and_answered(tiny_model_dir, tmp_path, caplog):
+    folder = copy_model(tiny_model_dir, tmp_path / "model")
+    (folder / "config.json").write_text("{not json")
+    with caplog.at_level(logging.ERROR):
+        handler = start_worker({"MODEL_NAME": str(folder)}).handler
+    [record] = [r for r in caplog.records if r.exc_info]
+    assert record.getMessage().startswith("startup failed unexpectedly after")
+    error = sdk_run(handler, {"prompt": "Hello"})["error"]
+    assert error.startswith("startup failed unexpectedly (JSONDecodeError: ")
+    assert error.endswith("the worker log has the traceback")
+
+
+def test_runpod_is_imported_without_its_processor_probe_and_still_names_the_processor():
+    code = (
+        "import cpuinfo; probe = cpuinfo.get_cpu_info\n"
+        "from worker_transformers.worker import import_runpod, processor_name\n"
+        "import_runpod()\n"
+        "from runpod.serverless.utils import rp_debugger\n"
+        "assert cpuinfo.get_cpu_info is probe, 'the probe was not put back'\n"
+        "print(rp_debugger.PROCESSOR == processor_name() != 'unknown')"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+        capture_output=True,
+        text=True,
+    )
+    assert proc.stdout.strip() == "True", proc.stderr

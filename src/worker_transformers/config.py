@@ -162,18 +162,30 @@ class Settings:
         "TRUST_REMOTE_CODE", "false", _flag, "Run Python code shipped with the model; only for models you trust"
     )
     init_timeout_s: int = setting(
-        "RUNPOD_INIT_TIMEOUT", "420", _int_between(1, 86_400), "Seconds the platform allows for startup"
+        "RUNPOD_INIT_TIMEOUT",
+        "420",
+        _int_between(1, 86_400),
+        "Seconds the platform allows for startup; the worker warns at 50 % and 80 % of it and stops a download "
+        "that cannot finish in time",
+    )
+    fast_load: bool = setting(
+        "FAST_LOAD",
+        "true",
+        _flag,
+        "Load the weights straight into an empty model when the checkpoint allows it; `false` always uses "
+        "`from_pretrained`",
     )
     hf_token: Secret | None = setting(
         "HF_TOKEN", None, _secret, "Hugging Face token, for private or gated models"
+    )
+    hf_endpoint: str | None = setting(
+        "HF_ENDPOINT", None, _optional_text, "Address of the Hugging Face Hub, for a mirror; unset means huggingface.co"
     )
     hf_hub_offline: bool = setting(
         "HF_HUB_OFFLINE", "false", _flag, "Never contact the Hub; only local sources are used"
     )
     # Where huggingface_hub keeps its cache; derived in from_env exactly as huggingface_hub does.
     hf_hub_cache: Path = field(default_factory=lambda: hf_hub_cache_dir({}))
-    # RunPod sets RUNPOD_WEBHOOK_GET_JOB on a deployed worker; without it the SDK runs one local test job.
-    deployed: bool = False
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
@@ -183,7 +195,6 @@ class Settings:
             if name is not None and name in env:
                 values[f.name] = f.metadata["parse"](name, env[name])
         values["hf_hub_cache"] = hf_hub_cache_dir(env)
-        values["deployed"] = bool(env.get("RUNPOD_WEBHOOK_GET_JOB"))
         return cls(**values)
 
     @property
@@ -193,6 +204,11 @@ class Settings:
     @property
     def hub_allowed(self) -> bool:
         return self.model_source in ("auto", "hub") and not self.hf_hub_offline and not self.model_is_folder
+
+
+def is_deployed(env: Mapping[str, str]) -> bool:
+    """RunPod sets RUNPOD_WEBHOOK_GET_JOB on a deployed worker; without it the SDK runs one local test job."""
+    return bool(env.get("RUNPOD_WEBHOOK_GET_JOB"))
 
 
 def hf_hub_cache_dir(env: Mapping[str, str]) -> Path:

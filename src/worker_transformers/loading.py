@@ -1,36 +1,37 @@
-"""Tokenizer and model from a local folder onto the device.
+"""Tokenizer and model from a local folder onto the device, then one warm-up generation.
 
 Everything is read from the folder `sources.resolve` found (`local_files_only`): once the weights are
 local, loading never touches the network. Custom model code runs only when TRUST_REMOTE_CODE is set.
+The weights go through the fast path in placement.py when the checkpoint allows it (FAST_LOAD), else
+through `from_pretrained`. Running out of memory is reported as a LoadError that says what to change.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
-from dataclasses import dataclass
+import time
+from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
+from . import placement
 from .config import Settings
 from .sources import ModelLocation
+from .weights import DTYPE_SIZES, WeightFile
 
 log = logging.getLogger(__name__)
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+WARM_UP_TOKENS = 2
 
 
 class LoadError(Exception):
     """The model cannot be loaded as configured. The message says which setting to change."""
-
-
-@dataclass(frozen=True)
-class LoadedModel:
-    model: PreTrainedModel
-    tokenizer: PreTrainedTokenizerBase
-    device: torch.device
 
 
 def pick_device(settings: Settings) -> torch.device:
@@ -50,28 +51,116 @@ def _check_remote_code(location: ModelLocation, settings: Settings) -> None:
         )
 
 
-def load(location: ModelLocation, settings: Settings) -> LoadedModel:
+def import_model_code(location: ModelLocation, settings: Settings) -> None:
+    """Import the model's architecture now. transformers imports it lazily on first use, and that import
+    is over a second for Llama (torch.distributed, dynamo): it belongs with the other imports, which the
+    weight prefetch runs alongside, not inside the load."""
     _check_remote_code(location, settings)
-    device = pick_device(settings)
-    dtype = _DTYPES.get(settings.dtype, "auto")  # "auto": the checkpoint's own dtype
-    tokenizer = AutoTokenizer.from_pretrained(
+    config = AutoConfig.from_pretrained(
         location.path, local_files_only=True, trust_remote_code=settings.trust_remote_code
     )
-    model = AutoModelForCausalLM.from_pretrained(
-        location.path,
-        local_files_only=True,
-        trust_remote_code=settings.trust_remote_code,
-        dtype=dtype,
-        device_map=device,
+    if type(config) in MODEL_FOR_CAUSAL_LM_MAPPING:
+        MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]  # the lookup imports the module
+
+
+def load_tokenizer(location: ModelLocation, settings: Settings) -> PreTrainedTokenizerBase:
+    return AutoTokenizer.from_pretrained(
+        location.path, local_files_only=True, trust_remote_code=settings.trust_remote_code
     )
-    model.eval()
+
+
+def load_model(location: ModelLocation, settings: Settings, files: list[WeightFile]) -> PreTrainedModel:
+    device = pick_device(settings)
+    dtype = _DTYPES.get(settings.dtype)  # None: the checkpoint's own dtype
+    _check_fits(location, files, device, dtype)
+    started = time.monotonic()
+    try:
+        model, how = None, "from_pretrained"
+        if settings.fast_load:
+            try:
+                model, how = placement.load_fast(location.path, files, device, dtype), "fast path"
+            except placement.NotEligible as why:
+                log.info("%s: fast loading does not apply (%s); using from_pretrained", location.model_id, why)
+        if model is None:
+            model = _from_pretrained(location.path, settings, device, dtype)
+    except (torch.OutOfMemoryError, MemoryError):
+        raise LoadError(_out_of_memory(location, files, device, dtype)) from None
     log.info(
-        "loaded %s from %s (%s) on %s as %s, %.0f M parameters",
+        "loaded %s (%s) on %s as %s by %s in %.2f s: %.0f M parameters, %.2f GB of weights",
         location.model_id,
-        location.path,
         location.source,
         device,
         model.dtype,
+        how,
+        time.monotonic() - started,
         model.num_parameters() / 1e6,
+        sum(f.size for f in files) / 1e9,
     )
-    return LoadedModel(model, tokenizer, device)
+    return model
+
+
+def _from_pretrained(path: Path, settings: Settings, device: torch.device, dtype: torch.dtype | None):
+    model = AutoModelForCausalLM.from_pretrained(
+        path,
+        local_files_only=True,
+        trust_remote_code=settings.trust_remote_code,
+        dtype=dtype or "auto",
+        device_map=device,
+    )
+    return model.eval()
+
+
+def _weights_bytes(files: list[WeightFile], dtype: torch.dtype | None) -> int:
+    """Bytes the weights take on the device: the checkpoint's, or converted to `dtype`."""
+    if dtype is None:
+        return sum(t.nbytes for f in files for t in f.tensors)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return sum(t.nbytes // DTYPE_SIZES[t.dtype] * itemsize for f in files for t in f.tensors)
+
+
+def _check_fits(location: ModelLocation, files: list[WeightFile], device: torch.device, dtype) -> None:
+    if device.type != "cuda":
+        return  # CPU weights are memory-mapped from the page cache; the kernel pages them as needed
+    free, _ = torch.cuda.mem_get_info(device)
+    if _weights_bytes(files, dtype) > free:
+        raise LoadError(_out_of_memory(location, files, device, dtype))
+
+
+def _out_of_memory(location: ModelLocation, files: list[WeightFile], device: torch.device, dtype) -> str:
+    need = _weights_bytes(files, dtype) / 2**30
+    where = "host memory"
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        where = f"GPU memory ({free / 2**30:.1f} of {total / 2**30:.1f} GiB free)"
+    smaller = "a smaller DTYPE (bfloat16), " if dtype == torch.float32 else ""
+    return (
+        f"{location.model_id}: out of {where} for {need:.1f} GiB of weights, before the KV cache; "
+        f"use {smaller}a GPU with more memory, or a smaller model"
+    )
+
+
+def warm_up(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    """One short greedy generation through the chat template, so the first job does not pay for first-call
+    work (kernel selection, lazy imports, caches, memory-mapped pages touched for the first time)."""
+    if tokenizer.chat_template:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "Hi"}], add_generation_prompt=True, tokenize=False
+        )
+        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    else:
+        ids = tokenizer("Hi", return_tensors="pt")["input_ids"]
+    config = copy.deepcopy(model.generation_config)
+    config.update(max_new_tokens=WARM_UP_TOKENS, do_sample=False, temperature=1.0, top_p=1.0, top_k=None)
+    if config.pad_token_id is None:
+        config.pad_token_id = tokenizer.pad_token_id or tokenizer.eos_token_id
+    ids = ids.to(model.device)
+    try:
+        with torch.inference_mode():
+            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)
+        if model.device.type == "cuda":
+            torch.cuda.synchronize(model.device)
+    except (torch.OutOfMemoryError, MemoryError):
+        raise LoadError(
+            "out of memory in the warm-up generation: the weights fit but nothing is left for activations; "
+            "use a GPU with more memory, or a smaller DTYPE or model"
+        ) from None

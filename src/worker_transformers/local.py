@@ -13,14 +13,12 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-from .config import Settings
-
 log = logging.getLogger("worker_transformers")
 
 DEFAULT_JOB_FILE = Path("test_input.json")
 
 
-def local_job(argv: list[str], settings: Settings) -> dict[str, Any] | None:
+def local_job(argv: list[str], deployed: bool) -> dict[str, Any] | None:
     """The job to run locally, or None when the SDK should run (the API server, or a deployed worker)."""
     if "--rp_serve_api" in argv:
         return None
@@ -29,7 +27,7 @@ def local_job(argv: list[str], settings: Settings) -> dict[str, Any] | None:
             return _parse(argv[i + 1], "--test_input")
         if arg.startswith("--test_input="):
             return _parse(arg.split("=", 1)[1], "--test_input")
-    if not settings.deployed and DEFAULT_JOB_FILE.is_file():
+    if not deployed and DEFAULT_JOB_FILE.is_file():
         return _parse(DEFAULT_JOB_FILE.read_text(), str(DEFAULT_JOB_FILE))
     return None
 

@@ -1,5 +1,11 @@
 """The worker's two phases: `setup` (once, before the first job) and the async handler (every job).
 
+Startup runs against RUNPOD_INIT_TIMEOUT (budget.py): find the weights, start reading them into the page
+cache, import torch, transformers and runpod while that read runs, load, warm up, then take jobs. When
+startup fails (a bad setting, no model, a download too slow, damaged weights, out of memory), the worker
+does not exit into a crash loop: it logs one line saying what to do, takes jobs anyway, and answers each
+with that line as its error, so the caller sees why.
+
 The handler is an async generator, because the runpod SDK streams only from functions written with `yield`.
 Generation happens in the batcher's thread, so the SDK's event loop keeps fetching jobs, heartbeats and
 cancellations while the model computes, and up to MAX_CONCURRENCY jobs share each forward pass.
@@ -12,9 +18,13 @@ import logging
 import os
 import sys
 from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, Settings
+from . import prefetch, weights
+from .budget import InitBudget, InitTooSlow
+from .config import ConfigError, Settings, is_deployed
 from .schema import RequestError, parse_request
 from .sources import ModelNotFound, UnsupportedWeights, resolve
 
@@ -23,17 +33,36 @@ log = logging.getLogger("worker_transformers")
 Handler = Callable[[dict[str, Any]], AsyncIterator[dict[str, Any] | str]]
 
 
-def setup(settings: Settings):
-    """Find the weights, load them and build the engine. Raises on any failure."""
-    from .engine import Engine  # torch and transformers load here, after the configuration is known good
-    from .loading import load
+def setup(settings: Settings, budget: InitBudget | None = None):
+    """Find the weights, load them, warm up and build the engine, each step a phase of `budget`'s
+    timeline. Raises on any failure."""
+    from .download import download_from_hub
 
-    location = resolve(settings)
+    budget = budget or InitBudget(settings.init_timeout_s)
+    with budget.phase("resolve"):
+        location = resolve(settings, download=lambda s: download_from_hub(s, budget))
+        files = weights.inspect(location.path, location.model_id)
     log.info("model %s found: %s at %s", location.model_id, location.source, location.path)
-    loaded = load(location, settings)
-    return Engine(
-        loaded.model, loaded.tokenizer, location.model_id, settings.max_input_tokens, settings.max_concurrency
-    )
+    reading = prefetch.start([f.path for f in files], budget)
+    try:
+        with budget.phase("imports"):
+            from . import loading
+            from .engine import Engine
+
+            loading.import_model_code(location, settings)
+            import_runpod()
+        with budget.phase("tokenizer"):
+            tokenizer = loading.load_tokenizer(location, settings)
+        with budget.phase("weights"):
+            model = loading.load_model(location, settings, files)
+        with budget.phase("warm-up"):
+            loading.warm_up(model, tokenizer)
+            engine = Engine(
+                model, tokenizer, location.model_id, settings.max_input_tokens, settings.max_concurrency
+            )
+    finally:
+        reading.stop()
+    return engine
 
 
 # Out-of-memory failures in a row after which the worker asks to be replaced: one can be a burst of long
@@ -108,35 +137,114 @@ def make_handler(engine, settings: Settings, on_unhealthy: Callable[[], None] = 
     return handler
 
 
-def main(env: Mapping[str, str] = os.environ, argv: list[str] = sys.argv) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def failed_init_handler(message: str) -> Handler:
+    """The handler of a worker whose startup failed: every job fails with the reason and the fix."""
+
+    async def handler(job: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        yield {"error": message}
+
+    return handler
+
+
+def import_runpod():
+    """Import the runpod SDK without its one-second processor probe. At import, runpod's rp_debugger calls
+    py-cpuinfo's get_cpu_info(), which runs a second Python process, for one field of `--rp_debugger`
+    output: the processor's name. /proc/cpuinfo gives that name at once; the probe is swapped only for the
+    duration of this import."""
+    try:
+        import cpuinfo
+    except ImportError:  # a runpod release without py-cpuinfo has nothing to skip
+        import runpod
+
+        return runpod
+    probe = cpuinfo.get_cpu_info
+    cpuinfo.get_cpu_info = lambda: {"brand_raw": processor_name()}
+    try:
+        import runpod
+    finally:
+        cpuinfo.get_cpu_info = probe
+    return runpod
+
+
+def processor_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+# Startup failures a user can fix; their message says how. Anything else is a fault in the worker.
+USER_ERRORS = (ConfigError, ModelNotFound, UnsupportedWeights, InitTooSlow)
+
+
+def _user_fixable(error: Exception) -> bool:
+    if isinstance(error, USER_ERRORS):
+        return True
+    from .loading import LoadError  # needs torch, so it is not in USER_ERRORS
+
+    return isinstance(error, LoadError)
+
+
+@dataclass(frozen=True)
+class Started:
+    """What startup leaves to serve: the handler, how many jobs to take at once, and how to stop."""
+
+    handler: Handler
+    concurrency: int
+    close: Callable[[], None]
+
+
+def start_worker(env: Mapping[str, str], on_unhealthy: Callable[[], None] = lambda: None) -> Started:
+    """Run startup and return the engine's handler, or the failed-startup one."""
     try:
         settings = Settings.from_env(env)
-        engine = setup(settings)
-    except (ConfigError, ModelNotFound, UnsupportedWeights) as error:
+    except ConfigError as error:
         log.error("%s", error)
-        sys.exit(1)
+        return Started(failed_init_handler(str(error)), 1, lambda: None)
+    budget = InitBudget.from_process_start(settings.init_timeout_s)
+    budget.start_alarms()
+    try:
+        engine = setup(settings, budget)
+    except Exception as error:
+        budget.stop_alarms()
+        if _user_fixable(error):
+            message = str(error)
+            log.error("startup failed after %.1f s: %s", budget.elapsed(), message)
+        else:
+            first_line = (str(error).splitlines() or [""])[0][:300]
+            message = (
+                f"startup failed unexpectedly ({type(error).__name__}: {first_line}); the worker log has the traceback"
+            )
+            log.exception("startup failed unexpectedly after %.1f s", budget.elapsed())
+        return Started(failed_init_handler(message), 1, lambda: None)
+    budget.ready()
+    return Started(make_handler(engine, settings, on_unhealthy), settings.max_concurrency, engine.close)
+
+
+def main(env: Mapping[str, str] = os.environ, argv: list[str] = sys.argv) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # For a generator handler the SDK ignores a returned "refresh_worker"; it stops the worker after a job only
-    # when its config says so (rp_job.handle_job), so the guard sets it there.
+    # when its config says so (rp_job.handle_job), so the out-of-memory guard sets it there.
     config: dict[str, Any] = {"return_aggregate_stream": True}
-    handler = make_handler(engine, settings, on_unhealthy=lambda: config.update(refresh_worker=True))
+    started = start_worker(env, on_unhealthy=lambda: config.update(refresh_worker=True))
 
     from .local import LocalJobError, local_job, run_local
 
     try:
-        job = local_job(argv, settings)
+        job = local_job(argv, deployed=is_deployed(env))
     except LocalJobError as error:
         log.error("%s", error)
         sys.exit(1)
     if job is not None:
-        exit_code = asyncio.run(run_local(handler, job))
-        engine.close()
+        exit_code = asyncio.run(run_local(started.handler, job))
+        started.close()
         sys.exit(exit_code)
 
-    import runpod
-
-    concurrency = settings.max_concurrency
-    config["handler"] = handler
+    runpod = import_runpod()
+    config["handler"] = started.handler
     # Called on every fetch loop; a constant, since the SDK only resizes its queue when idle.
-    config["concurrency_modifier"] = lambda current: concurrency
+    config["concurrency_modifier"] = lambda current: started.concurrency
     runpod.serverless.start(config)
