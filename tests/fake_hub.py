@@ -16,8 +16,13 @@ COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
 class FakeHub:
-    def __init__(self, repo_id: str, folder: Path, weights_bytes_per_s: float | None = None) -> None:
+    def __init__(
+        self, repo_id: str, folder: Path, weights_bytes_per_s: float | None = None, fail_files_with: int | None = None
+    ) -> None:
         self.repo_id = repo_id
+        # When set, every file download answers this HTTP status, with the request's Authorization header
+        # echoed in the body, as a careless server or proxy might: the worker must never repeat it.
+        self.fail_files_with = fail_files_with
         self.files = {p.name: p for p in sorted(folder.iterdir()) if p.is_file()}
         self.rate = weights_bytes_per_s
         self.requests: list[str] = []
@@ -57,12 +62,23 @@ class FakeHub:
         prefix = f"/{self.repo_id}/resolve/"
         if path.startswith(prefix):
             name = path[len(prefix) :].split("/", 1)[1]
+            if name in self.files and self.fail_files_with is not None:
+                return self._echo_failure(request, body)
             if name in self.files:
                 return self._file(request, self.files[name], body)
         request.send_response(404)
         request.send_header("X-Error-Code", "EntryNotFound")
         request.send_header("Content-Length", "0")
         request.end_headers()
+
+    def _echo_failure(self, request: BaseHTTPRequestHandler, body: bool) -> None:
+        data = f"refused: {request.headers.get('Authorization', '')}".encode()
+        request.send_response(self.fail_files_with)
+        request.send_header("Content-Length", str(len(data)))
+        request.send_header("X-Error-Message", f"refused: {request.headers.get('Authorization', '')}")
+        request.end_headers()
+        if body:
+            request.wfile.write(data)
 
     def _tree_entry(self, name: str) -> dict:
         data = self.files[name].read_bytes()

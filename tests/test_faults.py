@@ -102,3 +102,101 @@ def test_an_openai_job_out_of_memory_gets_an_openai_server_error(engine, tiny_mo
     [item] = run(handler, {"openai_route": "/v1/completions", "openai_input": body})
     error = json.loads(item["error"])["error"]
     assert (error["type"], error["code"]) == ("server_error", "out_of_memory")
+
+
+# Damaged and incomplete model folders: one actionable line at startup, served to every job, no crash loop.
+
+
+def startup_error(env: dict) -> str:
+    import json as json_
+
+    from worker_transformers.worker import start_worker
+
+    started = start_worker(env)
+    try:
+        [item] = run(started.handler, {"prompt": "x"})
+    finally:
+        started.close()
+    assert set(item) == {"error"}, f"startup did not fail: {json_.dumps(item)[:200]}"
+    return item["error"]
+
+
+def copy_model(source, target):
+    import shutil
+
+    shutil.copytree(source, target)
+    return target
+
+
+def test_a_model_without_its_tokenizer_says_the_copy_is_incomplete(tiny_model_dir, tmp_path):
+    folder = copy_model(tiny_model_dir, tmp_path / "model")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (folder / name).unlink()
+    error = startup_error({"MODEL_NAME": str(folder)})
+    assert error.startswith(f"{folder}: {folder} has no tokenizer")
+    assert "fetch the model again" in error
+
+
+def bake(tiny_model_dir, tmp_path):
+    """A baked folder as builder/fetch_model.py writes it: the files and a manifest with sizes and hashes."""
+    from worker_transformers.model_files import model_files, sha256, write_manifest
+
+    folder = copy_model(tiny_model_dir, tmp_path / "models")
+    files = [
+        {"path": name, "size": (folder / name).stat().st_size, "sha256": sha256(folder / name)}
+        for name in model_files(folder)
+    ]
+    write_manifest(folder, "Org/Baked", "abc", files)
+    return folder, {"MODEL_NAME": "Org/Baked", "MODEL_SOURCE": "baked", "BAKED_MODEL_DIR": str(folder)}
+
+
+def test_a_baked_file_of_the_wrong_size_is_refused_with_what_the_manifest_says(tiny_model_dir, tmp_path):
+    folder, env = bake(tiny_model_dir, tmp_path)
+    with (folder / "model.safetensors").open("ab") as weights:
+        weights.write(b"extra")
+    error = startup_error(env)
+    assert "model.safetensors is" in error and "the manifest says" in error
+    assert f"baked: {folder}" in error
+
+
+def test_a_baked_file_whose_hash_differs_is_refused_when_verifying(tiny_model_dir, tmp_path):
+    folder, env = bake(tiny_model_dir, tmp_path)
+    weights = folder / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # same size, one bit pattern changed: only the hash can tell
+    weights.write_bytes(bytes(data))
+    error = startup_error({**env, "VERIFY_WEIGHTS": "true"})
+    assert error == (
+        f"Org/Baked: {weights} does not match the sha256 in {folder / 'manifest.json'}; the copy is damaged: "
+        "rebuild the image (baked) or delete the folder so it is filled again (volume)"
+    )
+
+
+def pickle_only_model(tiny_model_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    folder = copy_model(tiny_model_dir, tmp_path / "pickled")
+    state = load_file(folder / "model.safetensors")
+    (folder / "model.safetensors").unlink()
+    torch.save(state, folder / "pytorch_model.bin")
+    return folder
+
+
+def test_pickle_weights_are_refused_unless_allowed(tiny_model_dir, tmp_path):
+    folder = pickle_only_model(tiny_model_dir, tmp_path)
+    error = startup_error({"MODEL_NAME": str(folder)})
+    assert "has only pickle weights (pytorch_model.bin)" in error and "ALLOW_PICKLE_WEIGHTS=true" in error
+
+
+def test_pickle_weights_load_when_allowed_and_answer_like_their_safetensors_twin(tiny_model_dir, tmp_path, tiny_engine):
+    from worker_transformers.schema import parse_request
+    from worker_transformers.worker import start_worker
+
+    folder = pickle_only_model(tiny_model_dir, tmp_path)
+    started = start_worker({"MODEL_NAME": str(folder), "ALLOW_PICKLE_WEIGHTS": "true"})
+    try:
+        [answer] = run(started.handler, JOB)
+    finally:
+        started.close()
+    assert answer["usage"]["completion_tokens"] == 5
+    assert answer["text"] == tiny_engine.generate(parse_request(JOB, 64))["text"]

@@ -38,7 +38,8 @@ def write_cache_snapshot(cache: Path, repo_id: str, commit: str, ref: str | None
     blobs.mkdir(parents=True, exist_ok=True)
     snapshot = repo / "snapshots" / commit
     snapshot.mkdir(parents=True)
-    for name, content in {"config.json": b'{"model_type": "llama"}', "model.safetensors": b"w" + commit.encode()}.items():
+    files = {"config.json": b'{"model_type": "llama"}', "tokenizer.json": b"{}", "model.safetensors": b"w" + commit.encode()}
+    for name, content in files.items():
         blob = blobs / f"{name}-{commit}"
         blob.write_bytes(content)
         (snapshot / name).symlink_to(Path("..", "..", "blobs", blob.name))
@@ -264,3 +265,10 @@ def test_light_modules_do_not_import_torch():
     code += "sys.exit('torch' in sys.modules or 'transformers' in sys.modules)"
     src = str(Path(__file__).resolve().parents[1] / "src")
     assert subprocess.run([sys.executable, "-c", code], env={"PYTHONPATH": src}).returncode == 0
+
+
+def test_a_config_that_is_not_json_is_refused_as_damaged(env):
+    folder = write_model(env.tmp / "broken")
+    (folder / "config.json").write_text('{"model_type": "llama",')
+    with pytest.raises(UnsupportedWeights, match=r"config.json is not valid JSON .*the copy is damaged: fetch it again"):
+        resolve(env(MODEL_NAME=str(folder)))

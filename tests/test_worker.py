@@ -200,13 +200,14 @@ def test_startup_returns_a_working_handler_and_logs_the_timeline(tiny_model_dir,
 
 def test_an_unexpected_startup_fault_is_logged_with_its_traceback_and_answered(tiny_model_dir, tmp_path, caplog):
     folder = copy_model(tiny_model_dir, tmp_path / "model")
-    (folder / "config.json").write_text("{not json")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "num_attention_heads": "four"}))  # valid JSON, nonsense
     with caplog.at_level(logging.ERROR):
         handler = start_worker({"MODEL_NAME": str(folder)}).handler
     [record] = [r for r in caplog.records if r.exc_info]
     assert record.getMessage().startswith("startup failed unexpectedly after")
     error = sdk_run(handler, {"prompt": "Hello"})["error"]
-    assert error.startswith("startup failed unexpectedly (JSONDecodeError: ")
+    assert error.startswith("startup failed unexpectedly (") and "num_attention_heads" in error
     assert error.endswith("the worker log has the traceback")
 
 

@@ -20,6 +20,7 @@ DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 MODEL_SOURCES = ("auto", "baked", "cached", "volume", "hub")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 DEVICES = ("auto", "cuda", "cpu")
+SDK_LOG_LEVELS = ("error", "warn", "info", "debug")
 
 _TRUE = ("true", "1", "yes", "on")
 _FALSE = ("false", "0", "no", "off")
@@ -174,6 +175,25 @@ class Settings:
         _flag,
         "Load the weights straight into an empty model when the checkpoint allows it; `false` always uses "
         "`from_pretrained`",
+    )
+    allow_pickle_weights: bool = setting(
+        "ALLOW_PICKLE_WEIGHTS",
+        "false",
+        _flag,
+        "Load `.bin`/`.pt` weights when a model has no safetensors; unpickling can run code: only for models "
+        "you trust",
+    )
+    verify_weights: bool = setting(
+        "VERIFY_WEIGHTS",
+        "false",
+        _flag,
+        "Check every file's sha256 against `manifest.json` at startup (baked and volume models); reads every byte",
+    )
+    runpod_log_level: str = setting(
+        "RUNPOD_LOG_LEVEL",
+        "info",
+        _choice(*SDK_LOG_LEVELS),
+        "The runpod SDK's log level; at `debug` it logs every job's output, so prompts' answers reach the logs",
     )
     hf_token: Secret | None = setting(
         "HF_TOKEN", None, _secret, "Hugging Face token, for private or gated models"

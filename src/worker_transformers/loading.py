@@ -76,7 +76,7 @@ def load_model(location: ModelLocation, settings: Settings, files: list[WeightFi
     started = time.monotonic()
     try:
         model, how = None, "from_pretrained"
-        if settings.fast_load:
+        if settings.fast_load and files:  # no files: pickle weights, from_pretrained's alone
             try:
                 model, how = placement.load_fast(location.path, files, device, dtype), "fast path"
             except placement.NotEligible as why:

@@ -94,3 +94,11 @@ def why_incomplete(folder: Path, model_id: str, revision: str | None) -> str | N
         if size != entry["size"]:
             return f"{entry['path']} is {'missing' if size is None else f'{size} bytes'}, the manifest says {entry['size']}"
     return None
+
+
+def hash_mismatch(folder: Path) -> str | None:
+    """The first file whose sha256 differs from the manifest's (None: all match). Reads every byte."""
+    for entry in (read_manifest(folder) or {}).get("files", []):
+        if entry.get("sha256") and sha256(folder / entry["path"]) != entry["sha256"]:
+            return entry["path"]
+    return None

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import Settings
-from .model_files import MANIFEST
+from .model_files import MANIFEST, hash_mismatch, why_incomplete
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +37,27 @@ class UnsupportedWeights(Exception):
     """The folder holds the model, but not in a form this worker loads (pickle weights, missing shards)."""
 
 
-def check_model_folder(path: Path, model_id: str) -> None:
-    """Raise UnsupportedWeights unless `path` holds a config and complete safetensors weights."""
-    if not (path / "config.json").is_file():
-        raise UnsupportedWeights(f"{model_id}: {path} has no config.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def check_model_folder(path: Path, model_id: str, allow_pickle: bool = False) -> None:
+    """Raise UnsupportedWeights unless `path` holds a readable config, tokenizer files and complete
+    safetensors weights (or, with `allow_pickle`, pickle weights)."""
+    config = path / "config.json"
+    if not config.is_file():
+        raise UnsupportedWeights(f"{model_id}: {path} has no config.json; the copy is incomplete: fetch it again")
+    try:
+        if not isinstance(json.loads(config.read_text()), dict):
+            raise ValueError("not a JSON object")
+    except (ValueError, UnicodeDecodeError) as error:
+        raise UnsupportedWeights(
+            f"{model_id}: {config} is not valid JSON ({error}); the copy is damaged: fetch it again"
+        ) from None
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise UnsupportedWeights(
+            f"{model_id}: {path} has no tokenizer ({', '.join(TOKENIZER_FILES)}); the copy is incomplete: "
+            "fetch the model again with its tokenizer files"
+        )
     index = path / "model.safetensors.index.json"
     if index.is_file():
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -53,14 +70,21 @@ def check_model_folder(path: Path, model_id: str) -> None:
         return
     if any(path.glob("*.safetensors")):
         return
-    pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    pickles = pickle_weights(path)
+    if pickles and allow_pickle:
+        log.warning("%s: loading pickle weights (%s), as ALLOW_PICKLE_WEIGHTS allows", model_id, ", ".join(pickles))
+        return
     if pickles:
         raise UnsupportedWeights(
             f"{model_id}: {path} has only pickle weights ({', '.join(pickles)}), which can run arbitrary code "
-            "when loaded; this worker loads safetensors only: choose a revision with .safetensors files or "
-            "convert the weights with safetensors' convert script"
+            "when loaded; this worker loads safetensors: choose a revision with .safetensors files, convert "
+            "the weights with safetensors' convert script, or set ALLOW_PICKLE_WEIGHTS=true if you trust them"
         )
     raise UnsupportedWeights(f"{model_id}: {path} has no .safetensors weights")
+
+
+def pickle_weights(path: Path) -> list[str]:
+    return sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
 
 
 class _Search:
@@ -75,24 +99,27 @@ class _Search:
         if path is None or not path.is_dir():
             self.tried.append(f"{source}: {path if path is not None else '-'} ({why_not})")
             return None
-        check_model_folder(path, self.settings.model_name)
+        check_model_folder(path, self.settings.model_name, self.settings.allow_pickle_weights)
         return ModelLocation(path, source, self.settings.model_name, self.settings.model_revision)
 
 
 def _baked(search: _Search) -> ModelLocation | None:
-    folder = search.settings.baked_model_dir
-    manifest = folder / MANIFEST
-    if not manifest.is_file():
-        search.tried.append(f"baked: {folder} (no {MANIFEST})")
+    return _with_manifest(search, "baked", search.settings.baked_model_dir)
+
+
+def _with_manifest(search: _Search, source: str, folder: Path) -> ModelLocation | None:
+    """A folder that is complete only with its manifest (written last): the baked one, a volume's."""
+    settings = search.settings
+    why_not = why_incomplete(folder, settings.model_name, settings.model_revision)
+    if why_not is not None:
+        search.tried.append(f"{source}: {folder} ({why_not})")
         return None
-    baked = json.loads(manifest.read_text())
-    wanted = (search.settings.model_name, search.settings.model_revision)
-    if baked.get("model_id") != wanted[0] or (wanted[1] and baked.get("revision") != wanted[1]):
-        search.tried.append(
-            f"baked: {folder} holds {baked.get('model_id')}@{baked.get('revision')}, not {wanted[0]}@{wanted[1] or 'any'}"
+    if settings.verify_weights and (mismatch := hash_mismatch(folder)):
+        raise UnsupportedWeights(
+            f"{settings.model_name}: {folder / mismatch} does not match the sha256 in {folder / MANIFEST}; the copy "
+            "is damaged: rebuild the image (baked) or delete the folder so it is filled again (volume)"
         )
-        return None
-    return search.found("baked", folder)
+    return search.found(source, folder)
 
 
 def hf_snapshot(cache_dir: Path, repo_id: str, revision: str | None, newest_if_no_ref: bool) -> Path | None:
@@ -128,17 +155,12 @@ def _cached(search: _Search) -> ModelLocation | None:
 
 def _volume(search: _Search) -> ModelLocation | None:
     from . import volume
-    from .model_files import why_incomplete
 
     settings = search.settings
     folder = volume.model_folder(settings)
     if not folder.exists() and volume.fill_allowed(settings):
         volume.fill(settings, search.download)
-    why_not = why_incomplete(folder, settings.model_name, settings.model_revision)
-    if why_not is not None:  # only a folder with its manifest (written last) is complete
-        search.tried.append(f"volume: {folder} ({why_not})")
-        return None
-    return search.found("volume", folder)
+    return _with_manifest(search, "volume", folder)
 
 
 def _local_cache(search: _Search) -> ModelLocation | None:

@@ -41,7 +41,8 @@ def setup(settings: Settings, budget: InitBudget | None = None):
     budget = budget or InitBudget(settings.init_timeout_s)
     with budget.phase("resolve"):
         location = resolve(settings, download=lambda s: download_from_hub(s, budget))
-        files = weights.inspect(location.path, location.model_id)
+        # No safetensors files: pickle weights, which sources let through only with ALLOW_PICKLE_WEIGHTS.
+        files = weights.inspect(location.path, location.model_id) if weights.weight_paths(location.path) else []
     log.info("model %s found: %s at %s", location.model_id, location.source, location.path)
     reading = prefetch.start([f.path for f in files], budget)
     try:
@@ -146,6 +147,14 @@ def failed_init_handler(message: str) -> Handler:
     return handler
 
 
+def quiet_runpod_logs(level: str) -> None:
+    """The SDK logs at DEBUG unless told otherwise, and at DEBUG it logs every job's output; this worker
+    runs it at RUNPOD_LOG_LEVEL (info by default), so answers stay out of the logs."""
+    from runpod.serverless.modules.rp_logger import RunPodLogger
+
+    RunPodLogger().level = level.upper()
+
+
 def import_runpod():
     """Import the runpod SDK without its one-second processor probe. At import, runpod's rp_debugger calls
     py-cpuinfo's get_cpu_info(), which runs a second Python process, for one field of `--rp_debugger`
@@ -195,6 +204,7 @@ class Started:
     handler: Handler
     concurrency: int
     close: Callable[[], None]
+    sdk_log_level: str = "info"
 
 
 def start_worker(env: Mapping[str, str], on_unhealthy: Callable[[], None] = lambda: None) -> Started:
@@ -219,9 +229,10 @@ def start_worker(env: Mapping[str, str], on_unhealthy: Callable[[], None] = lamb
                 f"startup failed unexpectedly ({type(error).__name__}: {first_line}); the worker log has the traceback"
             )
             log.exception("startup failed unexpectedly after %.1f s", budget.elapsed())
-        return Started(failed_init_handler(message), 1, lambda: None)
+        return Started(failed_init_handler(message), 1, lambda: None, settings.runpod_log_level)
     budget.ready()
-    return Started(make_handler(engine, settings, on_unhealthy), settings.max_concurrency, engine.close)
+    handler = make_handler(engine, settings, on_unhealthy)
+    return Started(handler, settings.max_concurrency, engine.close, settings.runpod_log_level)
 
 
 def main(env: Mapping[str, str] = os.environ, argv: list[str] = sys.argv) -> None:
@@ -244,6 +255,7 @@ def main(env: Mapping[str, str] = os.environ, argv: list[str] = sys.argv) -> Non
         sys.exit(exit_code)
 
     runpod = import_runpod()
+    quiet_runpod_logs(started.sdk_log_level)
     config["handler"] = started.handler
     # Called on every fetch loop; a constant, since the SDK only resizes its queue when idle.
     config["concurrency_modifier"] = lambda current: started.concurrency
