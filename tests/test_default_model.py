@@ -3,14 +3,11 @@ and the real runpod local API server in front of it."""
 
 import json
 import os
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import requests
+from api_server import api_server as serve
 
 from worker_transformers.config import DEFAULT_MODEL, Settings
 
@@ -32,43 +29,10 @@ def test_the_default_model_knows_the_capital_of_france(default_model_path):
     assert out["model"] == DEFAULT_MODEL
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def api_server(default_model_path):
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "handler.py", "--rp_serve_api", "--rp_api_port", str(port), "--rp_api_host", "127.0.0.1"],
-        cwd=ROOT,
-        env={**os.environ, "MODEL_NAME": DEFAULT_MODEL},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                pytest.fail(f"the API server exited with {proc.returncode} before it answered")
-            try:
-                requests.get(f"{url}/docs", timeout=1)
-                break
-            except requests.ConnectionError:
-                time.sleep(0.5)
-        else:
-            pytest.fail("the API server did not answer within 180 s")
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    with serve({"MODEL_NAME": DEFAULT_MODEL}) as server:
+        yield server.url
 
 
 def test_runsync_on_the_local_api_server_answers_paris(api_server):

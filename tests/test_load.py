@@ -6,23 +6,19 @@ The tiny model runs in float32, where batched greedy decoding equals one-at-a-ti
 reference is the same jobs run one by one in this process.
 """
 
-import os
 import random
-import socket
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import requests
+from api_server import api_server
 
 from worker_transformers.schema import parse_request
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
 JOBS, CONCURRENCY, WARMUP = 500, 32, 64
 RSS_GROWTH_LIMIT_MB = 64  # after warm-up; a leak of one KV cache or one request per job would pass it within ~100 jobs
 PROMPTS = ["Hello world", "The capital of France is", "one, two, three", "A small model says", "Stop here, then"]
@@ -50,12 +46,6 @@ def make_jobs(seed: int = 1234) -> list[dict]:
     return jobs
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -65,41 +55,15 @@ def rss_mb(pid: int) -> float:
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir):
-    port = free_port()
     env = {
-        **os.environ,
         "MODEL_NAME": str(tiny_model_dir),
         "MAX_CONCURRENCY": str(CONCURRENCY),
         "MAX_NEW_TOKENS": "64",
         "MAX_INPUT_TOKENS": "512",
         "RUNPOD_LOG_LEVEL": "WARN",
     }
-    proc = subprocess.Popen(
-        [sys.executable, "handler.py", "--rp_serve_api", "--rp_api_port", str(port), "--rp_api_host", "127.0.0.1"],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, "the API server exited"
-            assert time.monotonic() < deadline, "the API server did not answer within 120 s"
-            try:
-                requests.get(f"{url}/docs", timeout=1)
-                break
-            except requests.ConnectionError:
-                time.sleep(0.3)
-        yield url, proc.pid
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    with api_server(env, start_timeout_s=120) as server:
+        yield server.url, server.proc.pid
 
 
 def test_500_jobs_at_concurrency_32_none_lost_all_right_memory_flat(server, tiny_engine):

@@ -56,36 +56,15 @@ def test_a_worker_whose_download_fails_shows_neither_token_nor_traceback(tiny_mo
 
 
 def serve_one_job(tiny_model_dir, log_level: str | None) -> tuple[str, str]:
-    """Start the real local API server, run one job, stop it: (the job's answer, everything the server printed)."""
-    import socket
-    import time
-
+    """Run one job on the real local API server: (the job's answer, everything the server printed)."""
     import requests
+    from api_server import api_server
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "MODEL_NAME": str(tiny_model_dir)}
-    env.pop("RUNPOD_LOG_LEVEL", None)
-    if log_level:
-        env["RUNPOD_LOG_LEVEL"] = log_level
-    proc = subprocess.Popen(
-        [sys.executable, "handler.py", "--rp_serve_api", "--rp_api_port", str(port), "--rp_api_host", "127.0.0.1"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
-    try:
-        for _ in range(240):
-            try:
-                requests.get(f"http://127.0.0.1:{port}/docs", timeout=1)
-                break
-            except requests.ConnectionError:
-                time.sleep(0.5)
+    env = {"MODEL_NAME": str(tiny_model_dir), "RUNPOD_LOG_LEVEL": log_level}
+    with api_server(env, capture=True) as server:
         job = {"input": {"prompt": "The capital of France is", "max_new_tokens": 24, "temperature": 0}}
-        [answer] = requests.post(f"http://127.0.0.1:{port}/runsync", json=job, timeout=60).json()["output"]
-    finally:
-        proc.terminate()
-        output, _ = proc.communicate(timeout=30)
-    return answer["text"], output
+        [answer] = requests.post(f"{server.url}/runsync", json=job, timeout=60).json()["output"]
+    return answer["text"], server.output()
 
 
 @pytest.mark.slow

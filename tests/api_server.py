@@ -1,0 +1,69 @@
+"""The runpod SDK's real local API server (`python handler.py --rp_serve_api`) in a subprocess, for tests."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Server:
+    url: str
+    proc: subprocess.Popen
+
+    def output(self) -> str:
+        """Everything the server printed (only when started with capture=True, and once it has stopped)."""
+        return self.proc.stdout.read() if self.proc.stdout else ""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def api_server(env: dict[str, str | None], capture: bool = False, start_timeout_s: float = 180) -> Iterator[Server]:
+    """Start the server with os.environ plus `env` (None: unset) on a free port of 127.0.0.1, wait until it
+    answers, and stop it afterwards. With `capture`, its stdout and stderr are kept for Server.output()."""
+    port = free_port()
+    full_env = {**os.environ, **env}
+    for name in [name for name, value in full_env.items() if value is None]:
+        del full_env[name]
+    sink = subprocess.PIPE if capture else subprocess.DEVNULL
+    proc = subprocess.Popen(
+        [sys.executable, "handler.py", "--rp_serve_api", "--rp_api_port", str(port), "--rp_api_host", "127.0.0.1"],
+        cwd=ROOT, env=full_env, stdout=sink, stderr=subprocess.STDOUT if capture else sink, text=True,
+    )  # fmt: skip
+    server = Server(f"http://127.0.0.1:{port}", proc)
+    try:
+        deadline = time.monotonic() + start_timeout_s
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"the API server exited with {proc.returncode} before it answered")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the API server did not answer within {start_timeout_s:.0f} s")
+            try:
+                requests.get(f"{server.url}/docs", timeout=1)
+                break
+            except requests.ConnectionError:
+                time.sleep(0.3)
+        yield server
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
