@@ -227,3 +227,24 @@ def test_runpod_is_imported_without_its_processor_probe_and_still_names_the_proc
         text=True,
     )
     assert proc.stdout.strip() == "True", proc.stderr
+
+
+@pytest.mark.slow
+def test_sigterm_during_startup_ends_the_worker_at_once(default_model_path):
+    """As a container's PID 1 a process gets only the signals it handles; exiting with 143 (128 + SIGTERM)
+    rather than dying of the signal shows the worker handles SIGTERM from its first moments."""
+    import signal
+    import time
+
+    proc = subprocess.Popen(
+        [sys.executable, "handler.py", "--test_input", '{"input": {"prompt": "x"}}'],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    for line in proc.stdout:  # wait until startup is under way
+        if "found:" in line:
+            break
+    started = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=30)
+    assert proc.returncode == 143
+    assert time.monotonic() - started < 10

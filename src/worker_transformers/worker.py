@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import sys
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
@@ -235,8 +236,15 @@ def start_worker(env: Mapping[str, str], on_unhealthy: Callable[[], None] = lamb
     return Started(handler, settings.max_concurrency, engine.close, settings.runpod_log_level)
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main(env: Mapping[str, str] = os.environ, argv: list[str] = sys.argv) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # As a container's PID 1, Python is sent no SIGTERM it has no handler for, and the SDK installs its own
+    # only once it takes jobs: without this, a worker stopped while loading waits for the SIGKILL.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     # For a generator handler the SDK ignores a returned "refresh_worker"; it stops the worker after a job only
     # when its config says so (rp_job.handle_job), so the out-of-memory guard sets it there.
     config: dict[str, Any] = {"return_aggregate_stream": True}
