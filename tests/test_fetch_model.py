@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from fake_hub import FakeHub
 
 from worker_transformers.model_files import MANIFEST, sha256
 
@@ -147,95 +148,14 @@ def test_the_token_comes_from_the_buildkit_secret_before_the_environment(tmp_pat
     assert fetch_model.read_token() is None
 
 
-class FakeHubServer:
-    """A local stand-in for the Hub's three endpoints that fetch_model uses: the model's file list with sizes
-    and hashes, and each file's HEAD and GET. It can fail a file's first GET with HTTP 500, serve damaged
-    bytes, and records the Authorization headers it was sent."""
-
-    COMMIT = "0123456789abcdef0123456789abcdef01234567"
-
-    def __init__(self, folder: Path):
-        self.files = {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
-        self.fail_first_get: set[str] = set()
-        self.damaged: set[str] = set()
-        self.gets: list[str] = []
-        self.authorizations: set[str] = set()
-
-    def sibling(self, name: str) -> dict:
-        import hashlib
-
-        data = self.files[name]
-        if name.endswith(".safetensors"):  # weights are LFS files, known by their sha256
-            lfs = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 130}
-            return {"rfilename": name, "size": len(data), "blobId": "0" * 40, "lfs": lfs}
-        blob = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
-        return {"rfilename": name, "size": len(data), "blobId": blob}
-
-    def handler(self):
-        hub = self
-        from http.server import BaseHTTPRequestHandler
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def send(self, status: int, body: bytes = b"", headers: dict | None = None, head: bool = False):
-                self.send_response(status)
-                for key, value in {"Content-Length": str(len(body)), **(headers or {})}.items():
-                    self.send_header(key, value)
-                self.end_headers()
-                if not head:
-                    self.wfile.write(body)
-
-            def serve(self, head: bool):
-                path = self.path.split("?")[0]
-                if MODEL in path:  # huggingface_hub also asks the Hub things of its own, without a token
-                    hub.authorizations.add(self.headers.get("Authorization", ""))
-                if path in (f"/api/models/{MODEL}", f"/api/models/{MODEL}/revision/main"):
-                    info = {"id": MODEL, "sha": hub.COMMIT, "siblings": [hub.sibling(n) for n in hub.files]}
-                    return self.send(200, json.dumps(info).encode(), {"Content-Type": "application/json"}, head)
-                prefix = f"/{MODEL}/resolve/{hub.COMMIT}/"
-                name = path.removeprefix(prefix)
-                if not path.startswith(prefix) or name not in hub.files:
-                    return self.send(404, b"not found", {"X-Error-Code": "EntryNotFound"}, head)
-                if not head:
-                    hub.gets.append(name)
-                    if name in hub.fail_first_get and hub.gets.count(name) == 1:
-                        return self.send(500, b"try again")
-                data = hub.files[name]
-                if name in hub.damaged and not head:
-                    data = bytes(len(data))
-                sibling = hub.sibling(name)
-                etag = sibling["lfs"]["sha256"] if "lfs" in sibling else sibling["blobId"]
-                headers = {"X-Repo-Commit": hub.COMMIT, "ETag": f'"{etag}"'}
-                self.send(200, data, headers, head)
-
-            def do_HEAD(self):
-                self.serve(head=True)
-
-            def do_GET(self):
-                self.serve(head=False)
-
-        return Handler
-
-
 @pytest.fixture
 def fake_hub(tiny_model_dir):
-    import threading
-    from http.server import ThreadingHTTPServer
-
-    hub = FakeHubServer(tiny_model_dir)
-    server = ThreadingHTTPServer(("127.0.0.1", 0), hub.handler())
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    hub.endpoint = f"http://127.0.0.1:{server.server_address[1]}"
-    yield hub
-    server.shutdown()
-    server.server_close()
+    with FakeHub(MODEL, tiny_model_dir) as hub:
+        yield hub
 
 
 def run_against(hub, tmp_path, *args, token="hf_madeUpTokenForTheFakeHub"):
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "HF_ENDPOINT": hub.endpoint, "HF_TOKEN": token}
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "HF_ENDPOINT": hub.url, "HF_TOKEN": token}
     return run(MODEL, "--out", tmp_path / "models", *args, env=env, timeout=120)
 
 
@@ -267,7 +187,7 @@ def test_damaged_bytes_from_the_hub_are_refused_and_nothing_looks_complete(fake_
 
 
 def test_a_model_missing_on_the_hub_fails_in_one_line(fake_hub, tmp_path):
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "HF_ENDPOINT": fake_hub.endpoint}
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "HF_ENDPOINT": fake_hub.url}
     result = run("Org/Other-Model", "--out", tmp_path / "models", env=env, timeout=60)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1].startswith("fetch_model: Org/Other-Model")

@@ -23,7 +23,7 @@ from worker_transformers.volume import LOCKS, STAGING, VolumeFillError
 MODEL = "Org/Some-Model"
 
 
-class FakeHub:
+class CopyingDownloader:
     """Stands in for download_from_hub: copies `source` into settings.hf_hub_cache as a cache snapshot, and
     records each call in a file (so calls from other processes count too)."""
 
@@ -66,7 +66,7 @@ def env(tmp_path):
 
 @pytest.fixture
 def hub(tiny_model_dir, tmp_path):
-    return FakeHub(tiny_model_dir, tmp_path / "downloads.log")
+    return CopyingDownloader(tiny_model_dir, tmp_path / "downloads.log")
 
 
 def test_a_missing_model_is_downloaded_into_the_volume_with_its_manifest(env, hub, tiny_model_dir):
@@ -106,7 +106,7 @@ def _resolve_in_worker(settings, hub, results):
 
 
 def test_workers_starting_together_download_once(env, tiny_model_dir, tmp_path):
-    slow_hub = FakeHub(tiny_model_dir, tmp_path / "downloads.log", delay=0.2)
+    slow_hub = CopyingDownloader(tiny_model_dir, tmp_path / "downloads.log", delay=0.2)
     context = multiprocessing.get_context("fork")
     results = context.Queue()
     workers = [context.Process(target=_resolve_in_worker, args=(env(), slow_hub, results)) for _ in range(4)]
@@ -121,7 +121,7 @@ def test_workers_starting_together_download_once(env, tiny_model_dir, tmp_path):
 
 def test_an_interrupted_download_leaves_nothing_that_looks_complete(env, tiny_model_dir, tmp_path):
     settings = env()
-    broken = FakeHub(tiny_model_dir, tmp_path / "downloads.log", fail_after=2)
+    broken = CopyingDownloader(tiny_model_dir, tmp_path / "downloads.log", fail_after=2)
     with pytest.raises(VolumeFillError) as caught:
         resolve(settings, download=broken)
     assert str(settings.volume_model_dir / MODEL) in str(caught.value)
@@ -129,7 +129,7 @@ def test_an_interrupted_download_leaves_nothing_that_looks_complete(env, tiny_mo
     assert not (settings.volume_model_dir / MODEL).exists()
     assert list((settings.volume_model_dir / STAGING).iterdir()) == []
     # the lock was released: the next worker fills the volume
-    working = FakeHub(tiny_model_dir, tmp_path / "downloads.log")
+    working = CopyingDownloader(tiny_model_dir, tmp_path / "downloads.log")
     assert resolve(settings, download=working).source == "volume"
 
 
@@ -152,7 +152,7 @@ def test_a_folder_another_machine_finished_first_is_used(env, tiny_model_dir, tm
         shutil.copytree(tiny_model_dir, folder)
         entries = [{"path": p.name, "size": p.stat().st_size, "sha256": sha256(p)} for p in sorted(folder.iterdir())]
         write_manifest(folder, MODEL, None, entries)
-        return FakeHub(tiny_model_dir, tmp_path / "downloads.log")(s)
+        return CopyingDownloader(tiny_model_dir, tmp_path / "downloads.log")(s)
 
     location = resolve(settings, download=racing_hub)
     assert location.path == folder
