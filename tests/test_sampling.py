@@ -20,6 +20,7 @@ def sampler(**fields) -> Sampler:
         {"temperature": 2.0, "top_p": 1e-300},
         {"temperature": 1.0, "repetition_penalty": 1e-300},
         {"temperature": 1.0, "repetition_penalty": 1e300},
+        {"temperature": 1.0, "repetition_penalty": 3.4028235677973366e38},  # inf once rounded to float32
         {"temperature": 0.5, "top_k": 2**62},
         {"temperature": 1.0, "top_k": 1},
     ],
@@ -27,6 +28,7 @@ def sampler(**fields) -> Sampler:
 def test_extreme_settings_still_pick_a_token(fields):
     torch.manual_seed(0)
     logits = torch.randn(VOCAB) * 20
+    logits[0] = 0.0  # a seen token whose logit is exactly 0: 0 x an infinite penalty would be nan
     seen = torch.arange(0, VOCAB, 3)
     token = sampler(seed=1, **fields).pick(logits, seen)
     assert 0 <= token < VOCAB

@@ -11,6 +11,7 @@ import torch
 from .schema import GenerationRequest
 
 _FINITE = 1e30
+MAX_PENALTY = 1e4
 
 # Below this, dividing float32 logits by the temperature overflows to inf; the distribution is already
 # one-hot long before it, so sampling at this floor is indistinguishable from the temperature asked for.
@@ -23,7 +24,9 @@ class Sampler:
         self.temperature = max(request.temperature, MIN_TEMPERATURE)
         self.top_k = request.top_k
         self.top_p = request.top_p
-        self.repetition_penalty = request.repetition_penalty
+        # Past these bounds a penalty already pushes seen tokens to the edge of the distribution; inside them
+        # it stays a finite float32 (3.4e38, the schema's largest, rounds to inf and 0 x inf is nan).
+        self.repetition_penalty = min(max(request.repetition_penalty, 1 / MAX_PENALTY), MAX_PENALTY)
         self.generator: torch.Generator | None = None
         if not self.greedy:
             self.generator = torch.Generator(device=device)
