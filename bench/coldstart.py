@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from worker_transformers.config import DEFAULT_MODEL, hf_hub_cache_dir  # noqa: E402
 from worker_transformers.sources import hf_snapshot  # noqa: E402
 from worker_transformers.weights import weight_paths  # noqa: E402
-from worker_transformers.worker import processor_name  # noqa: E402
+from worker_transformers.sdk import processor_name  # noqa: E402
 
 PY = sys.executable
 JOB = json.dumps({"input": {"prompt": "Hi", "max_new_tokens": 1}})
@@ -178,7 +178,7 @@ def summarize(samples: list[dict]) -> tuple[dict, list[dict], dict]:
 def sdk_costs(runs: int) -> dict:
     """runpod's import, plain and as the worker does it, and its startup checks, in fresh processes."""
     env = {"PYTHONPATH": str(ROOT / "src")}
-    worker_import = "from worker_transformers.worker import import_runpod; import_runpod()"
+    worker_import = "from worker_transformers.sdk import import_runpod; import_runpod()"
     checks = (
         "import asyncio, time; from runpod.serverless.modules.rp_fitness import run_fitness_checks; "
         "t = time.perf_counter(); asyncio.run(run_fitness_checks()); print('checks', time.perf_counter() - t)"

@@ -15,7 +15,6 @@ import asyncio
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -179,7 +178,8 @@ def main() -> int:
     args = parser.parse_args()
     levels = sorted({int(x) for x in args.levels.split(",")} | {1})
 
-    from worker_transformers.worker import make_handler, setup
+    from worker_transformers.handlers import make_handler
+    from worker_transformers.worker import setup
 
     settings = Settings.from_env({**os.environ, "MAX_CONCURRENCY": str(max(levels))})
     engine = setup(settings)

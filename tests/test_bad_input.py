@@ -4,7 +4,6 @@ still succeeds afterwards."""
 
 import asyncio
 import json
-import re
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -14,7 +13,7 @@ from worker_transformers.config import Settings
 from worker_transformers.openai_routes import ROUTES
 from worker_transformers.openai_schema import ChatCompletionBody, CompletionBody
 from worker_transformers.schema import GenerationRequest, field_name
-from worker_transformers.worker import make_handler
+from worker_transformers.handlers import make_handler
 
 pytestmark = pytest.mark.slow
 

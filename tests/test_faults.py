@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from worker_transformers.config import Settings
-from worker_transformers.worker import OOM_LIMIT, make_handler, setup
+from worker_transformers.handlers import OOM_LIMIT, make_handler
+from worker_transformers.worker import setup
 
 
 @pytest.fixture

@@ -171,7 +171,8 @@ def test_the_tests_cover_a_prompt_a_chat_a_stream_and_an_openai_route():
 @pytest.fixture(scope="module")
 def hub_test_handler(default_model_path):
     """The worker as the Hub's test endpoint runs it: tests.json's environment and the default model."""
-    from worker_transformers.worker import make_handler, setup
+    from worker_transformers.handlers import make_handler
+    from worker_transformers.worker import setup
 
     hub_env = {item["key"]: item["value"] for item in TESTS["config"]["env"]}
     settings = Settings.from_env({**os.environ, **hub_env})

@@ -9,7 +9,7 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from pydantic import BaseModel
 
 from worker_transformers.config import Settings
-from worker_transformers.worker import make_handler
+from worker_transformers.handlers import make_handler
 
 
 @pytest.fixture(scope="module")

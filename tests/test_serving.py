@@ -8,7 +8,8 @@ import pytest
 
 from worker_transformers.config import Settings
 from worker_transformers.schema import parse_request
-from worker_transformers.worker import make_handler, setup
+from worker_transformers.handlers import make_handler
+from worker_transformers.worker import setup
 
 
 @pytest.fixture(scope="module")

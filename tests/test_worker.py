@@ -14,7 +14,8 @@ import pytest
 from runpod.serverless.modules.rp_handler import is_generator
 from runpod.serverless.modules.rp_job import run_job_generator
 
-from worker_transformers.worker import failed_init_handler, make_handler, start_worker
+from worker_transformers.handlers import failed_init_handler, make_handler
+from worker_transformers.worker import start_worker
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -214,7 +215,7 @@ def test_an_unexpected_startup_fault_is_logged_with_its_traceback_and_answered(t
 def test_runpod_is_imported_without_its_processor_probe_and_still_names_the_processor():
     code = (
         "import cpuinfo; probe = cpuinfo.get_cpu_info\n"
-        "from worker_transformers.worker import import_runpod, processor_name\n"
+        "from worker_transformers.sdk import import_runpod, processor_name\n"
         "import_runpod()\n"
         "from runpod.serverless.utils import rp_debugger\n"
         "assert cpuinfo.get_cpu_info is probe, 'the probe was not put back'\n"

@@ -1,14 +1,11 @@
-"""The worker's two phases: `setup` (once, before the first job) and the async handler (every job).
+"""Startup: everything before the first job, then handing the handler to the runpod SDK.
 
 Startup runs against RUNPOD_INIT_TIMEOUT (budget.py): find the weights, start reading them into the page
 cache, import torch, transformers and runpod while that read runs, load, warm up, then take jobs. When
 startup fails (a bad setting, no model, a download too slow, damaged weights, out of memory), the worker
 does not exit into a crash loop: it logs one line saying what to do, takes jobs anyway, and answers each
 with that line as its error, so the caller sees why.
-
-The handler is an async generator, because the runpod SDK streams only from functions written with `yield`.
-Generation happens in the batcher's thread, so the SDK's event loop keeps fetching jobs, heartbeats and
-cancellations while the model computes, and up to MAX_CONCURRENCY jobs share each forward pass.
+The handlers themselves are in handlers.py.
 """
 
 from __future__ import annotations
@@ -18,20 +15,18 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from . import prefetch, weights
 from .budget import InitBudget, InitTooSlow
 from .config import ConfigError, Settings, is_deployed
-from .schema import RequestError, parse_request
+from .handlers import Handler, failed_init_handler, make_handler
+from .sdk import import_runpod, quiet_runpod_logs
 from .sources import ModelNotFound, UnsupportedWeights, resolve
 
 log = logging.getLogger("worker_transformers")
-
-Handler = Callable[[dict[str, Any]], AsyncIterator[dict[str, Any] | str]]
 
 
 def setup(settings: Settings, budget: InitBudget | None = None):
@@ -65,125 +60,6 @@ def setup(settings: Settings, budget: InitBudget | None = None):
     finally:
         reading.stop()
     return engine
-
-
-# Out-of-memory failures in a row after which the worker asks to be replaced: one can be a burst of long
-# requests, several in a row mean this worker's device is in a bad state or too small for the traffic.
-OOM_LIMIT = 3
-
-
-class OomGuard:
-    """Counts consecutive out-of-memory failures and, past OOM_LIMIT, asks the platform for a fresh worker."""
-
-    def __init__(self, on_unhealthy: Callable[[], None]) -> None:
-        self.on_unhealthy = on_unhealthy
-        self.streak = 0
-
-    def failed(self) -> None:
-        self.streak += 1
-        if self.streak >= OOM_LIMIT:
-            log.error("%d out-of-memory failures in a row: asking the platform to replace this worker", self.streak)
-            self.on_unhealthy()
-
-    def succeeded(self) -> None:
-        self.streak = 0
-
-
-def make_handler(engine, settings: Settings, on_unhealthy: Callable[[], None] = lambda: None) -> Handler:
-    from .batcher import Done
-    from .engine import OutOfMemory
-    from .openai_routes import OpenAIRoutes, error_result, is_openai_job
-
-    openai = OpenAIRoutes(engine, settings.max_new_tokens)
-    oom = OomGuard(on_unhealthy)
-
-    async def answer(job_input: Any) -> AsyncIterator[dict[str, Any] | str]:
-        if is_openai_job(job_input):
-            async for item in openai.handle(job_input):
-                yield item
-            return
-        # Everything the caller can get wrong is checked before the first chunk: a stream's consumers never
-        # see an error yielded after it.
-        try:
-            request = parse_request(job_input, settings.max_new_tokens)
-            ids = await asyncio.to_thread(engine.prompt_ids, request)
-        except RequestError as error:
-            yield {"error": str(error)}
-            return
-        text = ""  # a whole (non-streamed) answer is gathered here
-        async for event in engine.stream(request, ids):
-            if isinstance(event, Done):
-                yield engine.response(event.text if request.stream else text + event.text, event)
-            elif request.stream:
-                yield {"text": event.text}
-            else:
-                text += event.text
-
-    async def handler(job: dict[str, Any]) -> AsyncIterator[dict[str, Any] | str]:
-        job_input = job.get("input")
-        generated = False  # a refused job says nothing about the device's health
-        try:
-            async for item in answer(job_input):
-                generated = generated or not (isinstance(item, dict) and "error" in item)
-                yield item
-        except OutOfMemory as error:
-            oom.failed()
-            if is_openai_job(job_input):
-                yield error_result(str(error), code="out_of_memory", kind="server_error")
-            else:
-                yield {"error": str(error)}
-            return
-        if generated:
-            oom.succeeded()
-
-    return handler
-
-
-def failed_init_handler(message: str) -> Handler:
-    """The handler of a worker whose startup failed: every job fails with the reason and the fix."""
-
-    async def handler(job: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        yield {"error": message}
-
-    return handler
-
-
-def quiet_runpod_logs(level: str) -> None:
-    """The SDK logs at DEBUG unless told otherwise, and at DEBUG it logs every job's output; this worker
-    runs it at RUNPOD_LOG_LEVEL (info by default), so answers stay out of the logs."""
-    from runpod.serverless.modules.rp_logger import RunPodLogger
-
-    RunPodLogger().level = level.upper()
-
-
-def import_runpod():
-    """Import the runpod SDK without its one-second processor probe. At import, runpod's rp_debugger calls
-    py-cpuinfo's get_cpu_info(), which runs a second Python process, for one field of `--rp_debugger`
-    output: the processor's name. /proc/cpuinfo gives that name at once; the probe is swapped only for the
-    duration of this import."""
-    try:
-        import cpuinfo
-    except ImportError:  # a runpod release without py-cpuinfo has nothing to skip
-        import runpod
-
-        return runpod
-    probe = cpuinfo.get_cpu_info
-    cpuinfo.get_cpu_info = lambda: {"brand_raw": processor_name()}
-    try:
-        import runpod
-    finally:
-        cpuinfo.get_cpu_info = probe
-    return runpod
-
-
-def processor_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.partition(":")[2].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 # Startup failures a user can fix; their message says how. Anything else is a fault in the worker.
