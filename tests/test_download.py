@@ -94,3 +94,26 @@ def test_a_worker_whose_download_is_too_slow_answers_its_job_with_the_reason(tin
             proc.wait()
     assert f"job local_test failed: {REPO}@main: the download from the Hub of " in output
     assert "Traceback" not in output
+
+
+def test_a_download_cut_short_is_completed_at_the_next_start(tiny_model_dir, tmp_path):
+    """What an interrupted download leaves: a snapshot with its small files and no weights. The next start
+    must neither load it nor stop at it: the download runs again and fills in what is missing."""
+    from worker_transformers.sources import resolve
+
+    with FakeHub(REPO, tiny_model_dir) as hub:
+        snapshot = download_from_hub(settings(tmp_path, hub))
+        (snapshot / "model.safetensors").unlink()  # as if cut short before the weights landed
+        location = resolve(settings(tmp_path, hub, MODEL_SOURCE="auto"))
+    assert (location.source, location.path) == ("hub", snapshot)
+    assert (snapshot / "model.safetensors").read_bytes() == (tiny_model_dir / "model.safetensors").read_bytes()
+
+
+def test_a_download_cut_short_is_reported_when_the_hub_may_not_be_asked(tiny_model_dir, tmp_path):
+    from worker_transformers.sources import UnsupportedWeights, resolve
+
+    with FakeHub(REPO, tiny_model_dir) as hub:
+        snapshot = download_from_hub(settings(tmp_path, hub))
+    (snapshot / "model.safetensors").unlink()
+    with pytest.raises(UnsupportedWeights, match="has no .safetensors weights"):
+        resolve(settings(tmp_path, hub, HF_HUB_OFFLINE="1"))

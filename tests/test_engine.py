@@ -99,3 +99,14 @@ def test_messages_to_a_model_without_chat_template_are_refused(tmp_path):
     finally:
         engine.close()
 
+
+
+def test_megabytes_of_text_are_refused_before_tokenizing_with_the_size_and_the_limit(tiny_engine):
+    huge = "word " * 2_000_000  # 10 MB
+    with pytest.raises(RequestError) as caught:
+        run(tiny_engine, prompt=huge, max_new_tokens=1)
+    limit = 16 * tiny_engine.max_input_tokens
+    assert str(caught.value) == (
+        f"prompt: {len(huge)} characters is more than {limit} (16 per token of "
+        f"MAX_INPUT_TOKENS={tiny_engine.max_input_tokens}); send less"
+    )

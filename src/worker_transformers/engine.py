@@ -20,6 +20,11 @@ from .schema import GenerationRequest, RequestError
 from .textstream import TextStream
 
 
+# Tokens average 3-5 characters of text; no real prompt averages 16, so text past 16 per allowed token is
+# refused unread.
+CHARS_PER_TOKEN_LIMIT = 16
+
+
 class GenerationFailed(RuntimeError):
     """The model failed while generating (not the caller's fault); the cause is chained and was logged."""
 
@@ -56,6 +61,7 @@ class Engine:
 
     def prompt_ids(self, request: GenerationRequest) -> list[int]:
         """Token ids of the request's input: the chat template applied to messages, or the prompt as is."""
+        self._check_size(request)
         if request.messages is not None:
             if not self.tokenizer.chat_template:
                 raise RequestError("messages: this model has no chat template; send prompt instead")
@@ -74,6 +80,18 @@ class Engine:
         if not ids:
             raise RequestError("prompt: the text has no tokens")
         return ids
+
+    def _check_size(self, request: GenerationRequest) -> None:
+        """Refuse text far beyond MAX_INPUT_TOKENS before tokenizing it: tokenizing megabytes costs seconds of
+        CPU, only to refuse them afterwards."""
+        field = "messages" if request.messages is not None else "prompt"
+        size = sum(len(m.content) for m in request.messages) if request.messages is not None else len(request.prompt)
+        limit = CHARS_PER_TOKEN_LIMIT * self.max_input_tokens
+        if size > limit:
+            raise RequestError(
+                f"{field}: {size} characters is more than {limit} ({CHARS_PER_TOKEN_LIMIT} per token of "
+                f"MAX_INPUT_TOKENS={self.max_input_tokens}); send less"
+            )
 
     def submit(self, request: GenerationRequest, ids: list[int], emit: Callable[[Event], None]) -> Sequence:
         sequence = Sequence(
