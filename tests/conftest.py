@@ -81,6 +81,12 @@ def tiny_settings(tiny_model_dir) -> Settings:
 
 
 @pytest.fixture(scope="session")
+def tiny_model_name(tiny_model_dir) -> str:
+    """The name the tiny model is served under: MODEL_NAME is its folder."""
+    return str(tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
 def tiny_engine(tiny_settings):
     from worker_transformers.worker import setup
 

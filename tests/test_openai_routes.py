@@ -8,18 +8,17 @@ from openai.types import Completion, ErrorObject, Model
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from pydantic import BaseModel
 
-from worker_transformers.config import Settings
 from worker_transformers.handlers import make_handler
 
 
 @pytest.fixture(scope="module")
-def handler(tiny_engine, tiny_model_dir):
-    return make_handler(tiny_engine, Settings.from_env({"MODEL_NAME": str(tiny_model_dir), "MAX_NEW_TOKENS": "64"}))
+def handler(tiny_engine, tiny_settings):
+    return make_handler(tiny_engine, tiny_settings)  # MAX_NEW_TOKENS=64
 
 
 @pytest.fixture(scope="module")
-def model(tiny_model_dir):
-    return str(tiny_model_dir)
+def model(tiny_model_name):
+    return tiny_model_name
 
 
 def run(handler, route, body):
