@@ -54,9 +54,9 @@ class Sampler:
             logits = logits.masked_fill(logits < kth, float("-inf"))
         if self.top_p < 1.0:
             ordered, order = torch.sort(logits, descending=True)
-            cumulative = ordered.softmax(-1).cumsum(-1)
+            ordered_probs = ordered.softmax(-1)
             # Drop tokens once the mass before them already reaches top_p; the likeliest token always stays.
-            drop = (cumulative - ordered.softmax(-1)) >= self.top_p
+            drop = (ordered_probs.cumsum(-1) - ordered_probs) >= self.top_p
             drop[0] = False  # even when top_p rounds to 0 in float32
             logits = logits.scatter(0, order[drop], float("-inf"))
         probs = logits.softmax(-1)

@@ -172,15 +172,15 @@ def _local_cache(search: _Search) -> ModelLocation | None:
             f"(no snapshot for {settings.model_revision or 'main'})"
         )
         return None
-    if settings.hub_allowed:
-        # A download cut short leaves a snapshot with some files; the Hub download below completes it
-        # (huggingface_hub skips what is there), so an incomplete one is passed over, not an error.
-        try:
-            check_model_folder(snapshot, settings.model_name, settings.allow_pickle_weights)
-        except UnsupportedWeights as incomplete:
-            search.tried.append(f"local-cache: {snapshot} ({str(incomplete).split(': ', 2)[-1]})")
-            return None
-    return search.found("local-cache", snapshot)
+    try:
+        return search.found("local-cache", snapshot)
+    except UnsupportedWeights as incomplete:
+        if not settings.hub_allowed:
+            raise
+        # A download cut short leaves a snapshot with some files; the Hub download after the lookups completes
+        # it (huggingface_hub skips what is there), so an incomplete one is passed over, not an error.
+        search.tried.append(f"local-cache: {snapshot} ({str(incomplete).split(': ', 2)[-1]})")
+        return None
 
 
 _LOOKUPS: dict[str, Callable[[_Search], ModelLocation | None]] = {
