@@ -54,6 +54,9 @@ WORKDIR /app
 # test_input.json is the job `python handler.py` runs when started outside RunPod (local mode).
 COPY handler.py test_input.json ./
 COPY src ./src
-RUN python -m compileall -q handler.py src
+# Bytecode first, then the readahead manifest: the pages of the files startup imports (the .pyc among them)
+# that the worker asks the kernel for at start, so a cold disk serves them ahead of the imports (readahead.py).
+RUN python -m compileall -q handler.py src \
+ && PYTHONPATH=src python -m worker_transformers.record_readahead
 # Exec form: python is PID 1 and receives the platform's SIGTERM itself (a shell would swallow it).
 CMD ["python", "-u", "handler.py"]

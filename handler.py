@@ -9,7 +9,12 @@ from pathlib import Path
 # Run from a checkout or an image without installing the package.
 sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))
 
-from worker_transformers.worker import main  # noqa: E402
-
 if __name__ == "__main__":
-    main()
+    from worker_transformers import readahead
+
+    # First, so the kernel reads the imports' pages while they run (readahead.py); then the imports.
+    reading_ahead = readahead.start()
+
+    from worker_transformers.worker import main
+
+    main(readahead=reading_ahead)

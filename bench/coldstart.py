@@ -8,6 +8,8 @@ folder and removed after), with a warm page cache and a cold one, every run star
 - naive: bench/naive_start.py (import torch, transformers, runpod; from_pretrained, .to(device); one generate);
 - import floor: `python -c "import torch, transformers, runpod"`;
 - raw read: `cat` of the weight files.
+First it records the worker's readahead manifest (record_readahead.py), as the image build does; the naive
+baseline has none, as a plain worker would not.
 The cache is made cold with `echo 3 > /proc/sys/vm/drop_caches` where that is allowed (everything cold,
 libraries too), else by evicting the weight files alone (posix_fadvise DONTNEED). Figures are medians; the
 machines are shared and noisy, so the goals are ratios to baselines measured in the same run. It prints a
@@ -36,6 +38,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 from worker_transformers.config import DEFAULT_MODEL, hf_hub_cache_dir  # noqa: E402
 from worker_transformers.sources import hf_snapshot  # noqa: E402
 from worker_transformers.weights import weight_paths  # noqa: E402
+from worker_transformers.readahead import MANIFEST  # noqa: E402
+from worker_transformers.record_readahead import record  # noqa: E402
 from worker_transformers.sdk import processor_name  # noqa: E402
 
 PY = sys.executable
@@ -253,11 +257,15 @@ def main() -> None:
         sys.exit(f"{DEFAULT_MODEL} is not in the Hugging Face cache: run `make model` first")
     cold_method = "drop_caches" if can_drop_caches() else "fadvise_dontneed_weights"
     started = time.perf_counter()
+    ranges = record(MANIFEST)
+    readahead_mb = sum(r.length for r in ranges) / 1e6
+    print(f"readahead manifest: {len(ranges)} ranges, {readahead_mb:.0f} MB, in {time.perf_counter() - started:.0f} s")
     result: dict = {
         "machine": machine(),
         "runs": args.runs,
         "cold_runs": cold_runs,
         "cold_method": cold_method,
+        "readahead_mb": round(readahead_mb, 1),
         "cases": {},
     }
     scratch = Path(tempfile.mkdtemp(prefix="coldstart-"))

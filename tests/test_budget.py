@@ -64,6 +64,23 @@ def test_a_background_phase_still_running_is_shown_as_such(clock):
     assert "  prefetch        0.000    5.000    5.0%  (still running)" in budget.table()
 
 
+def test_a_phase_timed_before_the_budget_existed_takes_its_place_in_the_timeline(clock):
+    started = clock.now  # e.g. the readahead, begun by the entry point
+    clock.now += 0.5
+    budget = InitBudget(100, clock=clock, age_s=1.0)
+    with budget.phase("resolve"):
+        clock.now += 1
+    budget.add("readahead", started, started + 2)
+    budget.add("late", clock.now, None)
+    clock.now += 1
+    assert [(p.name, p.start_s, p.end_s) for p in budget.phases] == [
+        ("readahead", 0.5, 2.5),
+        ("resolve", 1.0, 2.0),
+        ("late", 2.0, None),
+    ]
+    assert "  late            2.000    1.000    1.0%  (still running)" in budget.table()
+
+
 def test_ready_logs_the_table_and_warns_when_past_the_timeout(clock, caplog):
     budget = InitBudget(10, clock=clock)
     with budget.phase("imports"):

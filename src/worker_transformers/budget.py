@@ -105,6 +105,13 @@ class InitBudget:
             phase = self._phases[index]
             self._phases[index] = Phase(phase.name, phase.start_s, self.elapsed())
 
+    def add(self, name: str, started: float, ended: float | None) -> None:
+        """Record a phase timed elsewhere, by this budget's clock (time.monotonic), before the budget existed."""
+        end_s = None if ended is None else ended - self._origin
+        with self._lock:
+            self._phases.append(Phase(name, started - self._origin, end_s))
+            self._phases.sort(key=lambda phase: phase.start_s)
+
     def start_alarms(self) -> None:
         """Log a warning when startup passes each share of the budget in WARN_AT, wherever it then is."""
         for share in WARN_AT:

@@ -69,20 +69,35 @@ def load_tokenizer(location: ModelLocation, settings: Settings) -> PreTrainedTok
     )
 
 
-def load_model(location: ModelLocation, settings: Settings, files: list[WeightFile]) -> PreTrainedModel:
+def build_model(location: ModelLocation, settings: Settings, files: list[WeightFile]) -> placement.EmptyModel | None:
+    """The fast path's empty model on the device, or None when `from_pretrained` must load this checkpoint
+    (FAST_LOAD=false, pickle weights, or a checkpoint the fast path does not handle: logged with why)."""
     device = pick_device(settings)
     dtype = _DTYPES.get(settings.dtype)  # None: the checkpoint's own dtype
     _check_fits(location, files, device, dtype)
+    if not (settings.fast_load and files):  # no files: pickle weights, from_pretrained's alone
+        return None
+    try:
+        return placement.build_empty(location.path, files, device, dtype)
+    except placement.NotEligible as why:
+        log.info("%s: fast loading does not apply (%s); using from_pretrained", location.model_id, why)
+        return None
+    except (torch.OutOfMemoryError, MemoryError):
+        raise LoadError(_out_of_memory(location, files, device, dtype)) from None
+
+
+def load_weights(
+    location: ModelLocation, settings: Settings, files: list[WeightFile], empty: placement.EmptyModel | None
+) -> PreTrainedModel:
+    """The loaded model: `empty` filled, or the whole model by `from_pretrained` when it is None."""
+    device = empty.device if empty is not None else pick_device(settings)
+    dtype = _DTYPES.get(settings.dtype)
     started = time.monotonic()
     try:
-        model, how = None, "from_pretrained"
-        if settings.fast_load and files:  # no files: pickle weights, from_pretrained's alone
-            try:
-                model, how = placement.load_fast(location.path, files, device, dtype), "fast path"
-            except placement.NotEligible as why:
-                log.info("%s: fast loading does not apply (%s); using from_pretrained", location.model_id, why)
-        if model is None:
-            model = _from_pretrained(location.path, settings, device, dtype)
+        if empty is not None:
+            model, how = placement.fill(empty, files), "fast path"
+        else:
+            model, how = _from_pretrained(location.path, settings, device, dtype), "from_pretrained"
     except (torch.OutOfMemoryError, MemoryError):
         raise LoadError(_out_of_memory(location, files, device, dtype)) from None
     log.info(
@@ -97,6 +112,11 @@ def load_model(location: ModelLocation, settings: Settings, files: list[WeightFi
         sum(f.size for f in files) / 1e9,
     )
     return model
+
+
+def load_model(location: ModelLocation, settings: Settings, files: list[WeightFile]) -> PreTrainedModel:
+    """build_model then load_weights, in one call (startup times them as two phases)."""
+    return load_weights(location, settings, files, build_model(location, settings, files))
 
 
 def _from_pretrained(path: Path, settings: Settings, device: torch.device, dtype: torch.dtype | None):

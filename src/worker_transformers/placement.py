@@ -14,6 +14,7 @@ NotEligible, and the caller uses `from_pretrained`.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -40,15 +41,20 @@ def checkpoint_dtype(config, files: list[WeightFile]) -> torch.dtype:
     return torch.float32
 
 
-def load_fast(
-    path: Path,
-    files: list[WeightFile],
-    device: torch.device,
-    dtype: torch.dtype | None,
-    transfers: Transfers | None = None,
-) -> PreTrainedModel:
-    """The model from `path` on `device`, or NotEligible. `dtype` None keeps the checkpoint's. The bytes
-    are memory-mapped on the CPU and streamed with CudaTransfers on CUDA, unless `transfers` says how."""
+@dataclass
+class EmptyModel:
+    """A model of the checkpoint's shape on its device, its weights not yet in place."""
+
+    model: PreTrainedModel
+    path: Path
+    device: torch.device
+    targets: dict[str, torch.Tensor]  # each checkpoint tensor's destination
+    tied_missing: set[str]  # tied names the checkpoint leaves out
+
+
+def build_empty(path: Path, files: list[WeightFile], device: torch.device, dtype: torch.dtype | None) -> EmptyModel:
+    """The model from `path` built empty on `device`, or NotEligible. `dtype` None keeps the checkpoint's.
+    Its cost is Python building the module tree, whatever the size of the weights."""
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     _check_eligible(config)
     dtype = dtype or checkpoint_dtype(config, files)
@@ -61,15 +67,33 @@ def load_fast(
         if device.type == "cuda":
             torch.cuda.empty_cache()  # from_pretrained needs that memory next
         raise
-    if transfers is None and device.type == "cpu":
-        _map_from_files(model, files, targets)
+    return EmptyModel(model, path, device, targets, tied_missing)
+
+
+def fill(empty: EmptyModel, files: list[WeightFile], transfers: Transfers | None = None) -> PreTrainedModel:
+    """Put the checkpoint's bytes into `empty`: memory-mapped on the CPU, streamed with CudaTransfers on
+    CUDA, unless `transfers` says how."""
+    model = empty.model
+    if transfers is None and empty.device.type == "cpu":
+        _map_from_files(model, files, empty.targets)
     else:
-        stream_weights(files, targets, transfers or CudaTransfers(device))
-    model.tie_weights(missing_keys=tied_missing, recompute_mapping=False)
-    if (path / "generation_config.json").is_file():
-        model.generation_config = GenerationConfig.from_pretrained(path, local_files_only=True)
+        stream_weights(files, empty.targets, transfers or CudaTransfers(empty.device))
+    model.tie_weights(missing_keys=empty.tied_missing, recompute_mapping=False)
+    if (empty.path / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(empty.path, local_files_only=True)
     model.requires_grad_(False)
     return model.eval()
+
+
+def load_fast(
+    path: Path,
+    files: list[WeightFile],
+    device: torch.device,
+    dtype: torch.dtype | None,
+    transfers: Transfers | None = None,
+) -> PreTrainedModel:
+    """build_empty then fill, in one call."""
+    return fill(build_empty(path, files, device, dtype), files, transfers)
 
 
 def _check_eligible(config) -> None:
@@ -107,12 +131,19 @@ def _targets(model: PreTrainedModel, files: list[WeightFile]) -> tuple[dict[str,
 
 
 def _map_from_files(model: PreTrainedModel, files: list[WeightFile], targets: dict[str, torch.Tensor]) -> None:
-    """CPU: parameters backed by the memory-mapped files (copy-on-write, so the files never change)."""
-    state = {}
+    """CPU: parameters backed by the memory-mapped files (copy-on-write, so the files never change).
+    Registered on their modules directly: `load_state_dict` walks every module and runs its hooks, which
+    took longer than the mapping itself for a small model."""
+    modules = dict(model.named_modules())
     for file in files:
         with safe_open(file.path, framework="pt", device="cpu") as mapped:
             for entry in file.tensors:
                 tensor = mapped.get_tensor(entry.name)
-                target = targets[entry.name]
-                state[entry.name] = tensor if tensor.dtype == target.dtype else tensor.to(target.dtype)
-    model.load_state_dict(state, strict=False, assign=True)
+                if tensor.dtype != targets[entry.name].dtype:
+                    tensor = tensor.to(targets[entry.name].dtype)
+                module_name, _, attribute = entry.name.rpartition(".")
+                module = modules[module_name]
+                if isinstance(getattr(module, attribute), torch.nn.Parameter):
+                    module.register_parameter(attribute, torch.nn.Parameter(tensor, requires_grad=False))
+                else:  # a persistent buffer
+                    setattr(module, attribute, tensor)

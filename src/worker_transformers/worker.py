@@ -20,13 +20,23 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import prefetch, weights
-from .budget import InitBudget, InitTooSlow
+from .budget import InitBudget, InitTooSlow, human_bytes
 from .config import ConfigError, Settings, is_deployed
 from .handlers import Handler, failed_init_handler, make_handler
+from .readahead import Readahead
 from .sdk import import_runpod, quiet_runpod_logs
 from .sources import ModelNotFound, UnsupportedWeights, resolve
+from .startup_gc import collector_paused
 
 log = logging.getLogger("worker_transformers")
+
+
+def import_libraries() -> None:
+    """Startup's heavy imports (torch, transformers, runpod), in one place: setup runs them while the weights
+    prefetch, and record_readahead runs them to learn which pages of which files they read."""
+    from . import engine, loading  # noqa: F401
+
+    import_runpod()
 
 
 def setup(settings: Settings, budget: InitBudget | None = None):
@@ -42,16 +52,19 @@ def setup(settings: Settings, budget: InitBudget | None = None):
     log.info("model %s found: %s at %s", location.model_id, location.source, location.path)
     reading = prefetch.start([f.path for f in files], budget)
     try:
-        with budget.phase("imports"):
-            from . import loading
-            from .engine import Engine
+        with collector_paused():
+            with budget.phase("imports"):
+                import_libraries()
+                from . import loading
+                from .engine import Engine
 
-            loading.import_model_code(location, settings)
-            import_runpod()
-        with budget.phase("tokenizer"):
-            tokenizer = loading.load_tokenizer(location, settings)
+                loading.import_model_code(location, settings)
+            with budget.phase("tokenizer"):
+                tokenizer = loading.load_tokenizer(location, settings)
+        with budget.phase("model"):
+            empty = loading.build_model(location, settings, files)
         with budget.phase("weights"):
-            model = loading.load_model(location, settings, files)
+            model = loading.load_weights(location, settings, files, empty)
         with budget.phase("warm-up"):
             loading.warm_up(model, tokenizer)
             engine = Engine(
@@ -84,8 +97,13 @@ class Started:
     sdk_log_level: str = "info"
 
 
-def start_worker(env: Mapping[str, str], on_unhealthy: Callable[[], None] = lambda: None) -> Started:
-    """Run startup and return the engine's handler, or the failed-startup one."""
+def start_worker(
+    env: Mapping[str, str],
+    on_unhealthy: Callable[[], None] = lambda: None,
+    reading_ahead: Readahead | None = None,
+) -> Started:
+    """Run startup and return the engine's handler, or the failed-startup one. `reading_ahead`, started by
+    the entry point, joins the timeline."""
     try:
         settings = Settings.from_env(env)
     except ConfigError as error:
@@ -107,6 +125,14 @@ def start_worker(env: Mapping[str, str], on_unhealthy: Callable[[], None] = lamb
             )
             log.exception("startup failed unexpectedly after %.1f s", budget.elapsed())
         return Started(failed_init_handler(message), 1, lambda: None, settings.runpod_log_level)
+    if reading_ahead is not None:
+        budget.add("readahead", reading_ahead.started, reading_ahead.ended)
+        gone = reading_ahead.files_missing
+        log.info(
+            "read ahead %s of library pages for the imports%s",
+            human_bytes(reading_ahead.bytes_requested),
+            f"; {gone} files of its manifest are gone: record it again (readahead.py)" if gone else "",
+        )
     budget.ready()
     handler = make_handler(engine, settings, on_unhealthy)
     return Started(handler, settings.max_concurrency, engine.close, settings.runpod_log_level)
@@ -116,7 +142,7 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
 
 
-def main(env: Mapping[str, str] = os.environ, argv: list[str] = sys.argv) -> None:
+def main(env: Mapping[str, str] = os.environ, argv: list[str] = sys.argv, readahead: Readahead | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # As a container's PID 1, Python is sent no SIGTERM it has no handler for, and the SDK installs its own
     # only once it takes jobs: without this, a worker stopped while loading waits for the SIGKILL.
@@ -124,7 +150,7 @@ def main(env: Mapping[str, str] = os.environ, argv: list[str] = sys.argv) -> Non
     # For a generator handler the SDK ignores a returned "refresh_worker"; it stops the worker after a job only
     # when its config says so (rp_job.handle_job), so the out-of-memory guard sets it there.
     config: dict[str, Any] = {"return_aggregate_stream": True}
-    started = start_worker(env, on_unhealthy=lambda: config.update(refresh_worker=True))
+    started = start_worker(env, lambda: config.update(refresh_worker=True), readahead)
 
     from .local import LocalJobError, local_job, run_local
 

@@ -94,7 +94,9 @@ answer() {  # answer NAME IMAGE DOCKER-RUN-OPTIONS...: run the test job; the ans
   RUN_S[$name]=$((SECONDS - start))
   grep -q '^{"text": "[^"]*Paris' "$WORK/run-$name.log" \
     || { tail -n 5 "$WORK/run-$name.log" >&2; fail "$name: the answer does not contain Paris"; }
-  log "$name: Paris, in ${RUN_S[$name]} s ($(grep -o "found: [a-z-]* at [^ ]*" "$WORK/run-$name.log"))"
+  grep -q "read ahead [0-9.]* [kMG]B of library pages" "$WORK/run-$name.log" \
+    || { tail -n 5 "$WORK/run-$name.log" >&2; fail "$name: the worker read nothing ahead (no manifest in the image?)"; }
+  log "$name: Paris, in ${RUN_S[$name]} s ($(grep -o "found: [a-z-]* at [^ ]*" "$WORK/run-$name.log"); $(grep -o "read ahead [0-9.]* [kMG]B" "$WORK/run-$name.log"))"
 }
 
 # 1. The three modes. The first build installs the requirements; the next two reuse that layer.
