@@ -63,7 +63,7 @@ def build_empty(path: Path, files: list[WeightFile], device: torch.device, dtype
     try:
         targets, tied_missing = _targets(model, files)
     except NotEligible:
-        del model
+        model = None  # the traceback holds this frame, and so the model, for as long as the caller keeps it
         if device.type == "cuda":
             torch.cuda.empty_cache()  # from_pretrained needs that memory next
         raise
