@@ -14,11 +14,21 @@ def write_manifest(path, ranges, comment="# a comment\n"):
     return path
 
 
+def evict(path):
+    fd = os.open(path, os.O_RDONLY)
+    os.fsync(fd)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    os.close(fd)
+    if resident_ranges(str(path)):
+        pytest.skip("this filesystem keeps the pages of its files in memory (tmpfs?)")
+
+
 def test_every_range_is_asked_for_and_a_missing_file_is_skipped(tmp_path):
     files = []
     for i, size in enumerate([3 * PAGE, 10 * PAGE, 5]):
         files.append(tmp_path / f"lib{i}.so")
         files[-1].write_bytes(os.urandom(size))
+        evict(files[-1])
     ranges = [
         Range(str(files[0]), 0, 3 * PAGE),
         Range(str(tmp_path / "gone.py"), 0, PAGE),
@@ -32,7 +42,21 @@ def test_every_range_is_asked_for_and_a_missing_file_is_skipped(tmp_path):
     assert reading.wait(30)
     assert reading.bytes_requested == 6 * PAGE + 5
     assert reading.files_missing == 1
-    assert reading.ended >= reading.started
+    assert reading.ended >= reading.started and not reading.already_cached
+
+
+def test_pages_already_in_the_cache_are_not_asked_for_again(tmp_path):
+    files = [tmp_path / f"lib{i}.so" for i in range(40)]
+    for path in files:
+        path.write_bytes(os.urandom(2 * PAGE))  # just written: in the page cache
+    reading = readahead.start(write_manifest(tmp_path / "readahead.txt", [Range(str(p), 0, 2 * PAGE) for p in files]))
+    assert reading.wait(30)
+    assert reading.already_cached and reading.bytes_requested == 0
+    # One probed file that is not cached is enough to read everything ahead.
+    evict(files[20])
+    reading = readahead.start(tmp_path / "readahead.txt")
+    assert reading.wait(30)
+    assert not reading.already_cached and reading.bytes_requested == 40 * 2 * PAGE
 
 
 def test_without_a_usable_manifest_nothing_is_read(tmp_path):
@@ -53,12 +77,7 @@ def test_batches_keep_each_file_whole_and_the_manifest_order():
 def evicted_file(folder, pages):
     path = folder / "lib.so"
     path.write_bytes(os.urandom(pages * PAGE))
-    fd = os.open(path, os.O_RDONLY)
-    os.fsync(fd)
-    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    os.close(fd)
-    if resident_ranges(str(path)):
-        pytest.skip("this filesystem keeps the pages of its files in memory (tmpfs?)")
+    evict(path)
     return path
 
 

@@ -128,11 +128,14 @@ def start_worker(
     if reading_ahead is not None:
         budget.add("readahead", reading_ahead.started, reading_ahead.ended)
         gone = reading_ahead.files_missing
-        log.info(
-            "read ahead %s of library pages for the imports%s",
-            human_bytes(reading_ahead.bytes_requested),
-            f"; {gone} files of its manifest are gone: record it again (readahead.py)" if gone else "",
-        )
+        if reading_ahead.already_cached:
+            log.info("read nothing ahead for the imports: their pages were in the page cache already")
+        else:
+            log.info(
+                "read ahead %s of library pages for the imports%s",
+                human_bytes(reading_ahead.bytes_requested),
+                f"; {gone} files of its manifest are gone: record it again (readahead.py)" if gone else "",
+            )
     budget.ready()
     handler = make_handler(engine, settings, on_unhealthy)
     return Started(handler, settings.max_concurrency, engine.close, settings.runpod_log_level)
