@@ -131,6 +131,15 @@ def run_worker(folder: Path) -> dict:
     return {"ready_s": ready, "weights_s": seconds["weights"], "model_s": seconds["model"], "phases": phases}
 
 
+# handler.py without its first step: the worker as it would start without the readahead manifest.
+NO_READAHEAD = "import sys; sys.path.insert(0, 'src'); from worker_transformers.worker import main; main()"
+
+
+def run_worker_no_readahead(folder: Path) -> dict:
+    ready, _ = timed([PY, "-c", NO_READAHEAD, "--test_input", JOB], {"MODEL_NAME": str(folder)}, "startup timeline")
+    return {"no_readahead_ready_s": ready}
+
+
 def run_naive(folder: Path) -> dict:
     ready, lines = timed([PY, "bench/naive_start.py", str(folder)], until="ready")
     phases = json.loads(next(line for line in lines if line.startswith("{")))
@@ -146,7 +155,7 @@ def run_raw(folder: Path) -> dict:
     return {"raw_read_s": timed(["sh", "-c", 'cat "$@" > /dev/null', "cat", *files])[0]}
 
 
-VARIANTS = (run_worker, run_naive, run_floor, run_raw)
+VARIANTS = (run_worker, run_worker_no_readahead, run_naive, run_floor, run_raw)
 
 
 def run_case(folder: Path, cache: str, runs: int, cold_method: str) -> list[dict]:
@@ -158,7 +167,7 @@ def run_case(folder: Path, cache: str, runs: int, cold_method: str) -> list[dict
     for run in range(runs):
         sample: dict = {}
         # Rotate the order each run, so slow drift on a shared machine spreads over every variant.
-        for variant in VARIANTS[run % 4 :] + VARIANTS[: run % 4]:
+        for variant in VARIANTS[run % len(VARIANTS) :] + VARIANTS[: run % len(VARIANTS)]:
             if cache == "cold":
                 make_cold(cold_method, files)
             sample.update(variant(folder))
@@ -173,11 +182,29 @@ def run_case(folder: Path, cache: str, runs: int, cold_method: str) -> list[dict
 def summarize(samples: list[dict]) -> tuple[dict, list[dict], dict]:
     """Medians of every figure, and the phases of the median run (medians of each phase taken apart
     would not add up to one timeline)."""
-    keys = ("ready_s", "naive_ready_s", "import_floor_s", "raw_read_s", "weights_s", "model_s", "naive_weights_s")
+    keys = (
+        "ready_s", "no_readahead_ready_s", "naive_ready_s", "import_floor_s", "raw_read_s", "weights_s", "model_s",
+        "naive_weights_s",
+    )  # fmt: skip
     median = {k: statistics.median(s[k] for s in samples) for k in keys}
     by_ready = sorted(samples, key=lambda s: s["ready_s"])[(len(samples) - 1) // 2]
     by_naive = sorted(samples, key=lambda s: s["naive_ready_s"])[(len(samples) - 1) // 2]
     return median, by_ready["phases"], by_naive["naive_phases"]
+
+
+def import_costs(runs: int) -> dict:
+    """Seconds from process start to the end of the worker's startup imports (worker.import_libraries), with
+    the garbage collector running as usual and paused as startup pauses it (startup_gc.py); warm cache."""
+    env = {"PYTHONPATH": str(ROOT / "src")}
+    imports = "from worker_transformers.worker import import_libraries; import_libraries(); print('imported', flush=True)"
+    paused = "from worker_transformers.startup_gc import collector_paused\nwith collector_paused(): " + imports
+    timed([PY, "-c", imports], env)  # untimed: the libraries into the page cache
+    return {
+        "imports_s": statistics.median(timed([PY, "-c", imports], env, "imported")[0] for _ in range(runs)),
+        "imports_collector_paused_s": statistics.median(
+            timed([PY, "-c", paused], env, "imported")[0] for _ in range(runs)
+        ),
+    }
 
 
 def sdk_costs(runs: int) -> dict:
@@ -224,20 +251,25 @@ def print_report(result: dict) -> None:
           f"torch {m['torch']}, transformers {m['transformers']}; cold cache by {result['cold_method']}; "
           f"medians of {result['runs']} runs ({result['cold_runs']} cold)")  # fmt: skip
     header = (
-        f"{'case':<18}{'ready':>7}{'naive':>7}{'floor':>7}{'raw':>7}{'model':>7}{'weights':>9}{'naive w':>9}"
-        "  phases (median s)"
+        f"{'case':<18}{'ready':>7}{'no ra':>7}{'naive':>7}{'floor':>7}{'raw':>7}{'model':>7}{'weights':>9}"
+        f"{'naive w':>9}  phases (median s)"
     )
     print(header)
     for name, case in result["cases"].items():
         med = case["median"]
         phases = ", ".join(f"{p['name']} {p['seconds']:.2f}" for p in case["phases"] if p["name"] != "ready")
-        print(f"{name:<18}{med['ready_s']:>7.2f}{med['naive_ready_s']:>7.2f}{med['import_floor_s']:>7.2f}"
+        print(f"{name:<18}{med['ready_s']:>7.2f}{med['no_readahead_ready_s']:>7.2f}{med['naive_ready_s']:>7.2f}"
+              f"{med['import_floor_s']:>7.2f}"
               f"{med['raw_read_s']:>7.3f}{med['model_s']:>7.3f}{med['weights_s']:>9.3f}{med['naive_weights_s']:>9.3f}"
               f"  {phases}")  # fmt: skip
     sdk = result["sdk"]
     checks = f"{sdk['startup_checks_s'] * 1000:.0f} ms" if sdk["startup_checks_s"] is not None else "failed here"
     print(f"runpod import: {sdk['runpod_import_s']:.2f} s plain, {sdk['runpod_import_worker_s']:.2f} s as the worker "
           f"imports it (whole process); SDK startup checks: {checks}")  # fmt: skip
+    imports = result["imports"]
+    print(f"the worker's imports: {imports['imports_s']:.2f} s with the garbage collector as usual, "
+          f"{imports['imports_collector_paused_s']:.2f} s paused (from process start, warm cache)")  # fmt: skip
+    print("'no ra': the worker started without its readahead (as without a manifest)")
     print("goals:")
     for verdict in result["goals"]:
         print(f"  {'met    ' if verdict['met'] else 'NOT met'}  {verdict['goal']:<52}{verdict['case']:<18}"
@@ -302,6 +334,7 @@ def main() -> None:
                     "naive_phases": naive, "samples": samples,
                 }  # fmt: skip
         result["sdk"] = sdk_costs(args.runs)
+        result["imports"] = import_costs(args.runs)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     cases = result["cases"]
