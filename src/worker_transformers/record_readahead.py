@@ -2,7 +2,7 @@
 
     python -m worker_transformers.record_readahead [--output PATH]
 
-The image build runs it (Dockerfile), and so does `make bench-coldstart` for a checkout. It takes ~15 s:
+The image build runs it (Dockerfile), and so does `make bench-coldstart` for a checkout. It takes 10-15 s:
 1. a fresh process runs the startup imports (worker.import_libraries) and notes every file it opens or maps,
    in the order it first uses them;
 2. those files are evicted from the page cache (posix_fadvise DONTNEED: no privileges needed);
@@ -31,6 +31,7 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 MERGE_GAP_PAGES = 16
 # What the recording imports: exactly the worker's own startup imports.
 IMPORTS = "from worker_transformers.worker import import_libraries; import_libraries()"
+
 
 def _files_used() -> list[str]:
     """The files a fresh process's startup imports open or map, in the order it first used them."""
@@ -72,8 +73,10 @@ print(json.dumps(list(used)))
 
 
 def _run_python(code: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
-                                                                      os.environ.get("PYTHONPATH")]))}  # fmt: skip
+    """`code` in a fresh interpreter that imports this package from where this file is."""
+    package_parent = str(Path(__file__).resolve().parents[1])
+    path = os.pathsep.join(filter(None, [package_parent, os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path}
     return subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True, text=True)
 
 

@@ -3,8 +3,9 @@
 Importing torch and transformers creates about 600,000 objects that live as long as the process: modules,
 functions, classes. The collector counts allocations and, every so often, walks every tracked object to
 look for unreachable cycles; during those imports it walks the ever-growing heap again and again and finds
-next to nothing. Paused, the same imports took 1.9 s instead of 2.5 s on the 2-core benchmark machine
-(`make bench-coldstart`), and the process held 8 MB more at the end: the few cycles startup leaves behind.
+next to nothing. Paused, the worker's imports were done 2.05 s after process start instead of 2.99 s on the
+2-core benchmark machine (`make bench-coldstart`), and the process held 8 MB more: the few cycles the
+imports leave behind.
 
 After the imports, `gc.freeze()` moves everything alive into a permanent generation that later collections
 skip, so the collections that run while loading and serving walk the objects those create, not the

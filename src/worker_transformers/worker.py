@@ -134,7 +134,9 @@ def start_worker(
             log.info(
                 "read ahead %s of library pages for the imports%s",
                 human_bytes(reading_ahead.bytes_requested),
-                f"; {gone} files of its manifest are gone: record it again (readahead.py)" if gone else "",
+                f"; {gone} files of its manifest are gone: run python -m worker_transformers.record_readahead"
+                if gone
+                else "",
             )
     budget.ready()
     handler = make_handler(engine, settings, on_unhealthy)
