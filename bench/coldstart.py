@@ -39,7 +39,7 @@ from worker_transformers.config import DEFAULT_MODEL, hf_hub_cache_dir  # noqa: 
 from worker_transformers.sources import hf_snapshot  # noqa: E402
 from worker_transformers.weights import weight_paths  # noqa: E402
 from worker_transformers.readahead import MANIFEST  # noqa: E402
-from worker_transformers.record_readahead import record  # noqa: E402
+from worker_transformers.record_readahead import evict, record  # noqa: E402
 from worker_transformers.sdk import processor_name  # noqa: E402
 
 PY = sys.executable
@@ -96,11 +96,7 @@ def make_cold(method: str, files: list[Path]) -> None:
         DROP_CACHES.write_text("3")
         return
     for path in files:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
+        evict(path)
 
 
 def timed(command: list[str], env: dict | None = None, until: str | None = None) -> tuple[float, list[str]]:

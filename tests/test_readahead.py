@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from worker_transformers import readahead
+from worker_transformers import readahead, record_readahead
 from worker_transformers.readahead import Range, read_manifest
 from worker_transformers.record_readahead import PAGE, record, resident_ranges
 
@@ -15,10 +15,8 @@ def write_manifest(path, ranges, comment="# a comment\n"):
 
 
 def evict(path):
-    fd = os.open(path, os.O_RDONLY)
-    os.fsync(fd)
-    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    os.close(fd)
+    os.sync()  # pages just written are dirty, and only clean ones can be dropped
+    record_readahead.evict(path)
     if resident_ranges(str(path)):
         pytest.skip("this filesystem keeps the pages of its files in memory (tmpfs?)")
 

@@ -14,7 +14,7 @@ import pytest
 from runpod.serverless.modules.rp_handler import is_generator
 from runpod.serverless.modules.rp_job import run_job_generator
 
-from worker_transformers import readahead
+from worker_transformers import readahead, record_readahead
 from worker_transformers.handlers import failed_init_handler, make_handler
 from worker_transformers.worker import start_worker
 
@@ -204,10 +204,8 @@ def test_startup_returns_a_working_handler_and_logs_the_timeline(tiny_model_dir,
 def test_the_readahead_started_by_the_entry_point_joins_the_startup_timeline(tiny_model_dir, tmp_path, caplog):
     library = tmp_path / "lib.so"
     library.write_bytes(b"x" * 8192)
-    fd = os.open(library, os.O_RDONLY)  # out of the page cache, so there is something to read ahead
-    os.fsync(fd)
-    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    os.close(fd)
+    os.sync()
+    record_readahead.evict(library)  # out of the page cache, so there is something to read ahead
     (tmp_path / "readahead.txt").write_text(f"0 8192 {library}\n")
     reading = readahead.start(tmp_path / "readahead.txt")
     with caplog.at_level(logging.INFO):

@@ -80,7 +80,8 @@ def _run_python(code: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True, text=True)
 
 
-def _evict(path: str) -> None:
+def evict(path: str | Path) -> None:
+    """Drop `path`'s clean pages from the page cache (dirty ones stay until written: sync first)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
@@ -122,7 +123,7 @@ def record(output: Path = MANIFEST) -> list[Range]:
     files = _files_used()
     os.sync()
     for path in files:
-        _evict(path)
+        evict(path)
     _run_python(IMPORTS)
     ranges = [r for path in files for r in resident_ranges(path)]
     total = sum(r.length for r in ranges)
