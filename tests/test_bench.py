@@ -69,3 +69,26 @@ def test_the_benchmark_reads_every_phase_of_the_startup_table():
         {"name": "warm-up", "start_s": 0.75, "seconds": 1.25},
         {"name": "ready", "start_s": 2.0, "seconds": 2.0},
     ]
+
+
+def case(cache, gb, **median):
+    base = {"ready_s": 2.0, "naive_ready_s": 4.0, "import_floor_s": 2.5, "raw_read_s": 1.0, "weights_s": 0.5}
+    return {"cache": cache, "weights_gb": gb, "median": {**base, **median}}
+
+
+def test_goals_are_ratios_to_baselines_of_the_same_run_and_placement_counts_only_on_a_gpu():
+    bench = load_bench()
+    cases = {
+        "big/warm": case("warm", 16.0, weights_s=0.5),
+        "small/warm": case("warm", 1.0),
+        "big/cold": case("cold", 16.0),
+    }
+    on_cpu = bench.goals(cases, gpu=False)
+    assert not any("placement" in v["goal"] for v in on_cpu)
+    naive = {v["case"]: v for v in on_cpu if v["goal"] == "ready <= 0.6 x naive"}
+    assert naive["big/warm"]["ratio"] == 0.5 and naive["big/warm"]["met"]
+    [placement] = [v for v in bench.goals(cases, gpu=True) if "placement" in v["goal"]]
+    assert placement["case"] == "big/warm" and placement["gb_s"] == 32.0 and placement["met"]
+    cases["big/warm"]["median"]["weights_s"] = 1.0  # 16 GB/s
+    [placement] = [v for v in bench.goals(cases, gpu=True) if "placement" in v["goal"]]
+    assert not placement["met"]
