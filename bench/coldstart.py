@@ -192,7 +192,9 @@ def import_costs(runs: int) -> dict:
     """Seconds from process start to the end of the worker's startup imports (worker.import_libraries), with
     the garbage collector running as usual and paused as startup pauses it (startup_gc.py); warm cache."""
     env = {"PYTHONPATH": str(ROOT / "src")}
-    imports = "from worker_transformers.worker import import_libraries; import_libraries(); print('imported', flush=True)"
+    imports = (
+        "from worker_transformers.worker import import_libraries; import_libraries(); print('imported', flush=True)"
+    )
     paused = "from worker_transformers.startup_gc import collector_paused\nwith collector_paused(): " + imports
     timed([PY, "-c", imports], env)  # untimed: the libraries into the page cache
     return {
@@ -289,7 +291,8 @@ def print_report(result: dict) -> None:
     for name, case in result["cases"].items():
         if case["cache"] == "warm":
             med = case["median"]
-            print(f"  (model + weights) / raw read, {name}: {(med['model_s'] + med['weights_s']) / med['raw_read_s']:.2f}")
+            ratio = (med["model_s"] + med["weights_s"]) / med["raw_read_s"]
+            print(f"  (model + weights) / raw read, {name}: {ratio:.2f}")
 
 
 def main() -> None:
