@@ -53,6 +53,7 @@ class Readahead:
     _next: int = 0
     _running: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _done: threading.Event = field(default_factory=threading.Event, repr=False)
 
     def start(self, threads: int = THREADS) -> Readahead:
         self.started = time.monotonic()
@@ -61,6 +62,7 @@ class Readahead:
             # take CPU from the imports.
             self.already_cached = True
             self.ended = self.started
+            self._done.set()
             return self
         self._batches = _batches(self.ranges, BATCH_FILES)
         self._running = threads
@@ -70,10 +72,7 @@ class Readahead:
 
     def wait(self, timeout: float) -> bool:
         """True once every range has been asked for (for tests and benchmarks)."""
-        deadline = time.monotonic() + timeout
-        while self.ended is None and time.monotonic() < deadline:
-            time.sleep(0.01)
-        return self.ended is not None
+        return self._done.wait(timeout)
 
     def _take(self) -> list[Range] | None:
         with self._lock:
@@ -110,6 +109,7 @@ class Readahead:
                 self._running -= 1
                 if self._running == 0:
                     self.ended = time.monotonic()
+                    self._done.set()
 
 
 def _looks_cached(ranges: list[Range], probes: int) -> bool:
