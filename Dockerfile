@@ -37,7 +37,8 @@ FROM runtime AS model-baked
 ARG MODEL_NAME
 ARG MODEL_REVISION
 COPY builder/fetch_model.py /opt/builder/fetch_model.py
-COPY src/worker_transformers/__init__.py src/worker_transformers/model_files.py /opt/src/worker_transformers/
+COPY src/worker_transformers/__init__.py /opt/src/worker_transformers/
+COPY src/worker_transformers/model/__init__.py src/worker_transformers/model/manifest.py /opt/src/worker_transformers/model/
 RUN --mount=type=secret,id=HF_TOKEN,required=false \
     --mount=type=bind,source=builder/model-files,target=/model-files \
     if [ -f /model-files/config.json ]; then source=/model-files; else source="$MODEL_NAME"; fi \
@@ -55,8 +56,8 @@ WORKDIR /app
 COPY handler.py test_input.json ./
 COPY src ./src
 # Bytecode first, then the readahead manifest: the pages of the files startup imports (the .pyc among them)
-# that the worker asks the kernel for at start, so a cold disk serves them ahead of the imports (readahead.py).
+# that the worker asks the kernel for at start, so a cold disk serves them ahead of the imports (startup/readahead.py).
 RUN python -m compileall -q handler.py src \
- && PYTHONPATH=src python -m worker_transformers.record_readahead
+ && PYTHONPATH=src python -m worker_transformers.startup.record_readahead
 # Exec form: python is PID 1 and receives the platform's SIGTERM itself (a shell would swallow it).
 CMD ["python", "-u", "handler.py"]

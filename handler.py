@@ -10,7 +10,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))
 
 if __name__ == "__main__":
-    from worker_transformers import readahead
+    from worker_transformers.startup import readahead
 
     # First, so the kernel reads the imports' pages while they run (readahead.py); then the imports.
     reading_ahead = readahead.start()

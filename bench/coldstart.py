@@ -36,11 +36,11 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from worker_transformers.config import DEFAULT_MODEL, hf_hub_cache_dir  # noqa: E402
-from worker_transformers.sources import hf_snapshot  # noqa: E402
-from worker_transformers.weights import weight_paths  # noqa: E402
-from worker_transformers.readahead import MANIFEST  # noqa: E402
-from worker_transformers.record_readahead import evict, record  # noqa: E402
-from worker_transformers.sdk import processor_name  # noqa: E402
+from worker_transformers.model import hf_cache  # noqa: E402
+from worker_transformers.model.weights import weight_paths  # noqa: E402
+from worker_transformers.startup.readahead import MANIFEST  # noqa: E402
+from worker_transformers.startup.record_readahead import evict, record  # noqa: E402
+from worker_transformers.startup.sdk import processor_name  # noqa: E402
 
 PY = sys.executable
 JOB = json.dumps({"input": {"prompt": "Hi", "max_new_tokens": 1}})
@@ -190,12 +190,12 @@ def summarize(samples: list[dict]) -> tuple[dict, list[dict], dict]:
 
 def import_costs(runs: int) -> dict:
     """Seconds from process start to the end of the worker's startup imports (worker.import_libraries), with
-    the garbage collector running as usual and paused as startup pauses it (startup_gc.py); warm cache."""
+    the garbage collector running as usual and paused as startup pauses it (startup/collector.py); warm cache."""
     env = {"PYTHONPATH": str(ROOT / "src")}
     imports = (
         "from worker_transformers.worker import import_libraries; import_libraries(); print('imported', flush=True)"
     )
-    paused = "from worker_transformers.startup_gc import collector_paused\nwith collector_paused(): " + imports
+    paused = "from worker_transformers.startup.collector import collector_paused\nwith collector_paused(): " + imports
     timed([PY, "-c", imports], env)  # untimed: the libraries into the page cache
     return {
         "imports_s": statistics.median(timed([PY, "-c", imports], env, "imported")[0] for _ in range(runs)),
@@ -208,7 +208,7 @@ def import_costs(runs: int) -> dict:
 def sdk_costs(runs: int) -> dict:
     """runpod's import, plain and as the worker does it, and its startup checks, in fresh processes."""
     env = {"PYTHONPATH": str(ROOT / "src")}
-    worker_import = "from worker_transformers.sdk import import_runpod; import_runpod()"
+    worker_import = "from worker_transformers.startup.sdk import import_runpod; import_runpod()"
     checks = (
         "import asyncio, time; from runpod.serverless.modules.rp_fitness import run_fitness_checks; "
         "t = time.perf_counter(); asyncio.run(run_fitness_checks()); print('checks', time.perf_counter() - t)"
@@ -306,7 +306,7 @@ def main() -> None:
     args = parser.parse_args()
     cold_runs = args.runs if args.cold_runs is None else args.cold_runs
 
-    default = hf_snapshot(hf_hub_cache_dir(os.environ), DEFAULT_MODEL, None, newest_if_no_ref=False)
+    default = hf_cache.snapshot(hf_hub_cache_dir(os.environ), DEFAULT_MODEL, None, newest_if_no_ref=False)
     if default is None:
         sys.exit(f"{DEFAULT_MODEL} is not in the Hugging Face cache: run `make model` first")
     cold_method = "drop_caches" if can_drop_caches() else "fadvise_dontneed_weights"

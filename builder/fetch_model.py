@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from worker_transformers.model_files import (  # noqa: E402
+from worker_transformers.model.manifest import (  # noqa: E402
     is_model_file,
     model_files,
     sha256,
@@ -195,7 +195,9 @@ def fetch(source: str, out: Path, model_id: str, revision: str | None, attempts:
     shutil.rmtree(staging / ".cache", ignore_errors=True)  # huggingface_hub's download bookkeeping
     for leftover in set(model_files(staging)) - set(hashes):  # from an earlier run for another source
         (staging / leftover).unlink()
-    write_manifest(staging, model_id, revision, [{"path": f.path, "size": f.size, "sha256": hashes[f.path]} for f in files])
+    write_manifest(
+        staging, model_id, revision, [{"path": f.path, "size": f.size, "sha256": hashes[f.path]} for f in files]
+    )
     replace_folder(staging, out)
     total = sum(f.size for f in files) / 1e6
     return f"{out} holds {model_id}@{revision or 'main'}: {len(files)} files, {total:.1f} MB, sizes and hashes verified"

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from worker_transformers.config import DEFAULT_MODEL, Settings, hf_hub_cache_dir  # noqa: E402
-from worker_transformers.sources import hf_snapshot  # noqa: E402
+from worker_transformers.model import hf_cache  # noqa: E402
 
 CHATML = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
@@ -98,7 +98,7 @@ def tiny_engine(tiny_settings):
 @pytest.fixture(scope="session")
 def default_model_path() -> Path:
     """The default model, in the Hugging Face cache that `make model` (builder/default_model.py) fills."""
-    snapshot = hf_snapshot(hf_hub_cache_dir(os.environ), DEFAULT_MODEL, None, newest_if_no_ref=False)
+    snapshot = hf_cache.snapshot(hf_hub_cache_dir(os.environ), DEFAULT_MODEL, None, newest_if_no_ref=False)
     if snapshot is None:
         pytest.fail(f"{DEFAULT_MODEL} is not in the Hugging Face cache: run `make model` first")
     return snapshot

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from worker_transformers.budget import InitBudget
+from worker_transformers.startup.budget import InitBudget
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,7 +61,7 @@ def test_the_benchmark_reads_every_phase_of_the_startup_table():
     with budget.phase("warm-up"):
         clock.now += 1.25
     budget.ready()
-    log = ["2026-01-01 00:00:00,000 INFO worker_transformers.budget: " + budget.table(), "INFO   | Job result"]
+    log = ["2026-01-01 00:00:00,000 INFO worker_transformers.startup.budget: " + budget.table(), "INFO   | Job result"]
     phases = load_bench().parse_timeline("\n".join(log).splitlines())
     assert phases == [
         {"name": "resolve", "start_s": 0.25, "seconds": 0.5},

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from worker_transformers.config import Settings
-from worker_transformers.handlers import OOM_LIMIT, make_handler
+from worker_transformers.serving.handlers import OOM_LIMIT, make_handler
 from worker_transformers.worker import setup
 
 
@@ -140,7 +140,7 @@ def test_a_model_without_its_tokenizer_says_the_copy_is_incomplete(tiny_model_di
 
 def bake(tiny_model_dir, tmp_path):
     """A baked folder as builder/fetch_model.py writes it: the files and a manifest with sizes and hashes."""
-    from worker_transformers.model_files import model_files, sha256, write_manifest
+    from worker_transformers.model.manifest import model_files, sha256, write_manifest
 
     folder = copy_model(tiny_model_dir, tmp_path / "models")
     files = [
@@ -190,7 +190,7 @@ def test_pickle_weights_are_refused_unless_allowed(tiny_model_dir, tmp_path):
 
 
 def test_pickle_weights_load_when_allowed_and_answer_like_their_safetensors_twin(tiny_model_dir, tmp_path, tiny_engine):
-    from worker_transformers.schema import parse_request
+    from worker_transformers.serving.schema import parse_request
     from worker_transformers.worker import start_worker
 
     folder = pickle_only_model(tiny_model_dir, tmp_path)

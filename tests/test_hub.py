@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from worker_transformers import gpus
+from worker_transformers.advisor import gpus
+from worker_transformers.advisor.footprint import footprint, shape_from_config, shape_from_folder
 from worker_transformers.config import DTYPES, MODEL_SOURCES, Settings
-from worker_transformers.footprint import footprint, shape_from_config, shape_from_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 HUB = json.loads((ROOT / ".runpod" / "hub.json").read_text())
@@ -171,7 +171,7 @@ def test_the_tests_cover_a_prompt_a_chat_a_stream_and_an_openai_route():
 @pytest.fixture(scope="module")
 def hub_test_handler(default_model_path):
     """The worker as the Hub's test endpoint runs it: tests.json's environment and the default model."""
-    from worker_transformers.handlers import make_handler
+    from worker_transformers.serving.handlers import make_handler
     from worker_transformers.worker import setup
 
     hub_env = {item["key"]: item["value"] for item in TESTS["config"]["env"]}
@@ -187,8 +187,8 @@ def test_a_hub_test_job_passes_the_schema_and_runs_through_the_handler(case, hub
     from openai.types.chat import ChatCompletion
     from test_worker import sdk_run
 
-    from worker_transformers.openai_schema import ChatCompletionBody, CompletionBody
-    from worker_transformers.schema import parse_request
+    from worker_transformers.serving.openai.bodies import ChatCompletionBody, CompletionBody
+    from worker_transformers.serving.schema import parse_request
 
     handler, settings = hub_test_handler
     job = case["input"]

@@ -11,8 +11,8 @@ import pytest
 from fake_hub import FakeHub
 
 from worker_transformers.config import Settings
-from worker_transformers.download import download_from_hub
-from worker_transformers.sources import ModelNotFound
+from worker_transformers.model.download import download_from_hub
+from worker_transformers.model.errors import ModelNotFound
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "hf_canaryTokenThatMustNeverBeSeen42"

@@ -41,12 +41,6 @@ class Secret(str):
 Parser = Callable[[str, str], Any]  # (variable name, raw text) -> value
 
 
-def _text(name: str, raw: str) -> str:
-    if not raw.strip():
-        raise ConfigError(f"{name} is empty; set it to a value or unset it to use the default")
-    return raw.strip()
-
-
 def _optional_text(name: str, raw: str) -> str | None:
     return raw.strip() or None
 
@@ -55,9 +49,7 @@ def _model_name(name: str, raw: str) -> str:
     value = raw.strip()
     if value.startswith("/") or _HUB_ID.match(value):
         return value
-    raise ConfigError(
-        f"{name}={raw!r} is not allowed; use a Hugging Face model id (org/name) or an absolute folder"
-    )
+    raise ConfigError(f"{name}={raw!r} is not allowed; use a Hugging Face model id (org/name) or an absolute folder")
 
 
 def _choice(*allowed: str) -> Parser:
@@ -90,9 +82,7 @@ def _int_between(low: int, high: int) -> Parser:
         try:
             value = int(raw.strip())
         except ValueError:
-            raise ConfigError(
-                f"{name}={raw!r} is not allowed; use a whole number from {low} to {high}"
-            ) from None
+            raise ConfigError(f"{name}={raw!r} is not allowed; use a whole number from {low} to {high}") from None
         if not low <= value <= high:
             raise ConfigError(f"{name}={raw!r} is not allowed; use a whole number from {low} to {high}")
         return value
@@ -180,8 +170,7 @@ class Settings:
         "ALLOW_PICKLE_WEIGHTS",
         "false",
         _flag,
-        "Load `.bin`/`.pt` weights when a model has no safetensors; unpickling can run code: only for models "
-        "you trust",
+        "Load `.bin`/`.pt` weights when a model has no safetensors; unpickling can run code: only for models you trust",
     )
     verify_weights: bool = setting(
         "VERIFY_WEIGHTS",
@@ -195,9 +184,7 @@ class Settings:
         _choice(*SDK_LOG_LEVELS),
         "The runpod SDK's log level; at `debug` it logs every job's output, so prompts' answers reach the logs",
     )
-    hf_token: Secret | None = setting(
-        "HF_TOKEN", None, _secret, "Hugging Face token, for private or gated models"
-    )
+    hf_token: Secret | None = setting("HF_TOKEN", None, _secret, "Hugging Face token, for private or gated models")
     hf_endpoint: str | None = setting(
         "HF_ENDPOINT", None, _optional_text, "Address of the Hugging Face Hub, for a mirror; unset means huggingface.co"
     )

@@ -1,11 +1,11 @@
 """Startup: everything before the first job, then handing the handler to the runpod SDK.
 
-Startup runs against RUNPOD_INIT_TIMEOUT (budget.py): find the weights, start reading them into the page
+Startup runs against RUNPOD_INIT_TIMEOUT (startup/budget.py): find the weights, start reading them into the page
 cache, import torch, transformers and runpod while that read runs, load, warm up, then take jobs. When
 startup fails (a bad setting, no model, a download too slow, damaged weights, out of memory), the worker
 does not exit into a crash loop: it logs one line saying what to do, takes jobs anyway, and answers each
 with that line as its error, so the caller sees why.
-The handlers themselves are in handlers.py.
+The handlers themselves are in serving/handlers.py.
 """
 
 from __future__ import annotations
@@ -19,14 +19,16 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from . import prefetch, weights
-from .budget import InitBudget, InitTooSlow, human_bytes
-from .config import ConfigError, Settings, is_deployed
-from .handlers import Handler, failed_init_handler, make_handler
-from .readahead import Readahead
-from .sdk import import_runpod, quiet_runpod_logs
-from .sources import ModelNotFound, UnsupportedWeights, resolve
-from .startup_gc import collector_paused
+from worker_transformers.config import ConfigError, Settings, is_deployed
+from worker_transformers.model import weights
+from worker_transformers.model.errors import ModelNotFound, UnsupportedWeights
+from worker_transformers.model.sources import resolve
+from worker_transformers.serving.handlers import Handler, failed_init_handler, make_handler
+from worker_transformers.startup import prefetch
+from worker_transformers.startup.budget import InitBudget, InitTooSlow, human_bytes
+from worker_transformers.startup.collector import collector_paused
+from worker_transformers.startup.readahead import Readahead
+from worker_transformers.startup.sdk import import_runpod, quiet_runpod_logs
 
 log = logging.getLogger("worker_transformers")
 
@@ -34,7 +36,8 @@ log = logging.getLogger("worker_transformers")
 def import_libraries() -> None:
     """Startup's heavy imports (torch, transformers, runpod), in one place: setup runs them while the weights
     prefetch, and record_readahead runs them to learn which pages of which files they read."""
-    from . import engine, loading  # noqa: F401
+    from worker_transformers.loading import loader  # noqa: F401
+    from worker_transformers.serving import engine  # noqa: F401
 
     import_runpod()
 
@@ -42,7 +45,7 @@ def import_libraries() -> None:
 def setup(settings: Settings, budget: InitBudget | None = None):
     """Find the weights, load them, warm up and build the engine, each step a phase of `budget`'s
     timeline. Raises on any failure."""
-    from .download import download_from_hub
+    from worker_transformers.model.download import download_from_hub
 
     budget = budget or InitBudget(settings.init_timeout_s)
     with budget.phase("resolve"):
@@ -55,21 +58,19 @@ def setup(settings: Settings, budget: InitBudget | None = None):
         with collector_paused():
             with budget.phase("imports"):
                 import_libraries()
-                from . import loading
-                from .engine import Engine
+                from worker_transformers.loading import loader
+                from worker_transformers.serving.engine import Engine
 
-                loading.import_model_code(location, settings)
+                loader.import_model_code(location, settings)
             with budget.phase("tokenizer"):
-                tokenizer = loading.load_tokenizer(location, settings)
+                tokenizer = loader.load_tokenizer(location, settings)
         with budget.phase("model"):
-            empty = loading.build_model(location, settings, files)
+            empty = loader.build_model(location, settings, files)
         with budget.phase("weights"):
-            model = loading.load_weights(location, settings, files, empty)
+            model = loader.load_weights(location, settings, files, empty)
         with budget.phase("warm-up"):
-            loading.warm_up(model, tokenizer)
-            engine = Engine(
-                model, tokenizer, location.model_id, settings.max_input_tokens, settings.max_concurrency
-            )
+            loader.warm_up(model, tokenizer)
+            engine = Engine(model, tokenizer, location.model_id, settings.max_input_tokens, settings.max_concurrency)
     finally:
         reading.stop()
     return engine
@@ -82,7 +83,7 @@ USER_ERRORS = (ConfigError, ModelNotFound, UnsupportedWeights, InitTooSlow)
 def _user_fixable(error: Exception) -> bool:
     if isinstance(error, USER_ERRORS):
         return True
-    from .loading import LoadError  # needs torch, so it is not in USER_ERRORS
+    from worker_transformers.loading.loader import LoadError  # needs torch, so it is not in USER_ERRORS
 
     return isinstance(error, LoadError)
 
@@ -134,7 +135,7 @@ def start_worker(
             log.info(
                 "read ahead %s of library pages for the imports%s",
                 human_bytes(reading_ahead.bytes_requested),
-                f"; {gone} files of its manifest are gone: run python -m worker_transformers.record_readahead"
+                f"; {gone} files of its manifest are gone: run python -m worker_transformers.startup.record_readahead"
                 if gone
                 else "",
             )
@@ -157,7 +158,7 @@ def main(env: Mapping[str, str] = os.environ, argv: list[str] = sys.argv, readah
     config: dict[str, Any] = {"return_aggregate_stream": True}
     started = start_worker(env, lambda: config.update(refresh_worker=True), readahead)
 
-    from .local import LocalJobError, local_job, run_local
+    from worker_transformers.local import LocalJobError, local_job, run_local
 
     try:
         job = local_job(argv, deployed=is_deployed(env))

@@ -37,8 +37,8 @@ SNAPSHOT=$("$PYTHON" - "$ROOT/src" "$MODEL" <<'EOF'
 import os, sys
 sys.path.insert(0, sys.argv[1])
 from worker_transformers.config import hf_hub_cache_dir
-from worker_transformers.sources import hf_snapshot
-print(hf_snapshot(hf_hub_cache_dir(os.environ), sys.argv[2], None, newest_if_no_ref=False) or "")
+from worker_transformers.model import hf_cache
+print(hf_cache.snapshot(hf_hub_cache_dir(os.environ), sys.argv[2], None, newest_if_no_ref=False) or "")
 EOF
 )
 [ -n "$SNAPSHOT" ] || fail "$MODEL is not in the local Hugging Face cache: run \`make model\` first"
@@ -133,7 +133,7 @@ log "empty volume offline: refused in one line, nothing left behind"
 # 4. A code change rebuilds only the code: the weights' layer comes from the cache.
 echo "# a code change" >>"$CONTEXT/handler.py"
 build baked-after-code-change baked --model "$MODEL" --from-folder "$SNAPSHOT"
-fetch_step=$(grep -A2 'model-baked 3/3\] RUN' "$WORK/build-baked-after-code-change.log")
+fetch_step=$(grep -A2 -E 'model-baked [0-9]+/[0-9]+\] RUN' "$WORK/build-baked-after-code-change.log")
 code_step=$(grep -A2 'RUN python -m compileall' "$WORK/build-baked-after-code-change.log")
 grep -q CACHED <<<"$fetch_step" || fail "a code change re-ran the model fetch"
 grep -q CACHED <<<"$code_step" && fail "a code change did not rebuild the code layer"

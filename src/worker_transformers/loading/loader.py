@@ -1,0 +1,181 @@
+"""Tokenizer and model from a local folder onto the device, then one warm-up generation.
+
+Everything is read from the folder `sources.resolve` found (`local_files_only`): once the weights are
+local, loading never touches the network. Custom model code runs only when TRUST_REMOTE_CODE is set.
+The weights go through the fast path in placement.py when the checkpoint allows it (FAST_LOAD), else
+through `from_pretrained`. Running out of memory is reported as a LoadError that says what to change.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+from worker_transformers.config import Settings
+from worker_transformers.loading import placement
+from worker_transformers.model.sources import ModelLocation
+from worker_transformers.model.weights import DTYPE_SIZES, WeightFile
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+WARM_UP_TOKENS = 2
+
+
+class LoadError(Exception):
+    """The model cannot be loaded as configured. The message says which setting to change."""
+
+
+def pick_device(settings: Settings) -> torch.device:
+    if settings.device == "cuda" and not torch.cuda.is_available():
+        raise LoadError("DEVICE=cuda but no CUDA device is visible; set DEVICE=auto or run on a GPU worker")
+    if settings.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(settings.device)
+
+
+def _check_remote_code(location: ModelLocation, settings: Settings) -> None:
+    config = json.loads((location.path / "config.json").read_text())
+    if config.get("model_type") not in CONFIG_MAPPING and "auto_map" in config and not settings.trust_remote_code:
+        raise LoadError(
+            f"{location.model_id} needs the Python code shipped with it (model_type "
+            f"{config.get('model_type')!r} is not in transformers); set TRUST_REMOTE_CODE=true if you trust it"
+        )
+
+
+def import_model_code(location: ModelLocation, settings: Settings) -> None:
+    """Import the model's architecture now. transformers imports it lazily on first use, and that import
+    is over a second for Llama (torch.distributed, dynamo): it belongs with the other imports, which the
+    weight prefetch runs alongside, not inside the load."""
+    _check_remote_code(location, settings)
+    config = AutoConfig.from_pretrained(
+        location.path, local_files_only=True, trust_remote_code=settings.trust_remote_code
+    )
+    if type(config) in MODEL_FOR_CAUSAL_LM_MAPPING:
+        MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]  # the lookup imports the module
+
+
+def load_tokenizer(location: ModelLocation, settings: Settings) -> PreTrainedTokenizerBase:
+    return AutoTokenizer.from_pretrained(
+        location.path, local_files_only=True, trust_remote_code=settings.trust_remote_code
+    )
+
+
+def build_model(location: ModelLocation, settings: Settings, files: list[WeightFile]) -> placement.EmptyModel | None:
+    """The fast path's empty model on the device, or None when `from_pretrained` must load this checkpoint
+    (FAST_LOAD=false, pickle weights, or a checkpoint the fast path does not handle: logged with why)."""
+    device = pick_device(settings)
+    dtype = _DTYPES.get(settings.dtype)  # None: the checkpoint's own dtype
+    _check_fits(location, files, device, dtype)
+    if not (settings.fast_load and files):  # no files: pickle weights, from_pretrained's alone
+        return None
+    try:
+        return placement.build_empty(location.path, files, device, dtype)
+    except placement.NotEligible as why:
+        log.info("%s: fast loading does not apply (%s); using from_pretrained", location.model_id, why)
+        return None
+    except (torch.OutOfMemoryError, MemoryError):
+        raise LoadError(_out_of_memory(location, files, device, dtype)) from None
+
+
+def load_weights(
+    location: ModelLocation, settings: Settings, files: list[WeightFile], empty: placement.EmptyModel | None
+) -> PreTrainedModel:
+    """The loaded model: `empty` filled, or the whole model by `from_pretrained` when it is None."""
+    device = empty.device if empty is not None else pick_device(settings)
+    dtype = _DTYPES.get(settings.dtype)
+    started = time.monotonic()
+    try:
+        if empty is not None:
+            model, how = placement.fill(empty, files), "fast path"
+        else:
+            model, how = _from_pretrained(location.path, settings, device, dtype), "from_pretrained"
+    except (torch.OutOfMemoryError, MemoryError):
+        raise LoadError(_out_of_memory(location, files, device, dtype)) from None
+    log.info(
+        "loaded %s (%s) on %s as %s by %s in %.2f s: %.0f M parameters, %.2f GB of weights",
+        location.model_id,
+        location.source,
+        device,
+        model.dtype,
+        how,
+        time.monotonic() - started,
+        model.num_parameters() / 1e6,
+        sum(f.size for f in files) / 1e9,
+    )
+    return model
+
+
+def _from_pretrained(path: Path, settings: Settings, device: torch.device, dtype: torch.dtype | None):
+    model = AutoModelForCausalLM.from_pretrained(
+        path,
+        local_files_only=True,
+        trust_remote_code=settings.trust_remote_code,
+        dtype=dtype or "auto",
+        device_map=device,
+    )
+    return model.eval()
+
+
+def _weights_bytes(files: list[WeightFile], dtype: torch.dtype | None) -> int:
+    """Bytes the weights take on the device: the checkpoint's, or converted to `dtype`."""
+    if dtype is None:
+        return sum(t.nbytes for f in files for t in f.tensors)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return sum(t.nbytes // DTYPE_SIZES[t.dtype] * itemsize for f in files for t in f.tensors)
+
+
+def _check_fits(location: ModelLocation, files: list[WeightFile], device: torch.device, dtype) -> None:
+    if device.type != "cuda":
+        return  # CPU weights are memory-mapped from the page cache; the kernel pages them as needed
+    free, _ = torch.cuda.mem_get_info(device)
+    if _weights_bytes(files, dtype) > free:
+        raise LoadError(_out_of_memory(location, files, device, dtype))
+
+
+def _out_of_memory(location: ModelLocation, files: list[WeightFile], device: torch.device, dtype) -> str:
+    need = _weights_bytes(files, dtype) / 2**30
+    where = "host memory"
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        where = f"GPU memory ({free / 2**30:.1f} of {total / 2**30:.1f} GiB free)"
+    smaller = "a smaller DTYPE (bfloat16), " if dtype == torch.float32 else ""
+    return (
+        f"{location.model_id}: out of {where} for {need:.1f} GiB of weights, before the KV cache; "
+        f"use {smaller}a GPU with more memory, or a smaller model"
+    )
+
+
+def warm_up(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    """One short greedy generation through the chat template, so the first job does not pay for first-call
+    work (kernel selection, lazy imports, caches, memory-mapped pages touched for the first time)."""
+    if tokenizer.chat_template:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "Hi"}], add_generation_prompt=True, tokenize=False
+        )
+        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    else:
+        ids = tokenizer("Hi", return_tensors="pt")["input_ids"]
+    config = copy.deepcopy(model.generation_config)
+    config.update(max_new_tokens=WARM_UP_TOKENS, do_sample=False, temperature=1.0, top_p=1.0, top_k=None)
+    if config.pad_token_id is None:
+        config.pad_token_id = tokenizer.pad_token_id or tokenizer.eos_token_id
+    ids = ids.to(model.device)
+    try:
+        with torch.inference_mode():
+            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)
+        if model.device.type == "cuda":
+            torch.cuda.synchronize(model.device)
+    except (torch.OutOfMemoryError, MemoryError):
+        raise LoadError(
+            "out of memory in the warm-up generation: the weights fit but nothing is left for activations; "
+            "use a GPU with more memory, or a smaller DTYPE or model"
+        ) from None

@@ -1,0 +1,102 @@
+"""The async handlers the runpod SDK calls for every job: the engine's, and the one a worker whose startup
+failed serves instead.
+
+Both are async generators, because the SDK streams only from functions written with `yield`. Generation
+happens in the batcher's thread, so the SDK's event loop keeps fetching jobs, heartbeats and cancellations
+while the model computes, and up to MAX_CONCURRENCY jobs share each forward pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from worker_transformers.config import Settings
+from worker_transformers.serving.schema import RequestError, parse_request
+
+log = logging.getLogger("worker_transformers")
+
+Handler = Callable[[dict[str, Any]], AsyncIterator[dict[str, Any] | str]]
+
+
+# Out-of-memory failures in a row after which the worker asks to be replaced: one can be a burst of long
+# requests, several in a row mean this worker's device is in a bad state or too small for the traffic.
+OOM_LIMIT = 3
+
+
+class OomGuard:
+    """Counts consecutive out-of-memory failures and, past OOM_LIMIT, asks the platform for a fresh worker."""
+
+    def __init__(self, on_unhealthy: Callable[[], None]) -> None:
+        self.on_unhealthy = on_unhealthy
+        self.streak = 0
+
+    def failed(self) -> None:
+        self.streak += 1
+        if self.streak >= OOM_LIMIT:
+            log.error("%d out-of-memory failures in a row: asking the platform to replace this worker", self.streak)
+            self.on_unhealthy()
+
+    def succeeded(self) -> None:
+        self.streak = 0
+
+
+def make_handler(engine, settings: Settings, on_unhealthy: Callable[[], None] = lambda: None) -> Handler:
+    from worker_transformers.serving.batcher import Done
+    from worker_transformers.serving.engine import OutOfMemory
+    from worker_transformers.serving.openai.routes import OpenAIRoutes, error_result, is_openai_job
+
+    openai = OpenAIRoutes(engine, settings.max_new_tokens)
+    oom = OomGuard(on_unhealthy)
+
+    async def answer(job_input: Any) -> AsyncIterator[dict[str, Any] | str]:
+        if is_openai_job(job_input):
+            async for item in openai.handle(job_input):
+                yield item
+            return
+        # Everything the caller can get wrong is checked before the first chunk: a stream's consumers never
+        # see an error yielded after it.
+        try:
+            request = parse_request(job_input, settings.max_new_tokens)
+            ids = await asyncio.to_thread(engine.prompt_ids, request)
+        except RequestError as error:
+            yield {"error": str(error)}
+            return
+        text = ""  # a whole (non-streamed) answer is gathered here
+        async for event in engine.stream(request, ids):
+            if isinstance(event, Done):
+                yield engine.response(event.text if request.stream else text + event.text, event)
+            elif request.stream:
+                yield {"text": event.text}
+            else:
+                text += event.text
+
+    async def handler(job: dict[str, Any]) -> AsyncIterator[dict[str, Any] | str]:
+        job_input = job.get("input")
+        generated = False  # a refused job says nothing about the device's health
+        try:
+            async for item in answer(job_input):
+                generated = generated or not (isinstance(item, dict) and "error" in item)
+                yield item
+        except OutOfMemory as error:
+            oom.failed()
+            if is_openai_job(job_input):
+                yield error_result(str(error), code="out_of_memory", kind="server_error")
+            else:
+                yield {"error": str(error)}
+            return
+        if generated:
+            oom.succeeded()
+
+    return handler
+
+
+def failed_init_handler(message: str) -> Handler:
+    """The handler of a worker whose startup failed: every job fails with the reason and the fix."""
+
+    async def handler(job: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        yield {"error": message}
+
+    return handler

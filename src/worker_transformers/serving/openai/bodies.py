@@ -1,0 +1,186 @@
+"""OpenAI request bodies (/v1/chat/completions, /v1/completions), turned into this worker's own request.
+
+The bodies follow OpenAI's API: its field names, defaults (temperature 1, 16 tokens for completions) and
+forms (`stop` as a string or a list, content as a string or text parts). A field whose value this worker
+cannot honour (n > 1, logprobs, tools, penalties...) is refused by name rather than silently ignored; `user`
+is accepted and ignored, as it only labels the caller. `top_k` and `repetition_penalty` are accepted as
+extensions, as vLLM does.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from worker_transformers.serving.schema import GenerationRequest, RequestError, parse_request
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    include_usage: bool = False
+
+
+def _only(value: Any, allowed: tuple[Any, ...], name: str) -> Any:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not supported by this worker")
+    return value
+
+
+class _Common(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+    model: str
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    n: int = 1
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    top_k: int = Field(0, ge=-1)  # extension; -1 or 0 turn it off
+    repetition_penalty: float = Field(1.0, gt=0.0)  # extension
+
+    @field_validator("n")
+    @classmethod
+    def _one_choice(cls, n: int) -> int:
+        return _only(n, (1,), "n")
+
+    @field_validator("presence_penalty", "frequency_penalty")
+    @classmethod
+    def _no_penalties(cls, value: float, info) -> float:
+        return _only(value, (0.0,), info.field_name)
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _no_logit_bias(cls, value: dict | None) -> dict | None:
+        if value:
+            raise ValueError("logit_bias is not supported by this worker")
+        return value
+
+    def stop_list(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def sampling(self, max_tokens: int | None) -> dict[str, Any]:
+        """The fields of this worker's request that both routes share."""
+        fields: dict[str, Any] = {
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": max(self.top_k, 0),
+            "repetition_penalty": self.repetition_penalty,
+            "stop": self.stop_list(),
+            "seed": self.seed,
+            "stream": self.stream,
+        }
+        if max_tokens is not None:
+            fields["max_new_tokens"] = max_tokens
+        return fields
+
+
+class ChatCompletionBody(_Common):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    response_format: dict[str, Any] | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+
+    @field_validator("logprobs")
+    @classmethod
+    def _no_logprobs(cls, value: bool | None) -> bool | None:
+        return _only(value, (None, False), "logprobs")
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _no_top_logprobs(cls, value: int | None) -> int | None:
+        return _only(value, (None, 0), "top_logprobs")
+
+    @field_validator("response_format")
+    @classmethod
+    def _text_only(cls, value: dict | None) -> dict | None:
+        if value not in (None, {"type": "text"}):
+            raise ValueError("only response_format {'type': 'text'} is supported by this worker")
+        return value
+
+    @field_validator("tools", "tool_choice")
+    @classmethod
+    def _no_tools(cls, value: Any, info) -> Any:
+        if value not in (None, [], "none"):
+            raise ValueError(f"{info.field_name} is not supported by this worker")
+        return value
+
+    def to_request(self, max_new_tokens_cap: int) -> GenerationRequest:
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
+        fields = self.sampling(self.max_completion_tokens or self.max_tokens)
+        return _convert({"messages": messages, **fields}, max_new_tokens_cap, tokens_field="max_tokens")
+
+
+class CompletionBody(_Common):
+    prompt: str | list[str]
+    max_tokens: int = Field(16, ge=1)  # OpenAI's default for this route
+    echo: bool = False
+    logprobs: int | None = None
+    suffix: str | None = None
+    best_of: int | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, prompt: str | list[str]) -> str | list[str]:
+        if isinstance(prompt, list) and len(prompt) != 1:
+            raise ValueError("send one prompt (a string); lists of prompts are not supported by this worker")
+        return prompt
+
+    @field_validator("echo")
+    @classmethod
+    def _no_echo(cls, value: bool) -> bool:
+        return _only(value, (False,), "echo")
+
+    @field_validator("logprobs", "suffix")
+    @classmethod
+    def _unset(cls, value: Any, info) -> Any:
+        return _only(value, (None,), info.field_name)
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of_one(cls, value: int | None) -> int | None:
+        return _only(value, (None, 1), "best_of")
+
+    def to_request(self, max_new_tokens_cap: int) -> GenerationRequest:
+        prompt = self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+        return _convert({"prompt": prompt, **self.sampling(self.max_tokens)}, max_new_tokens_cap, "max_tokens")
+
+
+def _convert(fields: dict[str, Any], cap: int, tokens_field: str) -> GenerationRequest:
+    """Validate with the worker's own schema, naming fields the way the OpenAI caller sent them."""
+    try:
+        return parse_request(fields, cap)
+    except RequestError as error:
+        raise RequestError(str(error).replace("max_new_tokens", tokens_field)) from None
