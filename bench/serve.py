@@ -102,7 +102,7 @@ def percentile(values: list[float], q: float) -> float:
 
 def handler_overhead(engine, settings, jobs: list[dict], rounds: int = 200) -> float:
     """Seconds per request the handler spends outside the model: validation, tokenization, response shape."""
-    from worker_transformers.serving.batcher import Done
+    from worker_transformers.serving.events import Done
     from worker_transformers.serving.schema import parse_request
 
     done = Done("", "stop", 10, 10)
@@ -207,14 +207,14 @@ def main() -> int:
     report = {
         "mode": "in-process handler (streaming)",
         "model": settings.model_name,
-        "dtype": str(engine.batcher.model.dtype).removeprefix("torch."),
+        "dtype": str(engine.generator.model.dtype).removeprefix("torch."),
         "machine": machine(),
         "levels": results,
         "serial_throughput_tok_s": serial["throughput_tok_s"],
         "single_request_latency_p99_s": serial["latency_p99_s"],
         "handler_overhead_s": handler_overhead(engine, settings, jobs),
         "itl_at_batch_1_s": serial["itl_p50_s"],
-        "batch_1_decode": decode_bandwidth(engine.batcher.model, serial["itl_p50_s"]),
+        "batch_1_decode": decode_bandwidth(engine.generator.model, serial["itl_p50_s"]),
     }
     engine.close()
 

@@ -8,6 +8,7 @@ import torch
 
 from worker_transformers.config import Settings
 from worker_transformers.serving.handlers import OOM_LIMIT, make_handler
+from worker_transformers.serving.schema import parse_request
 from worker_transformers.worker import setup
 
 
@@ -18,13 +19,14 @@ def engine(tiny_model_dir):
     engine.close()
 
 
-def out_of_memory_for(model, calls: int):
-    """Make the model's next `calls` forward passes raise what CUDA raises when memory runs out."""
+def out_of_memory_for(model, calls: int, when=lambda input_ids: True):
+    """Make the model's next `calls` forward passes whose input_ids satisfy `when` raise what CUDA raises when
+    memory runs out."""
     real_forward = model.forward
     left = {"calls": calls}
 
     def forward(*args, **kwargs):
-        if left["calls"] > 0:
+        if left["calls"] > 0 and when(kwargs["input_ids"]):
             left["calls"] -= 1
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real_forward(*args, **kwargs)
@@ -44,30 +46,67 @@ JOB = {"prompt": "Hello world", "max_new_tokens": 5, "temperature": 0}
 
 def test_out_of_memory_fails_the_job_clearly_frees_the_batch_and_the_next_job_succeeds(engine, tiny_model_dir):
     handler = make_handler(engine, Settings.from_env({"MODEL_NAME": str(tiny_model_dir)}))
-    out_of_memory_for(engine.batcher.model, calls=1)
+    out_of_memory_for(engine.generator.model, calls=1)
     [failed] = run(handler, JOB)
     assert failed["error"].startswith("out of memory on the device while generating")
     assert "MAX_CONCURRENCY" in failed["error"] and "Traceback" not in failed["error"]
-    assert engine.batcher.in_flight() == 0 and engine.batcher._cache is None
+    assert engine.generator.in_flight() == 0 and engine.generator._active == []
     [ok] = run(handler, JOB)
     assert ok["usage"]["completion_tokens"] == 5
 
 
-def test_out_of_memory_in_a_batch_fails_every_job_in_it_and_none_after(engine, tiny_model_dir):
+LONG_PROMPT = "Stop here, then go on: one, two, three, four, five, six, seven, eight."
+
+
+def test_out_of_memory_at_one_prefill_fails_that_request_only_and_the_stream_decoding_goes_on(engine, tiny_model_dir):
     handler = make_handler(engine, Settings.from_env({"MODEL_NAME": str(tiny_model_dir)}))
+    alone = run(handler, {**JOB, "max_new_tokens": 40})
 
     async def scenario():
-        first = handler({"id": "a", "input": {**JOB, "max_new_tokens": 400, "stream": True}})
-        await first.__anext__()  # job a is decoding
-        out_of_memory_for(engine.batcher.model, calls=1)
+        first = handler({"id": "a", "input": {**JOB, "max_new_tokens": 40, "stream": True}})
+        head = await first.__anext__()  # job a is decoding
+        # The long prompt's prefill runs out of memory, alone or together with others.
+        long_ids = len(engine.prompt_ids(parse_request({"prompt": LONG_PROMPT}, 64)))
+        out_of_memory_for(engine.generator.model, calls=1, when=lambda ids: ids.shape[1] == long_ids)
         a_rest = asyncio.create_task(_drain(first))
-        b = asyncio.create_task(_drain(handler({"id": "b", "input": JOB})))
-        return await a_rest, await b
+        b = asyncio.create_task(_drain(handler({"id": "b", "input": {**JOB, "prompt": LONG_PROMPT}})))
+        return [head, *await a_rest], await b
 
-    a_items, b_items = asyncio.run(scenario())
-    errors = [item for item in a_items + b_items if isinstance(item, dict) and "error" in item]
-    assert errors, "the injected out-of-memory error reached no job"
-    assert all(e["error"].startswith("out of memory") for e in errors)
+    a_items, [b_error] = asyncio.run(scenario())
+    assert b_error["error"].startswith("out of memory on the device while generating; the request was dropped")
+    assert "".join(item["text"] for item in a_items) == alone[0]["text"]  # job a never noticed
+    [ok] = run(handler, {**JOB, "prompt": LONG_PROMPT})
+    assert ok["finish_reason"] == "length"
+
+
+def test_out_of_memory_at_a_decode_step_sheds_the_newest_requests_and_the_rest_go_on(engine, tiny_model_dir):
+    asked = []
+    handler = make_handler(
+        engine, Settings.from_env({"MODEL_NAME": str(tiny_model_dir)}), on_unhealthy=lambda: asked.append(1)
+    )
+    alone = run(handler, {**JOB, "max_new_tokens": 40})
+
+    async def scenario():
+        old = handler({"id": "old", "input": {**JOB, "max_new_tokens": 40, "stream": True}})
+        head = await old.__anext__()
+        newer = [
+            handler({"id": f"new{i}", "input": {**JOB, "max_new_tokens": 40, "stream": True}}) for i in range(OOM_LIMIT)
+        ]
+        heads = [await stream.__anext__() for stream in newer]  # all joined the batch
+        assert engine.generator.peak_batch == OOM_LIMIT + 1
+        # Decode steps (one token per row) run out of memory until only one row is left.
+        batch = engine.generator._active
+        out_of_memory_for(
+            engine.generator.model, calls=OOM_LIMIT, when=lambda ids: ids.shape == (len(batch), 1) != (1, 1)
+        )
+        rest = await asyncio.gather(*(_drain(stream) for stream in [old, *newer]))
+        return [head, *rest[0]], [[h, *r] for h, r in zip(heads, rest[1:])]
+
+    old_items, newer_items = asyncio.run(scenario())
+    assert "".join(item["text"] for item in old_items) == alone[0]["text"]
+    for items in newer_items:
+        assert items[-1]["error"].startswith("out of memory on the device while generating; the request, the newest")
+    assert asked == []  # one out-of-memory event, however many requests (OOM_LIMIT here) it shed
     [ok] = run(handler, JOB)
     assert ok["finish_reason"] == "length"
 
@@ -82,14 +121,14 @@ def test_repeated_out_of_memory_asks_for_a_fresh_worker_and_a_success_resets_the
         engine, Settings.from_env({"MODEL_NAME": str(tiny_model_dir)}), on_unhealthy=lambda: asked.append(1)
     )
     for _ in range(OOM_LIMIT - 1):
-        out_of_memory_for(engine.batcher.model, calls=1)
+        out_of_memory_for(engine.generator.model, calls=1)
         run(handler, JOB)
     run(handler, JOB)  # a success in between
     for _ in range(OOM_LIMIT - 1):
-        out_of_memory_for(engine.batcher.model, calls=1)
+        out_of_memory_for(engine.generator.model, calls=1)
         run(handler, JOB)
     assert asked == []
-    out_of_memory_for(engine.batcher.model, calls=1)
+    out_of_memory_for(engine.generator.model, calls=1)
     run(handler, JOB)
     assert asked == [1]
 
@@ -98,7 +137,7 @@ def test_an_openai_job_out_of_memory_gets_an_openai_server_error(engine, tiny_mo
     import json
 
     handler = make_handler(engine, Settings.from_env({"MODEL_NAME": str(tiny_model_dir)}))
-    out_of_memory_for(engine.batcher.model, calls=1)
+    out_of_memory_for(engine.generator.model, calls=1)
     body = {"model": str(tiny_model_dir), "prompt": "Hello", "max_tokens": 3}
     [item] = run(handler, {"openai_route": "/v1/completions", "openai_input": body})
     error = json.loads(item["error"])["error"]

@@ -21,6 +21,7 @@ MODEL_SOURCES = ("auto", "baked", "cached", "volume", "hub")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 DEVICES = ("auto", "cuda", "cpu")
 SDK_LOG_LEVELS = ("error", "warn", "info", "debug")
+ENGINES = ("auto", "batch", "serial")
 
 _TRUE = ("true", "1", "yes", "on")
 _FALSE = ("false", "0", "no", "off")
@@ -147,7 +148,15 @@ class Settings:
         "MAX_CONCURRENCY",
         "8",
         _int_between(1, 1024),
-        "Jobs one worker runs at once, batched together on the device",
+        "Jobs one worker runs at once, batched together on the device (at most: a model the batcher cannot "
+        "batch runs one at a time)",
+    )
+    engine: str = setting(
+        "ENGINE",
+        "auto",
+        _choice(*ENGINES),
+        "`batch`: continuous batching over the worker's own KV cache; `serial`: one job at a time through "
+        "`generate` (recurrent and hybrid models); `auto` batches wherever the model allows it",
     )
     trust_remote_code: bool = setting(
         "TRUST_REMOTE_CODE", "false", _flag, "Run Python code shipped with the model; only for models you trust"

@@ -70,7 +70,14 @@ def setup(settings: Settings, budget: InitBudget | None = None):
             model = loader.load_weights(location, settings, files, empty)
         with budget.phase("warm-up"):
             loader.warm_up(model, tokenizer)
-            engine = Engine(model, tokenizer, location.model_id, settings.max_input_tokens, settings.max_concurrency)
+            engine = Engine(
+                model,
+                tokenizer,
+                location.model_id,
+                settings.max_input_tokens,
+                settings.max_concurrency,
+                settings.engine,
+            )
     finally:
         reading.stop()
     return engine
@@ -141,7 +148,7 @@ def start_worker(
             )
     budget.ready()
     handler = make_handler(engine, settings, on_unhealthy)
-    return Started(handler, settings.max_concurrency, engine.close, settings.runpod_log_level)
+    return Started(handler, engine.concurrency, engine.close, settings.runpod_log_level)
 
 
 def _exit_on_sigterm(signum: int, frame: object) -> None:

@@ -34,7 +34,7 @@ def test_an_end_of_turn_token_ends_with_stop_and_is_not_text(tiny_settings):
         # The tiny model, greedy, repeats " three" after this prompt: make that its end-of-turn token.
         three = engine.tokenizer(" three", add_special_tokens=False)["input_ids"]
         assert len(three) == 1
-        engine.batcher.eos_ids = {three[0]}
+        engine.generator.eos_ids = {three[0]}
         out = run(engine, prompt="one, two, three", max_new_tokens=7, temperature=0)
         assert (out["text"], out["finish_reason"], out["usage"]["completion_tokens"]) == ("", "stop", 1)
     finally:

@@ -1,16 +1,25 @@
-"""The sampler at the edges of what the schema admits: it always returns a real token id."""
+"""The batched sampler: always a real token id at the edges of what the schema admits, each row with its own
+settings, draws that follow the softmax, and a seeded row that picks the same tokens whatever shares its batch."""
 
 import pytest
 import torch
 
-from worker_transformers.serving.sampling import Sampler
+from worker_transformers.serving.sampling import BatchSampler, Sampling, gumbel_noise
 from worker_transformers.serving.schema import parse_request
 
 VOCAB = 1000
+CPU = torch.device("cpu")
 
 
-def sampler(**fields) -> Sampler:
-    return Sampler(parse_request({"prompt": "x", **fields}, 64), torch.device("cpu"))
+def sampling(**fields) -> Sampling:
+    return Sampling.of(parse_request({"prompt": "x", **fields}, 64))
+
+
+def pick(rows: list[Sampling], logits: torch.Tensor, steps=None, seen=None) -> list[int]:
+    sampler = BatchSampler(CPU)
+    sampler.set_rows(rows)
+    steps = torch.zeros(len(rows), dtype=torch.long) if steps is None else steps
+    return sampler.pick(logits, steps, seen).tolist()
 
 
 @pytest.mark.parametrize(
@@ -27,31 +36,74 @@ def sampler(**fields) -> Sampler:
 )
 def test_extreme_settings_still_pick_a_token(fields):
     torch.manual_seed(0)
-    logits = torch.randn(VOCAB) * 20
-    logits[0] = 0.0  # a seen token whose logit is exactly 0: 0 x an infinite penalty would be nan
-    seen = torch.arange(0, VOCAB, 3)
-    token = sampler(seed=1, **fields).pick(logits, seen)
+    logits = torch.randn(1, VOCAB) * 20
+    logits[0, 0] = 0.0  # a seen token whose logit is exactly 0: 0 x an infinite penalty would be nan
+    seen = torch.zeros(1, VOCAB, dtype=torch.bool)
+    seen[0, ::3] = True
+    [token] = pick([sampling(seed=1, **fields)], logits, seen=seen)
     assert 0 <= token < VOCAB
 
 
 def test_top_k_1_and_a_tiny_temperature_are_greedy():
-    logits = torch.randn(VOCAB)
-    best = int(logits.argmax())
-    assert sampler(temperature=1.0, top_k=1, seed=3).pick(logits, torch.tensor([0])) == best
-    assert sampler(temperature=1e-9, seed=3).pick(logits, torch.tensor([0])) == best
+    logits = torch.randn(2, VOCAB)
+    best = logits.argmax(-1).tolist()
+    assert pick([sampling(temperature=1.0, top_k=1, seed=3)] * 2, logits) == best
+    assert pick([sampling(temperature=1e-9, seed=3)] * 2, logits) == best
+
+
+def test_each_row_keeps_its_own_settings_in_one_batch():
+    logits = torch.zeros(3, VOCAB)
+    logits[:, 5] = 3.0
+    logits[:, 6] = 2.9
+    rows = [sampling(temperature=0), sampling(temperature=1.0, top_k=1, seed=1), sampling(temperature=2.0, seed=2)]
+    greedy, top1, hot = zip(*(pick(rows, logits, steps=torch.full((3,), step)) for step in range(200)))
+    assert set(greedy) == {5} and set(top1) == {5}
+    assert len(set(hot)) > 10  # temperature 2 over a nearly flat vocabulary: many different tokens
+
+
+def test_a_seeded_row_picks_the_same_tokens_whatever_shares_its_batch_and_in_whichever_row():
+    torch.manual_seed(1)
+    logits = torch.randn(1, VOCAB)
+    mine = sampling(temperature=1.0, top_p=0.9, seed=42)
+    alone = [pick([mine], logits, steps=torch.tensor([s]))[0] for s in range(30)]
+    others = [sampling(temperature=0.7, top_k=50, seed=7), sampling(temperature=0)]
+    batch = torch.cat([torch.randn(2, VOCAB), logits])
+    shared = [pick([*others, mine], batch, steps=torch.tensor([9, 3, s]))[2] for s in range(30)]
+    assert shared == alone
+    assert len(set(alone)) > 1  # and the draws do change from step to step
 
 
 def test_the_same_seed_gives_the_same_tokens_and_another_seed_other_tokens():
-    logits = torch.zeros(VOCAB)  # uniform: every draw is up to the generator
-    seen = torch.tensor([0])
-    draws = lambda seed: [s.pick(logits, seen) for s in [sampler(temperature=1.0, seed=seed)] for _ in range(20)]  # noqa: E731
+    logits = torch.zeros(1, VOCAB)  # uniform: every draw is up to the noise
+
+    def draws(seed):
+        return [pick([sampling(temperature=1.0, seed=seed)], logits, steps=torch.tensor([s]))[0] for s in range(20)]
+
     assert draws(5) == draws(5)
     assert draws(5) != draws(6)
 
 
+def test_draws_follow_the_softmax():
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0])
+    expected = logits.softmax(-1)
+    seeds = torch.arange(20_000, dtype=torch.long)
+    noise = gumbel_noise(seeds, torch.zeros_like(seeds), 4)
+    counts = torch.bincount((logits + noise).argmax(-1), minlength=4).float() / len(seeds)
+    assert torch.allclose(counts, expected, atol=0.015), (counts, expected)
+
+
+def test_top_p_keeps_only_the_nucleus():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    row = sampling(temperature=1.0, top_p=0.8, seed=0)
+    picked = {pick([row], logits, steps=torch.tensor([s]))[0] for s in range(300)}
+    assert picked == {0, 1}
+
+
 def test_repetition_penalty_pushes_seen_tokens_down():
-    logits = torch.zeros(VOCAB)
-    logits[7] = 1.0
-    logits[8] = 0.9
-    assert sampler(temperature=0, repetition_penalty=2.0).pick(logits, torch.tensor([7])) == 8
-    assert sampler(temperature=0).pick(logits, torch.tensor([7])) == 7
+    logits = torch.zeros(1, VOCAB)
+    logits[0, 7] = 1.0
+    logits[0, 8] = 0.9
+    seen = torch.zeros(1, VOCAB, dtype=torch.bool)
+    seen[0, 7] = True
+    assert pick([sampling(temperature=0, repetition_penalty=2.0)], logits, seen=seen) == [8]
+    assert pick([sampling(temperature=0)], logits) == [7]

@@ -1,86 +1,78 @@
-"""Continuous batching: one thread runs the model for every request in flight.
+"""Continuous batching: one thread runs the model for every request in flight, over a slot cache (slot_cache.py).
 
-A new request is prefilled on its own (so its prompt is computed exactly as if it were alone), then its KV
-cache joins the running batch, left-padded to a common length with an attention mask hiding the padding.
-Each step decodes one token for every sequence in the batch at once; a sequence leaves the batch the step it
-finishes or is cancelled, and the common padding is trimmed. Requests that arrive while the batch is full
-wait their turn.
+Each turn of the loop prefills the requests that arrived, all in one forward (left-padded, written straight into
+their cache rows), then decodes one token for every sequence in the batch at once. A sequence leaves the batch
+the step it finishes or is cancelled, and a waiting one takes its row. The step's inputs stay on the device: the
+tokens just chosen are the next step's input and positions advance in place, so the host reads back only the
+chosen tokens, once per step.
 
-Models whose cache is not a plain per-layer key/value store (sliding-window, hybrid or recurrent layers)
-cannot have caches joined this way; for those the batch holds one sequence at a time.
+Requests are admitted while their worst-case cache (prompt plus every token they may generate, in the slot
+layout's rows and columns) fits the KV budget worked out at startup, and at most `max_batch` at once; a prefill
+takes at most PREFILL_TOKENS prompt tokens per turn, so that arrivals delay the running streams by one bounded
+forward. An out-of-memory error stays with the requests that caused it: a prefill that runs out is retried one
+request at a time and fails only the one that does not fit; a decode step that runs out sheds the newest
+requests, each told why, until the step fits.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache, PreTrainedModel
-from transformers.cache_utils import DynamicLayer
+from transformers import PreTrainedModel
 
-from worker_transformers.serving.sampling import Sampler
-from worker_transformers.serving.textstream import TextStream
+from worker_transformers.serving.events import Sequence
+from worker_transformers.serving.sampling import BatchSampler
+from worker_transformers.serving.slot_cache import SlotCache, attention_masks
 
 log = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class Delta:
-    text: str
+PREFILL_TOKENS = 4096  # prompt tokens prefilled in one turn (a longer prompt goes alone)
+_oom_events = itertools.count(1)
 
 
-@dataclass(frozen=True)
-class Done:
-    text: str  # the last piece of text, held back until now
-    finish_reason: str  # "stop" | "length"
-    prompt_tokens: int
-    completion_tokens: int
-
-
-@dataclass(frozen=True)
-class Failed:
-    error: BaseException
-
-
-Event = Delta | Done | Failed
-
-
-@dataclass(eq=False)
-class Sequence:
-    """One request in flight. `emit` delivers events to whoever waits for them, from the batcher thread."""
-
-    prompt_ids: list[int]
-    max_new_tokens: int
-    sampler: Sampler
-    text: TextStream
-    emit: Callable[[Event], None]
-    generated: list[int] = field(default_factory=list)
-    cancelled: bool = False  # set by the consumer when nobody wants the rest any more
-    finished: bool = False
-    _seen: torch.Tensor | None = None  # prompt + generated ids on the device, for the repetition penalty
+class ShedForMemory(torch.OutOfMemoryError):
+    """This request was dropped so that the others in its batch could go on when the device ran out of memory."""
 
 
 class Batcher:
-    def __init__(self, model: PreTrainedModel, max_batch: int, eos_ids: set[int]) -> None:
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        max_batch: int,
+        eos_ids: set[int],
+        num_layers: int,
+        windows: dict[str, int | None],
+        token_budget: int | None = None,
+        start: bool = True,
+    ) -> None:
         self.model = model
         self.max_batch = max_batch
         self.eos_ids = eos_ids
+        self.windows = windows
+        self.token_budget = token_budget  # cache tokens (rows x columns) the batch may occupy; None: no limit
+        self.additive_masks = model.config._attn_implementation != "sdpa"
         self._waiting: deque[Sequence] = deque()
         self._wake = threading.Condition()
-        self._active: list[Sequence] = []
-        self._cache: DynamicCache | None = None
-        self._mask: torch.Tensor | None = None  # (batch, cached length): 1 for real tokens, 0 for padding
+        self._active: list[Sequence] = []  # in row order
+        self._starts: list[int] = []  # each row's first cache column
+        self._column = 0  # where the next decode step writes
+        self._cache = SlotCache(num_layers, 0, 0, self.device)
+        self._last = self._positions = self._steps = torch.zeros(0, dtype=torch.long, device=self.device)
+        self._seen: torch.Tensor | None = None  # (rows, vocab): the repetition penalty's tokens, when one asks
+        self._sampler = BatchSampler(self.device)
         self.peak_batch = 0  # the most sequences decoded together so far (for tests and benchmarks)
-        self.can_join = self._probe_cache()
-        if not self.can_join:
-            log.info("this model's cache cannot be joined across requests: one sequence at a time")
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="batcher", daemon=True)
-        self._thread.start()
+        if start:  # not for choice.py's check, which drives the steps itself
+            self._thread.start()
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
 
     def close(self) -> None:
         """Stop the thread once every request submitted so far is done."""
@@ -88,10 +80,6 @@ class Batcher:
             self._closed = True
             self._wake.notify()
         self._thread.join()
-
-    @property
-    def device(self) -> torch.device:
-        return self.model.device
 
     def submit(self, sequence: Sequence) -> None:
         with self._wake:
@@ -106,38 +94,25 @@ class Batcher:
     def in_flight(self) -> int:
         return len(self._active) + len(self._waiting)
 
-    @torch.inference_mode()
-    def _probe_cache(self) -> bool:
-        """Run one token through the model to see which kind of cache it builds."""
-        probe = torch.zeros(1, 1, dtype=torch.long, device=self.device)
-        return _joinable(self.model(input_ids=probe, use_cache=True, logits_to_keep=1).past_key_values)
+    def fits_alone(self, reserved_tokens: int) -> bool:
+        """Whether a request that may need this many cache tokens can ever run here."""
+        return self.token_budget is None or 2 * reserved_tokens <= self.token_budget
 
     # The batcher thread
 
     def _run(self) -> None:
-        while (admitted := self._admit()) is not None:
+        while (joining := self._admit()) is not None:
             try:
                 with torch.inference_mode():
-                    for sequence in admitted:
-                        self._prefill(sequence)
-                    self._retire()
+                    if joining:
+                        self._prefill_safely(joining)
+                        self._retire()  # answers that ended at their first token
                     if self._active:
-                        self._decode_step()
-                        self._retire()
-            except torch.OutOfMemoryError as error:
-                # Expected under memory pressure, not a bug: one line, then give the memory back.
-                tokens = 0 if self._mask is None else self._mask.numel()
-                log.error(
-                    "out of memory with %d requests in flight (%d cached tokens); failing them and freeing the cache",
-                    len(self._active) + len(admitted),
-                    tokens,
-                )
-                self._fail_all(error, admitted)
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
+                        self._decode_safely()
+                    self._retire()
             except Exception as error:  # noqa: BLE001 - the thread must survive; every caller gets the error
                 log.exception("generation failed; failing the %d requests in flight", len(self._active))
-                self._fail_all(error, admitted)
+                self._fail_all(error, joining)
 
     def _admit(self) -> list[Sequence] | None:
         """Requests that join the batch now (waiting while there is nothing to do); None once closed and idle."""
@@ -146,112 +121,214 @@ class Batcher:
                 if self._closed:
                     return None
                 self._wake.wait()
-            capacity = self.max_batch if self.can_join else 1
-            admitted = []
-            while self._waiting and len(self._active) + len(admitted) < capacity:
-                sequence = self._waiting.popleft()
-                if not sequence.cancelled:
-                    admitted.append(sequence)
+            admitted: list[Sequence] = []
+            tokens = 0
+            while self._waiting and len(self._active) + len(admitted) < self.max_batch:
+                sequence = self._waiting[0]
+                if sequence.cancelled:
+                    self._waiting.popleft()
+                    continue
+                if admitted and tokens + len(sequence.prompt_ids) > PREFILL_TOKENS:
+                    break
+                if not self._within_budget([*self._active, *admitted, sequence]):
+                    break
+                admitted.append(self._waiting.popleft())
+                tokens += len(sequence.prompt_ids)
             return admitted
 
-    def _prefill(self, sequence: Sequence) -> None:
-        ids = torch.tensor([sequence.prompt_ids], device=self.device)
-        sequence._seen = ids[0]
-        out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
-        self._accept(sequence, out.logits[0, -1])
-        if not sequence.finished:
-            self._join(sequence, out.past_key_values)
+    def _within_budget(self, sequences: list[Sequence]) -> bool:
+        # The slot layout gives every row as many columns as the longest sequence spans, and reclaims columns
+        # only once half of them are free: twice the longest reservation per row bounds what it allocates.
+        if self.token_budget is None:
+            return True
+        return len(sequences) * 2 * max(s.reserved_tokens for s in sequences) <= self.token_budget
 
-    def _join(self, sequence: Sequence, cache: DynamicCache) -> None:
-        length = len(sequence.prompt_ids)
-        if self._cache is None:
-            self._cache, self._mask = cache, torch.ones(1, length, dtype=torch.long, device=self.device)
-        else:
-            total = max(self._mask.shape[1], length)
-            # Layer by layer, so that beside the cache only one layer's new copy exists at any moment.
-            for old, new in zip(self._cache.layers, cache.layers):
-                old.keys, new.keys = _stack_right_aligned(old.keys, new.keys, total), None
-                old.values, new.values = _stack_right_aligned(old.values, new.values, total), None
-            new_mask = torch.ones(1, length, dtype=torch.long, device=self.device)
-            self._mask = _stack_right_aligned(self._mask, new_mask, total)
-        self._active.append(sequence)
+    def _prefill_safely(self, joining: list[Sequence]) -> None:
+        try:
+            self._prefill(joining)
+        except torch.OutOfMemoryError as error:
+            self._release_memory()
+            if len(joining) == 1:
+                event = next(_oom_events)
+                log.error(
+                    "out of memory prefilling a %d-token prompt; failing that request", len(joining[0].prompt_ids)
+                )
+                joining[0].fail(error, event)
+                return
+            for sequence in joining:  # one at a time: only the request that does not fit fails
+                self._prefill_safely([sequence])
+
+    def _decode_safely(self) -> None:
+        event = None
+        while self._active:
+            try:
+                return self._decode_step()
+            except torch.OutOfMemoryError:
+                self._release_memory()
+                event = event or next(_oom_events)
+                newest = max(range(len(self._active)), key=lambda row: self._active[row].arrival)
+                log.error(
+                    "out of memory decoding %d sequences (%d cache columns); shedding the newest request",
+                    len(self._active),
+                    self._column,
+                )
+                self._active[newest].fail(_shed(), event)
+                self._retire()
+
+    def _release_memory(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _prefill(self, joining: list[Sequence]) -> None:
+        rows = len(self._active)
+        longest = max(len(s.prompt_ids) for s in joining)
+        self._make_room(rows + len(joining), longest)
+        end = max(self._column, longest)  # the prompts end at the column the batch writes next
+        start = end - longest
+        ids = torch.zeros(len(joining), longest, dtype=torch.long)
+        positions = torch.full((len(joining), longest), -1, dtype=torch.long)
+        for i, sequence in enumerate(joining):
+            length = len(sequence.prompt_ids)
+            ids[i, longest - length :] = torch.tensor(sequence.prompt_ids)
+            positions[i, longest - length :] = torch.arange(length)
+        ids, positions = ids.to(self.device), positions.to(self.device)
+        cache = self._cache
+        new_rows = slice(rows, rows + len(joining))
+        cache.positions[new_rows] = -1
+        cache.positions[new_rows, start:end] = positions
+        cache.rows, cache.write_start, cache.write_end = new_rows, start, end
+        try:
+            logits = self._forward(ids, positions, cache.positions[new_rows, :end])
+        except BaseException:
+            cache.positions[new_rows] = -1
+            raise
+        sampler = BatchSampler(self.device)
+        sampler.set_rows([s.sampling for s in joining])
+        seen = None
+        if self._seen is not None or any(s.sampling.repetition_penalty != 1.0 for s in joining):
+            seen = torch.zeros(len(joining), logits.shape[-1], dtype=torch.bool, device=self.device)
+            for i, sequence in enumerate(joining):
+                seen[i, torch.tensor(sequence.prompt_ids, device=self.device)] = True
+        steps = torch.zeros(len(joining), dtype=torch.long, device=self.device)
+        tokens = sampler.pick(logits, steps, seen)
+        self._column = end
+        self._last[new_rows] = tokens
+        self._positions[new_rows] = torch.tensor([len(s.prompt_ids) for s in joining], device=self.device)
+        self._steps[new_rows] = 1
+        if seen is not None:
+            seen[torch.arange(len(joining), device=self.device), tokens] = True
+            self._ensure_seen(logits.shape[-1])
+            self._seen[new_rows] = seen
+        self._active.extend(joining)
+        self._starts.extend(end - len(s.prompt_ids) for s in joining)
+        self._sampler.set_rows([s.sampling for s in self._active])
         self.peak_batch = max(self.peak_batch, len(self._active))
+        for sequence, token in zip(joining, tokens.tolist()):
+            sequence.accept(token, self.eos_ids)
 
     def _decode_step(self) -> None:
-        last = torch.tensor([[s.generated[-1]] for s in self._active], device=self.device)
-        positions = torch.tensor([[len(s.prompt_ids) + len(s.generated) - 1] for s in self._active], device=self.device)
-        self._mask = torch.cat([self._mask, torch.ones_like(last)], dim=1)
+        rows = len(self._active)
+        self._make_room(rows, 0)
+        cache, column = self._cache, self._column
+        live = slice(0, rows)
+        cache.positions[live, column] = self._positions[live]
+        cache.rows, cache.write_start, cache.write_end = live, column, column + 1
+        positions = self._positions[live, None]
+        logits = self._forward(self._last[live, None], positions, cache.positions[live, : column + 1])
+        seen = self._seen[live] if self._seen is not None else None
+        tokens = self._sampler.pick(logits, self._steps[live], seen)
+        self._column = column + 1
+        self._last[live] = tokens
+        self._positions[live] += 1
+        self._steps[live] += 1
+        if seen is not None:
+            self._seen[torch.arange(rows, device=self.device), tokens] = True
+        for sequence, token in zip(self._active, tokens.tolist()):  # the step's one device-to-host copy
+            if not sequence.finished:
+                sequence.accept(token, self.eos_ids)
+
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, kv_positions: torch.Tensor) -> torch.Tensor:
+        cache = self._cache
+        masks = attention_masks(kv_positions, positions, self.windows, self.model.dtype, self.additive_masks)
         out = self.model(
-            input_ids=last,
-            attention_mask=self._mask,
-            position_ids=positions,
-            past_key_values=self._cache,
+            input_ids=ids,
+            attention_mask=masks,
+            position_ids=positions.clamp(min=0),
+            past_key_values=cache,
+            cache_position=torch.arange(cache.write_start, cache.write_end, device=self.device),
             use_cache=True,
+            logits_to_keep=1,
         )
-        self._cache = out.past_key_values
-        logits = out.logits[:, -1]
-        for row, sequence in enumerate(self._active):
-            self._accept(sequence, logits[row])
+        return out.logits[:, -1]
 
-    def _accept(self, sequence: Sequence, logits: torch.Tensor) -> None:
-        """Pick the sequence's next token, turn it into text and decide whether the sequence is done."""
-        token = sequence.sampler.pick(logits, sequence._seen)
-        sequence.generated.append(token)
-        if sequence.sampler.repetition_penalty != 1.0:
-            sequence._seen = torch.cat([sequence._seen, torch.tensor([token], device=self.device)])
-        if token in self.eos_ids:
-            return self._finish(sequence, "stop")
-        sequence.text.push(token)
-        if sequence.text.stopped:
-            return self._finish(sequence, "stop")
-        if len(sequence.generated) >= sequence.max_new_tokens:
-            return self._finish(sequence, "length")
-        delta = sequence.text.release()
-        if delta:
-            sequence.emit(Delta(delta))
+    def _make_room(self, rows: int, prompt_length: int) -> None:
+        """Enough rows, and columns for a prompt of `prompt_length` ending at the next column and the decode step
+        after it: reclaim the columns before every row's first, and grow (doubling) only when reclaiming leaves
+        less than half free."""
+        cache = self._cache
+        if rows <= cache.row_capacity and max(self._column, prompt_length) + 1 <= cache.column_capacity:
+            return
+        first = min(self._starts, default=self._column)
+        needed = max(self._column - first, prompt_length) + 1
+        column_capacity = cache.column_capacity
+        if needed > column_capacity // 2:
+            column_capacity = max(2 * needed, 16)
+        row_capacity = max(cache.row_capacity, min(self.max_batch, max(2 * cache.row_capacity, rows, 1)))
+        cache.resize(row_capacity, column_capacity, len(self._active), slice(first, self._column))
+        self._column -= first
+        self._starts = [start - first for start in self._starts]
+        if row_capacity != self._last.shape[0]:
+            self._last = _grown(self._last, row_capacity)
+            self._positions = _grown(self._positions, row_capacity)
+            self._steps = _grown(self._steps, row_capacity)
+            if self._seen is not None:
+                self._seen = _grown(self._seen, row_capacity)
 
-    def _finish(self, sequence: Sequence, reason: str) -> None:
-        sequence.text.finish()
-        sequence.finished = True
-        prompt_tokens = len(sequence.prompt_ids)
-        sequence.emit(Done(sequence.text.release(final=True), reason, prompt_tokens, len(sequence.generated)))
+    def _ensure_seen(self, vocab: int) -> None:
+        if self._seen is None:
+            self._seen = torch.zeros(self._last.shape[0], vocab, dtype=torch.bool, device=self.device)
 
     def _retire(self) -> None:
-        """Drop finished and cancelled sequences from the batch, and the padding no sequence needs any more."""
-        keep = [i for i, s in enumerate(self._active) if not (s.finished or s.cancelled)]
-        if len(keep) == len(self._active):
-            return
-        self._active = [self._active[i] for i in keep]
-        if not keep:
-            self._cache = self._mask = None
-            return
-        index = torch.tensor(keep, device=self.device)
-        self._mask = self._mask[index]
-        unused = int((self._mask.sum(0) == 0).long().cumprod(0).sum())  # leading columns that are all padding
-        self._mask = self._mask[:, unused:]
-        for layer in self._cache.layers:  # one layer at a time, as in _join
-            layer.keys = layer.keys[index, :, unused:]
-            layer.values = layer.values[index, :, unused:]
+        """Drop finished and cancelled sequences: the last row moves into each freed one."""
+        row = 0
+        changed = False
+        while row < len(self._active):
+            sequence = self._active[row]
+            if not (sequence.finished or sequence.cancelled):
+                row += 1
+                continue
+            changed = True
+            last = len(self._active) - 1
+            if row != last:
+                self._cache.move_row(last, row, self._column)
+                for state in (self._last, self._positions, self._steps, self._seen):
+                    if state is not None:
+                        state[row] = state[last]
+                self._active[row], self._starts[row] = self._active[last], self._starts[last]
+            self._cache.positions[last] = -1
+            self._active.pop()
+            self._starts.pop()
+        if changed:
+            self._sampler.set_rows([s.sampling for s in self._active])
+            if not self._active:
+                self._column = 0
 
-    def _fail_all(self, error: BaseException, admitted: list[Sequence]) -> None:
-        for sequence in dict.fromkeys([*self._active, *admitted]):
-            if not sequence.finished:
-                sequence.finished = True
-                sequence.emit(Failed(error))
-        self._active, self._cache, self._mask = [], None, None
+    def _fail_all(self, error: BaseException, joining: list[Sequence]) -> None:
+        for sequence in dict.fromkeys([*self._active, *joining]):
+            sequence.fail(error)
+        self._active, self._starts, self._column = [], [], 0
+        self._cache.positions.fill_(-1)
+        self._sampler.set_rows([])
 
 
-def _joinable(cache: object) -> bool:
-    return type(cache) is DynamicCache and all(type(layer) is DynamicLayer for layer in cache.layers)
+def _grown(state: torch.Tensor, rows: int) -> torch.Tensor:
+    grown = state.new_zeros(rows, *state.shape[1:])
+    kept = min(rows, state.shape[0])
+    grown[:kept] = state[:kept]
+    return grown
 
 
-def _stack_right_aligned(batch: torch.Tensor, extra: torch.Tensor, total: int) -> torch.Tensor:
-    """`batch` and `extra` stacked on dim 0, each right-aligned in a sequence dim of `total` (the last dim
-    for masks, dim 2 for keys and values), zeros in front: the left padding the attention mask hides."""
-    dim = 1 if batch.dim() == 2 else 2
-    shape = list(batch.shape)
-    shape[0], shape[dim] = batch.shape[0] + extra.shape[0], total
-    out = batch.new_zeros(shape)
-    out[: batch.shape[0]].narrow(dim, total - batch.shape[dim], batch.shape[dim]).copy_(batch)
-    out[batch.shape[0] :].narrow(dim, total - extra.shape[dim], extra.shape[dim]).copy_(extra)
-    return out
+def _shed() -> ShedForMemory:
+    return ShedForMemory(
+        "out of memory on the device: this request, the newest in its batch, was dropped so the others could go on"
+    )

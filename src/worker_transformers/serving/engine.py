@@ -1,12 +1,15 @@
 """Generation: a validated request in, text with its finish reason and token counts out, whole or streamed.
 
-The engine owns the tokenizer and the batcher (which owns the model). Tokenizing and the input cap happen
-here, before anything is queued, so a request that is refused is refused before its first chunk.
+The engine owns the tokenizer and the generator that runs the model: the batcher for models it can batch, else
+`generate` one request at a time (choice.py decides, at startup). Tokenizing, the input cap and the check that
+a request can fit the KV budget happen here, before anything is queued, so a request that is refused is refused
+before its first chunk.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -14,10 +17,15 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from worker_transformers.serving.batcher import Batcher, Delta, Done, Event, Failed, Sequence
-from worker_transformers.serving.sampling import Sampler
+from worker_transformers.serving import choice
+from worker_transformers.serving.batcher import Batcher, ShedForMemory
+from worker_transformers.serving.events import Delta, Done, Event, Failed, Sequence
+from worker_transformers.serving.sampling import Sampling
 from worker_transformers.serving.schema import GenerationRequest, RequestError
+from worker_transformers.serving.serial import SerialGenerator
 from worker_transformers.serving.textstream import TextStream
+
+log = logging.getLogger(__name__)
 
 # Tokens average 3-5 characters of text; no real prompt averages 16, so text past 16 per allowed token is
 # refused unread.
@@ -29,18 +37,36 @@ class GenerationFailed(RuntimeError):
 
 
 class OutOfMemory(GenerationFailed):
-    """The device ran out of memory during this request's batch; the batch's memory has been released."""
+    """The device ran out of memory for this request; its memory has been released. `event` names the
+    out-of-memory event, which may have failed other requests too."""
+
+    def __init__(self, shed: bool, event: int | None) -> None:
+        super().__init__()
+        self.shed, self.event = shed, event
 
     def __str__(self) -> str:
+        what = (
+            "the request, the newest in its batch, was dropped so the others could go on"
+            if self.shed
+            else "the request was dropped and its memory freed"
+        )
         return (
-            "out of memory on the device while generating; the request was dropped and its memory freed: retry it, "
-            "and if it recurs lower MAX_CONCURRENCY, MAX_NEW_TOKENS or MAX_INPUT_TOKENS, or use a larger GPU"
+            f"out of memory on the device while generating; {what}: retry it, and if it recurs lower "
+            "MAX_CONCURRENCY, MAX_NEW_TOKENS or MAX_INPUT_TOKENS, or use a larger GPU"
         )
 
 
-def _failure(error: BaseException) -> GenerationFailed:
+class DeviceFailed(GenerationFailed):
+    """The device itself failed (a CUDA error such as a device-side assert): every later call fails too, so the
+    worker asks to be replaced."""
+
+
+def _failure(failed: Failed) -> GenerationFailed:
+    error = failed.error
     if isinstance(error, torch.OutOfMemoryError):
-        return OutOfMemory()
+        return OutOfMemory(isinstance(error, ShedForMemory), failed.oom_event)
+    if isinstance(error, torch.AcceleratorError):
+        return DeviceFailed(f"the device failed while generating ({type(error).__name__}); retry the request")
     return GenerationFailed(f"generation failed: {type(error).__name__}")
 
 
@@ -52,11 +78,31 @@ class Engine:
         model_name: str,
         max_input_tokens: int,
         max_batch: int,
+        engine: str = "auto",
     ) -> None:
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.max_input_tokens = max_input_tokens
-        self.batcher = Batcher(model, max_batch, _eos_ids(model, tokenizer))
+        eos = _eos_ids(model, tokenizer)
+        self.kind, shape, why = choice.choose(model, tokenizer, engine)
+        if self.kind == "batch":
+            budget = choice.kv_token_budget(model, shape, _free_bytes(model.device))
+            self.generator = Batcher(model, max_batch, eos, shape.num_layers, shape.windows, budget)
+            log.info(
+                "engine: batch (%s), up to %d sequences per step, a KV budget of %d tokens (%.2f GB)",
+                why,
+                max_batch,
+                budget,
+                budget * shape.kv_bytes_per_token / 1e9,
+            )
+        else:
+            self.generator = SerialGenerator(model, eos, tokenizer.pad_token_id)
+            log.info("engine: serial, one request at a time through generate (%s)", why)
+
+    @property
+    def concurrency(self) -> int:
+        """Requests this engine runs at once: what the SDK should hand this worker."""
+        return self.generator.max_batch
 
     def prompt_ids(self, request: GenerationRequest) -> list[int]:
         """Token ids of the request's input: the chat template applied to messages, or the prompt as is."""
@@ -78,7 +124,17 @@ class Engine:
             )
         if not ids:
             raise RequestError("prompt: the text has no tokens")
+        self._check_fits(request, ids)
         return ids
+
+    def _check_fits(self, request: GenerationRequest, ids: list[int]) -> None:
+        reserved = len(ids) + request.max_new_tokens
+        if not self.generator.fits_alone(reserved):
+            raise RequestError(
+                f"max_new_tokens: {len(ids)} prompt tokens and up to {request.max_new_tokens} new ones need more KV "
+                f"cache than this worker has ({self.generator.token_budget // 2} tokens for one request); send a "
+                "shorter prompt or ask for fewer tokens"
+            )
 
     def _check_size(self, request: GenerationRequest) -> None:
         """Refuse text far beyond MAX_INPUT_TOKENS before tokenizing it: tokenizing megabytes costs seconds of
@@ -96,11 +152,11 @@ class Engine:
         sequence = Sequence(
             prompt_ids=ids,
             max_new_tokens=request.max_new_tokens,
-            sampler=Sampler(request, self.batcher.device),
-            text=TextStream(self._decode, request.stop),
+            sampling=Sampling.of(request),
+            text=TextStream(self.tokenizer, ids, request.stop),
             emit=emit,
         )
-        self.batcher.submit(sequence)
+        self.generator.submit(sequence)
         return sequence
 
     async def stream(self, request: GenerationRequest, ids: list[int]) -> AsyncIterator[Delta | Done]:
@@ -113,13 +169,13 @@ class Engine:
             while True:
                 event = await events.get()
                 if isinstance(event, Failed):
-                    raise _failure(event.error) from event.error
+                    raise _failure(event) from event.error
                 yield event
                 if isinstance(event, Done):
                     return
         finally:
             if not sequence.finished:
-                self.batcher.cancel(sequence)
+                self.generator.cancel(sequence)
 
     def generate(self, request: GenerationRequest) -> dict[str, Any]:
         """The whole answer, blocking: for scripts, tests and benchmarks outside an event loop."""
@@ -130,13 +186,13 @@ class Engine:
         while True:
             event = events.get()
             if isinstance(event, Failed):
-                raise _failure(event.error) from event.error
+                raise _failure(event) from event.error
             pieces.append(event.text)
             if isinstance(event, Done):
                 return self.response("".join(pieces), event)
 
     def close(self) -> None:
-        self.batcher.close()
+        self.generator.close()
 
     def response(self, text: str, done: Done) -> dict[str, Any]:
         return {
@@ -145,9 +201,6 @@ class Engine:
             "usage": usage(done),
             "model": self.model_name,
         }
-
-    def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
 
 def usage(done: Done) -> dict[str, int]:
@@ -165,3 +218,13 @@ def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[
     if eos is None:
         return set()
     return set(eos) if isinstance(eos, list) else {eos}
+
+
+def _free_bytes(device: torch.device) -> int:
+    """Memory left for the KV cache now that the model is loaded: free GPU memory, or the host's available
+    memory (half of it: the page cache holds the memory-mapped weights and the rest of the worker)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    from worker_transformers.startup.prefetch import available_memory
+
+    return available_memory() // 2

@@ -21,19 +21,24 @@ log = logging.getLogger("worker_transformers")
 Handler = Callable[[dict[str, Any]], AsyncIterator[dict[str, Any] | str]]
 
 
-# Out-of-memory failures in a row after which the worker asks to be replaced: one can be a burst of long
+# Out-of-memory events in a row after which the worker asks to be replaced: one can be a burst of long
 # requests, several in a row mean this worker's device is in a bad state or too small for the traffic.
 OOM_LIMIT = 3
 
 
 class OomGuard:
-    """Counts consecutive out-of-memory failures and, past OOM_LIMIT, asks the platform for a fresh worker."""
+    """Counts consecutive out-of-memory events and, past OOM_LIMIT, asks the platform for a fresh worker. One
+    event that fails several requests (a decode step that sheds three) counts once."""
 
     def __init__(self, on_unhealthy: Callable[[], None]) -> None:
         self.on_unhealthy = on_unhealthy
         self.streak = 0
+        self._counted: int | None = None
 
-    def failed(self) -> None:
+    def failed(self, event: int | None) -> None:
+        if event is not None and event == self._counted:
+            return
+        self._counted = event
         self.streak += 1
         if self.streak >= OOM_LIMIT:
             log.error("%d out-of-memory failures in a row: asking the platform to replace this worker", self.streak)
@@ -44,8 +49,8 @@ class OomGuard:
 
 
 def make_handler(engine, settings: Settings, on_unhealthy: Callable[[], None] = lambda: None) -> Handler:
-    from worker_transformers.serving.batcher import Done
-    from worker_transformers.serving.engine import OutOfMemory
+    from worker_transformers.serving.engine import DeviceFailed, OutOfMemory
+    from worker_transformers.serving.events import Done
     from worker_transformers.serving.openai.routes import OpenAIRoutes, error_result, is_openai_job
 
     openai = OpenAIRoutes(engine, settings.max_new_tokens)
@@ -80,10 +85,15 @@ def make_handler(engine, settings: Settings, on_unhealthy: Callable[[], None] = 
             async for item in answer(job_input):
                 generated = generated or not (isinstance(item, dict) and "error" in item)
                 yield item
-        except OutOfMemory as error:
-            oom.failed()
+        except (OutOfMemory, DeviceFailed) as error:
+            if isinstance(error, DeviceFailed):
+                log.error("%s: asking the platform to replace this worker", error.__cause__ or error)
+                on_unhealthy()
+            else:
+                oom.failed(error.event)
             if is_openai_job(job_input):
-                yield error_result(str(error), code="out_of_memory", kind="server_error")
+                code = "out_of_memory" if isinstance(error, OutOfMemory) else "device_error"
+                yield error_result(str(error), code=code, kind="server_error")
             else:
                 yield {"error": str(error)}
             return

@@ -41,17 +41,23 @@ def _cgroup_room() -> int | None:
         return None
 
 
-def cache_room() -> int:
-    """Bytes the page cache can take without pushing out what the worker needs."""
+def available_memory() -> int:
+    """Bytes of host memory this process can still take: the kernel's MemAvailable, within the container's limit."""
     try:
-        info = _meminfo()
-        room = info["MemAvailable"] - int(KEEP_FREE_FRACTION * info["MemTotal"])
+        available = _meminfo()["MemAvailable"]
     except (OSError, KeyError, ValueError, IndexError):
         return 0
     cgroup = _cgroup_room()
-    if cgroup is not None:
-        room = min(room, cgroup - int(KEEP_FREE_FRACTION * info["MemTotal"]))
-    return max(0, room)
+    return max(0, available if cgroup is None else min(available, cgroup))
+
+
+def cache_room() -> int:
+    """Bytes the page cache can take without pushing out what the worker needs."""
+    try:
+        keep_free = int(KEEP_FREE_FRACTION * _meminfo()["MemTotal"])
+    except (OSError, KeyError, ValueError, IndexError):
+        return 0
+    return max(0, available_memory() - keep_free)
 
 
 class Prefetch:

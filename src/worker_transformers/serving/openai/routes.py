@@ -17,8 +17,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from worker_transformers.serving.batcher import Done
 from worker_transformers.serving.engine import Engine, usage
+from worker_transformers.serving.events import Done
 from worker_transformers.serving.openai.bodies import ChatCompletionBody, CompletionBody
 from worker_transformers.serving.schema import RequestError, describe
 

@@ -1,0 +1,79 @@
+"""A request in flight and what it reports, the same for every engine (batcher.py, serial.py)."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from worker_transformers.serving.sampling import Sampling
+from worker_transformers.serving.textstream import TextStream
+
+_arrivals = itertools.count()
+
+
+@dataclass(frozen=True)
+class Delta:
+    text: str
+
+
+@dataclass(frozen=True)
+class Done:
+    text: str  # the last piece of text, held back until now
+    finish_reason: str  # "stop" | "length"
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class Failed:
+    error: BaseException
+    # The out-of-memory event this failure belongs to: several requests failed by one event count once.
+    oom_event: int | None = None
+
+
+Event = Delta | Done | Failed
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One request in flight. `emit` delivers events to whoever waits for them, from the engine's thread."""
+
+    prompt_ids: list[int]
+    max_new_tokens: int
+    sampling: Sampling
+    text: TextStream
+    emit: Callable[[Event], None]
+    generated: list[int] = field(default_factory=list)
+    cancelled: bool = False  # set by the consumer when nobody wants the rest any more
+    finished: bool = False
+    arrival: int = field(default_factory=lambda: next(_arrivals))  # the newest are shed first
+
+    @property
+    def reserved_tokens(self) -> int:
+        """The most cache this request can come to need: its prompt and every token it may generate."""
+        return len(self.prompt_ids) + self.max_new_tokens
+
+    def accept(self, token: int, eos_ids: set[int]) -> None:
+        """Take the next generated token: turn it into text, and decide whether the request is done."""
+        self.generated.append(token)
+        if token in eos_ids:
+            return self.finish("stop")
+        self.text.push(token)
+        if self.text.stopped:
+            return self.finish("stop")
+        if len(self.generated) >= self.max_new_tokens:
+            return self.finish("length")
+        delta = self.text.release()
+        if delta:
+            self.emit(Delta(delta))
+
+    def finish(self, reason: str) -> None:
+        self.text.finish()
+        self.finished = True
+        self.emit(Done(self.text.release(final=True), reason, len(self.prompt_ids), len(self.generated)))
+
+    def fail(self, error: BaseException, oom_event: int | None = None) -> None:
+        if not self.finished:
+            self.finished = True
+            self.emit(Failed(error, oom_event))

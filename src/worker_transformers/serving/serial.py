@@ -1,0 +1,149 @@
+"""One request at a time through the model's own `generate`: the engine for models whose state cannot be batched.
+
+Recurrent and hybrid models (Mamba, RecurrentGemma, Jamba, ...) keep a state per sequence that `generate` knows
+how to build and advance, and that no shared key/value layout describes. So they are served one request at a
+time, exactly as `generate` would answer, with the same behaviour as the batcher: each token is chosen by the
+same sampler (a logits processor that leaves only its choice standing, so `generate` runs greedy and keeps
+it), turned into text, checked for stop strings and cancellation after every step.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import logging
+import threading
+from collections import deque
+
+import torch
+from transformers import LogitsProcessor, PreTrainedModel, StoppingCriteria
+
+from worker_transformers.serving.events import Sequence
+from worker_transformers.serving.sampling import BatchSampler
+
+log = logging.getLogger(__name__)
+
+_oom_events = itertools.count(1)
+
+
+class _Choose(LogitsProcessor):
+    """Picks the next token with the request's sampler; every other token gets -inf."""
+
+    def __init__(self, sequence: Sequence, device: torch.device) -> None:
+        self.sequence = sequence
+        self.sampler = BatchSampler(device)
+        self.sampler.set_rows([sequence.sampling])
+        self.penalized = sequence.sampling.repetition_penalty != 1.0
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        seen = None
+        if self.penalized:
+            seen = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, input_ids, True)
+        steps = torch.tensor([len(self.sequence.generated)], device=scores.device)
+        token = self.sampler.pick(scores, steps, seen)
+        return torch.full_like(scores, float("-inf")).scatter_(1, token[:, None], 0.0)
+
+
+class _Accept(StoppingCriteria):
+    """Hands each new token to the request, and stops `generate` once the request is done or cancelled."""
+
+    def __init__(self, sequence: Sequence, eos_ids: set[int]) -> None:
+        self.sequence = sequence
+        self.eos_ids = eos_ids
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        sequence = self.sequence
+        if not sequence.finished:
+            sequence.accept(int(input_ids[0, -1]), self.eos_ids)
+        done = sequence.finished or sequence.cancelled
+        return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
+
+
+class SerialGenerator:
+    max_batch = 1
+
+    def __init__(self, model: PreTrainedModel, eos_ids: set[int], pad_id: int | None) -> None:
+        self.model = model
+        self.eos_ids = eos_ids
+        self.config = copy.deepcopy(model.generation_config)
+        # Sampling is _Choose's; generate only keeps its choice.
+        self.config.update(do_sample=False, temperature=1.0, top_p=1.0, top_k=None, repetition_penalty=1.0)
+        self.config.eos_token_id = sorted(eos_ids) or None
+        if self.config.pad_token_id is None:
+            self.config.pad_token_id = pad_id if pad_id is not None else next(iter(sorted(eos_ids)), 0)
+        self._waiting: deque[Sequence] = deque()
+        self._wake = threading.Condition()
+        self._current: Sequence | None = None
+        self.peak_batch = 0
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="serial-generate", daemon=True)
+        self._thread.start()
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def fits_alone(self, reserved_tokens: int) -> bool:
+        return True
+
+    def close(self) -> None:
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        self._thread.join()
+
+    def submit(self, sequence: Sequence) -> None:
+        with self._wake:
+            self._waiting.append(sequence)
+            self._wake.notify()
+
+    def cancel(self, sequence: Sequence) -> None:
+        sequence.cancelled = True  # _Accept stops generate at the next step
+
+    def in_flight(self) -> int:
+        return len(self._waiting) + (self._current is not None)
+
+    def _next(self) -> Sequence | None:
+        with self._wake:
+            while True:
+                while self._waiting:
+                    sequence = self._waiting.popleft()
+                    if not sequence.cancelled:
+                        self._current = sequence
+                        return sequence
+                if self._closed:
+                    return None
+                self._wake.wait()
+
+    def _run(self) -> None:
+        while (sequence := self._next()) is not None:
+            self.peak_batch = 1
+            try:
+                self._generate(sequence)
+            except torch.OutOfMemoryError as error:
+                log.error(
+                    "out of memory generating for a %d-token prompt; failing that request", len(sequence.prompt_ids)
+                )
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                sequence.fail(error, next(_oom_events))
+            except Exception as error:  # noqa: BLE001 - the thread must survive; the caller gets the error
+                log.exception("generation failed")
+                sequence.fail(error)
+            finally:
+                self._current = None
+
+    @torch.inference_mode()
+    def _generate(self, sequence: Sequence) -> None:
+        ids = torch.tensor([sequence.prompt_ids], device=self.device)
+        config = copy.copy(self.config)
+        config.max_new_tokens = sequence.max_new_tokens
+        self.model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            generation_config=config,
+            logits_processor=[_Choose(sequence, self.device)],
+            stopping_criteria=[_Accept(sequence, self.eos_ids)],
+        )
+        if not sequence.finished and not sequence.cancelled:  # generate stopped on a limit of its own
+            sequence.finish("length")
