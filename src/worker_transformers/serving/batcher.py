@@ -100,16 +100,16 @@ class Batcher:
 
     # The batcher thread
 
+    @torch.inference_mode()
     def _run(self) -> None:
         while (joining := self._admit()) is not None:
             try:
-                with torch.inference_mode():
-                    if joining:
-                        self._prefill_safely(joining)
-                        self._retire()  # answers that ended at their first token
-                    if self._active:
-                        self._decode_safely()
-                    self._retire()
+                if joining:
+                    self._prefill_safely(joining)
+                    self._retire()  # answers that ended at their first token
+                if self._active:
+                    self._decode_safely()
+                self._retire()
             except Exception as error:  # noqa: BLE001 - the thread must survive; every caller gets the error
                 log.exception("generation failed; failing the %d requests in flight", len(self._active))
                 self._fail_all(error, joining)

@@ -73,7 +73,7 @@ def _close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> 
 
 
 @torch.inference_mode()
-def batcher_matches_model(model: PreTrainedModel, tokenizer, shape: CacheShape) -> str | None:
+def batcher_matches_model(model: PreTrainedModel, detokenizer, shape: CacheShape) -> str | None:
     """None when the batcher computes what the model computes on its own; else what differed."""
     from worker_transformers.serving.textstream import TextStream
 
@@ -87,7 +87,7 @@ def batcher_matches_model(model: PreTrainedModel, tokenizer, shape: CacheShape) 
 
     def sequence(ids: list[int]) -> Sequence:
         greedy = Sampling(greedy=True, temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0, seed=0)
-        return Sequence(ids, 8, greedy, TextStream(tokenizer, ids), lambda event: None)
+        return Sequence(ids, 8, greedy, TextStream(detokenizer, ids), lambda event: None)
 
     first, second = sequence(short), sequence(long)
     batcher._prefill([first])  # alone
@@ -111,7 +111,7 @@ def batcher_matches_model(model: PreTrainedModel, tokenizer, shape: CacheShape) 
     return None
 
 
-def choose(model: PreTrainedModel, tokenizer, forced: str) -> tuple[str, CacheShape, str]:
+def choose(model: PreTrainedModel, detokenizer, forced: str) -> tuple[str, CacheShape, str]:
     """(engine, cache shape, why): the batcher where the model allows it (or ENGINE says so), else serial."""
     shape = probe(model)
     if forced == "serial":
@@ -120,7 +120,7 @@ def choose(model: PreTrainedModel, tokenizer, forced: str) -> tuple[str, CacheSh
         if forced == "batch":
             raise ConfigError(f"ENGINE=batch, but this model cannot be batched: {shape.why_not}; use ENGINE=auto")
         return "serial", shape, f"this model cannot be batched: {shape.why_not}"
-    mismatch = batcher_matches_model(model, tokenizer, shape)
+    mismatch = batcher_matches_model(model, detokenizer, shape)
     if mismatch is not None:
         if forced == "batch":
             raise ConfigError(f"ENGINE=batch, but {mismatch}; use ENGINE=auto")

@@ -23,7 +23,7 @@ from worker_transformers.serving.events import Delta, Done, Event, Failed, Seque
 from worker_transformers.serving.sampling import Sampling
 from worker_transformers.serving.schema import GenerationRequest, RequestError
 from worker_transformers.serving.serial import SerialGenerator
-from worker_transformers.serving.textstream import TextStream
+from worker_transformers.serving.textstream import Detokenizer, TextStream
 
 log = logging.getLogger(__name__)
 
@@ -81,10 +81,11 @@ class Engine:
         engine: str = "auto",
     ) -> None:
         self.tokenizer = tokenizer
+        self.detokenizer = Detokenizer(tokenizer)
         self.model_name = model_name
         self.max_input_tokens = max_input_tokens
         eos = _eos_ids(model, tokenizer)
-        self.kind, shape, why = choice.choose(model, tokenizer, engine)
+        self.kind, shape, why = choice.choose(model, self.detokenizer, engine)
         if self.kind == "batch":
             budget = choice.kv_token_budget(model, shape, _free_bytes(model.device))
             self.generator = Batcher(model, max_batch, eos, shape.num_layers, shape.windows, budget)
@@ -153,7 +154,7 @@ class Engine:
             prompt_ids=ids,
             max_new_tokens=request.max_new_tokens,
             sampling=Sampling.of(request),
-            text=TextStream(self.tokenizer, ids, request.stop),
+            text=TextStream(self.detokenizer, ids, request.stop),
             emit=emit,
         )
         self.generator.submit(sequence)

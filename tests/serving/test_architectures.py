@@ -1,0 +1,157 @@
+"""Every kind of generative model starts and answers exactly as transformers' own `generate` would.
+
+Tiny random models of several architectures, saved as real model folders and started through the worker's real
+startup: plain attention (Llama), sliding-window attention with a SentencePiece-style tokenizer (Mistral), sliding
+and full layers together (Gemma 3), a mixture of experts (Qwen3-MoE), a hybrid of attention and state-space layers
+(Jamba) and a recurrent model (Mamba). For each: greedy answers equal `generate`, concurrent jobs equal serial
+ones, and streamed text equals the whole text and the tokenizer's decoding of the prompt's and answer's ids.
+"""
+
+import asyncio
+
+import pytest
+import torch
+import transformers
+from tiny_tokenizers import byte_level_tokenizer, metaspace_tokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from worker_transformers.config import Settings
+from worker_transformers.serving.handlers import make_handler
+from worker_transformers.worker import setup
+
+PROMPTS = ["The capital of", "He lived in a small house", "Stop here, then go on: one, two, three, four"]
+CHATML = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1)
+ARCHITECTURES = {
+    # name: (config class, its arguments, tokenizer, the engine that must serve it)
+    "llama": (transformers.LlamaConfig, SMALL, byte_level_tokenizer, "batch"),
+    "mistral-sliding": (transformers.MistralConfig, {**SMALL, "sliding_window": 4}, metaspace_tokenizer, "batch"),
+    "gemma3_text": (
+        transformers.Gemma3TextConfig,
+        {**SMALL, "head_dim": 16, "sliding_window": 4, "layer_types": ["sliding_attention"] * 2 + ["full_attention"]},
+        metaspace_tokenizer,
+        "batch",
+    ),
+    "qwen3_moe": (
+        transformers.Qwen3MoeConfig,
+        {**SMALL, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 16},
+        byte_level_tokenizer,
+        "batch",
+    ),
+    "jamba": (
+        transformers.JambaConfig,
+        {
+            **SMALL,
+            "attn_layer_period": 2,
+            "attn_layer_offset": 1,
+            "expert_layer_period": 2,
+            "expert_layer_offset": 1,
+            "num_experts": 2,
+            "mamba_d_state": 4,
+            "mamba_d_conv": 4,
+            "mamba_expand": 2,
+        },
+        byte_level_tokenizer,
+        "serial",
+    ),
+    "mamba": (
+        transformers.MambaConfig,
+        {"hidden_size": 32, "num_hidden_layers": 2, "state_size": 4, "expand": 2, "conv_kernel": 4},
+        metaspace_tokenizer,
+        "serial",
+    ),
+}
+
+
+@pytest.fixture(scope="module", params=list(ARCHITECTURES))
+def served(request, tmp_path_factory):
+    """(name, engine, settings, tokenizer, reference model) for one architecture, started by the real startup."""
+    name = request.param
+    config_class, arguments, make_tokenizer, _ = ARCHITECTURES[name]
+    tokenizer = make_tokenizer()
+    tokenizer.chat_template = CHATML
+    special = {k: tokenizer.convert_tokens_to_ids(v) for k, v in (("bos", "<s>"), ("eos", tokenizer.eos_token))}
+    config = config_class(
+        vocab_size=len(tokenizer),
+        bos_token_id=special["bos"],
+        eos_token_id=special["eos"],
+        pad_token_id=tokenizer.pad_token_id,
+        **arguments,
+    )
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp(name)
+    AutoModelForCausalLM.from_config(config).to(torch.float32).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    settings = Settings.from_env({"MODEL_NAME": str(folder), "MAX_CONCURRENCY": "4", "MAX_NEW_TOKENS": "64"})
+    engine = setup(settings)
+    reference = AutoModelForCausalLM.from_pretrained(folder).eval()
+    yield name, engine, settings, AutoTokenizer.from_pretrained(folder), reference
+    engine.close()
+
+
+def jobs(handler, inputs):
+    async def one(job_input):
+        return [item async for item in handler({"id": "t", "input": job_input})]
+
+    async def together():
+        return await asyncio.gather(*(one(job_input) for job_input in inputs))
+
+    return asyncio.run(together())
+
+
+def greedy(prompt: str, **extra) -> dict:
+    return {"prompt": prompt, "temperature": 0, "max_new_tokens": 16, **extra}
+
+
+def test_the_expected_engine_serves_it(served):
+    name, engine, *_ = served
+    assert engine.kind == ARCHITECTURES[name][3]
+    assert engine.concurrency == (4 if engine.kind == "batch" else 1)
+
+
+def test_greedy_answers_equal_generate_and_the_decoding_of_all_ids(served):
+    _, engine, settings, tokenizer, reference = served
+    handler = make_handler(engine, settings)
+    for prompt in PROMPTS:
+        [[answer]] = jobs(handler, [greedy(prompt)])
+        ids = tokenizer(prompt)["input_ids"]
+        out = reference.generate(
+            torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=16,
+            do_sample=False,
+            eos_token_id=reference.config.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )[0].tolist()
+        generated = [t for t in out[len(ids) :] if t != reference.config.eos_token_id]
+        assert answer["usage"]["completion_tokens"] == len(out) - len(ids)
+        # prompt + answer is the tokenizer's own decoding of every id: no space lost at the seam
+        assert prompt + answer["text"] == tokenizer.decode(ids + generated, skip_special_tokens=True)
+
+
+def test_concurrent_jobs_equal_serial_ones_and_streams_equal_whole_answers(served):
+    _, engine, settings, *_ = served
+    handler = make_handler(engine, settings)
+    inputs = [greedy(p) for p in PROMPTS] + [{**greedy(p), "stream": True} for p in PROMPTS]
+    inputs.append({"messages": [{"role": "user", "content": "The capital of France?"}], "temperature": 0})
+    one_by_one = [jobs(handler, [job_input])[0] for job_input in inputs]
+    together = jobs(handler, inputs)
+    assert together == one_by_one
+    whole, streamed = together[: len(PROMPTS)], together[len(PROMPTS) : 2 * len(PROMPTS)]
+    for [answer], chunks in zip(whole, streamed):
+        assert "".join(chunk["text"] for chunk in chunks) == answer["text"]
+        assert chunks[-1]["finish_reason"] == answer["finish_reason"]
+
+
+def test_a_seeded_sampled_job_gives_the_same_text_alone_and_in_a_batch(served):
+    _, engine, settings, *_ = served
+    handler = make_handler(engine, settings)
+    seeded = {"prompt": PROMPTS[0], "temperature": 1.0, "top_p": 0.9, "seed": 1234, "max_new_tokens": 16}
+    [alone] = jobs(handler, [seeded])
+    crowd = jobs(handler, [greedy(PROMPTS[1]), {**seeded, "seed": 99}, seeded, greedy(PROMPTS[2])])
+    assert crowd[2] == alone

@@ -1,0 +1,50 @@
+"""Incremental detokenization: the text streamed is exactly the tokenizer's decoding, a character split across
+tokens is released whole, and stop strings never show, even in part."""
+
+import pytest
+from tiny_tokenizers import byte_level_tokenizer, metaspace_tokenizer
+
+from worker_transformers.serving.textstream import Detokenizer, TextStream
+
+TOKENIZERS = {"byte-level": byte_level_tokenizer(), "metaspace": metaspace_tokenizer()}
+ANSWER = " lived in 北海道 with a café 🎉, naïve; ok"
+
+
+def stream(tokenizer, prompt: str, answer: str, stop=()) -> tuple[list[str], TextStream]:
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    stream = TextStream(Detokenizer(tokenizer), prompt_ids, stop)
+    chunks = []
+    for token in tokenizer(answer, add_special_tokens=False)["input_ids"]:
+        stream.push(token)
+        chunks.append(stream.release())
+        if stream.stopped:  # as the engine does: no token after a stop string
+            break
+    stream.finish()
+    chunks.append(stream.release(final=True))
+    return [c for c in chunks if c], stream
+
+
+@pytest.mark.parametrize("name", TOKENIZERS)
+def test_prompt_and_streamed_text_are_the_decoding_of_all_ids(name):
+    tokenizer = TOKENIZERS[name]
+    prompt = "The capital of"
+    chunks, _ = stream(tokenizer, prompt, ANSWER)
+    ids = tokenizer(prompt)["input_ids"] + tokenizer(ANSWER, add_special_tokens=False)["input_ids"]
+    assert prompt + "".join(chunks) == tokenizer.decode(ids, skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("name", TOKENIZERS)
+def test_a_character_split_across_tokens_never_streams_as_a_replacement_character(name):
+    tokenizer = TOKENIZERS[name]
+    # 北海道 and 🎉 are not in the tiny vocabularies' corpus: each character takes several byte tokens.
+    assert len(tokenizer("🎉", add_special_tokens=False)["input_ids"]) > 1
+    chunks, _ = stream(tokenizer, "Hi", ANSWER)
+    assert not any("\ufffd" in chunk for chunk in chunks)
+    assert "北海道" in "".join(chunks) and "🎉" in "".join(chunks)
+
+
+@pytest.mark.parametrize("name", TOKENIZERS)
+def test_a_stop_string_ends_the_text_and_no_part_of_it_is_streamed(name):
+    chunks, text = stream(TOKENIZERS[name], "Hi", ANSWER, stop=["café"])
+    assert "".join(chunks) == " lived in 北海道 with a "
+    assert text.stopped and not any("caf" in chunk for chunk in chunks)
