@@ -54,7 +54,7 @@ class Sampling:
         return cls(
             greedy=request.greedy,
             temperature=max(request.temperature, MIN_TEMPERATURE),
-            top_k=request.top_k,
+            top_k=min(request.top_k, 1 << 31),  # any k past the vocabulary keeps every token
             top_p=request.top_p,
             # Past these bounds a penalty already pushes seen tokens to the edge of the distribution; inside them
             # it stays a finite float32 (3.4e38, the schema's largest, rounds to inf and 0 x inf is nan).
