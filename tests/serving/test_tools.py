@@ -1,12 +1,13 @@
 """Reading tool calls from a model's answer as it streams, with transformers' response parsing."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 from transformers import AutoTokenizer
 
 from worker_transformers.serving.schema import GenerationRequest
-from worker_transformers.serving.tools import Call, CallReader, ToolCallFailed, ToolFormat
+from worker_transformers.serving.tools import Call, CallReader, ToolCallFailed, ToolFormat, known_response_template
 
 TOOLS = [
     {
@@ -34,10 +35,12 @@ QWEN_PROMPT_END = (
 @pytest.fixture(scope="module")
 def qwen_format(tiny_model_dir):
     """Qwen 2's format as transformers keeps it, found by the model's type for a tokenizer that ships none."""
+    from transformers.cli.serving.utils import get_response_template
+
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    fmt = ToolFormat.of(tokenizer, "qwen2")
-    assert fmt.response_template is not None
-    return fmt
+    template = known_response_template(tokenizer, "qwen2")
+    assert template is get_response_template(tokenizer, SimpleNamespace(config=SimpleNamespace(model_type="qwen2")))
+    return ToolFormat(renders_tools=True, response_template=template, model_type="qwen2")
 
 
 def request(tool_choice=None) -> GenerationRequest:

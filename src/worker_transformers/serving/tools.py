@@ -64,7 +64,9 @@ class ToolFormat:
 
     @classmethod
     def of(cls, tokenizer: PreTrainedTokenizerBase, model_type: str) -> ToolFormat:
-        return cls(_renders_tools(tokenizer), _response_template(tokenizer, model_type), model_type)
+        # Looked up only for a template that shows tools: transformers' table costs its server's imports (~0.6 s).
+        renders = _renders_tools(tokenizer)
+        return cls(renders, known_response_template(tokenizer, model_type) if renders else None, model_type)
 
     def check(self, request: GenerationRequest) -> None:
         """Refuse, naming `tools`, a request this model cannot serve with tools."""
@@ -96,7 +98,8 @@ def _renders_tools(tokenizer: PreTrainedTokenizerBase) -> bool:
     return _PROBE["function"]["name"] in text
 
 
-def _response_template(tokenizer: PreTrainedTokenizerBase, model_type: str) -> dict[str, Any] | None:
+def known_response_template(tokenizer: PreTrainedTokenizerBase, model_type: str) -> dict[str, Any] | None:
+    """The tokenizer's response_template, else the one transformers keeps for `model_type`'s family, else None."""
     if getattr(tokenizer, "response_template", None) is not None:
         return tokenizer.response_template
     # transformers' own server keeps the templates of the families whose tokenizers ship none; it reads them by
