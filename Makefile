@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMPS := .stamps
 
-.PHONY: demo test model bench bench-serve bench-coldstart docker-check clean
+.PHONY: demo test model openai-server bench bench-serve bench-coldstart docker-check clean
 
 $(STAMPS)/venv: pyproject.toml
 	@mkdir -p $(STAMPS)
@@ -23,6 +23,11 @@ demo: model
 
 test: model
 	$(PY) -m pytest
+
+# The OpenAI-compatible API on localhost:8000 (/openai/v1 and /v1), through the real handler. PORT=... for another.
+PORT ?= 8000
+openai-server: model
+	$(PY) -m worker_transformers.serving.openai.server --port $(PORT)
 
 # Benchmarks print a table and write JSON + PNG under bench/out/.
 bench: bench-coldstart bench-serve

@@ -102,3 +102,97 @@ def default_model_path() -> Path:
     if snapshot is None:
         pytest.fail(f"{DEFAULT_MODEL} is not in the Hugging Face cache: run `make model` first")
     return snapshot
+
+
+# A chat template that shows tools (a tools section in the system turn) and renders tool calls and their results.
+# After a tool's result the assistant answers straight after `</tool_response>`, without a new turn marker, so
+# the last prompt token says which kind of answer comes next (see make_tool_model).
+TOOL_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\n# Tools\n{% for tool in tools %}{{ tool.function | tojson }}\n{% endfor %}"
+    "<|im_end|>\n{% endif %}"
+    "{% for message in messages %}"
+    "{% if message.role == 'tool' %}<tool_response>{{ message.content }}</tool_response>"
+    "{% elif message.tool_calls %}<|im_start|>assistant\n"
+    "{% for call in message.tool_calls %}<tool_call>{{ call.function | tojson }}</tool_call>{% endfor %}<|im_end|>\n"
+    "{% else %}<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt and messages[-1].role != 'tool' %}<|im_start|>assistant\n{% endif %}"
+)
+# How the answers of that template's model are read back (transformers' response parsing).
+TOOL_RESPONSE_TEMPLATE = {
+    "defaults": {"role": "assistant"},
+    "start_anchor_pattern": r"<\|im_start\|>assistant\n|</tool_response>",
+    "fields": {
+        "tool_calls": {
+            "open_pattern": r"\s*<tool_call>",
+            "close": "</tool_call>",
+            "repeats": True,
+            "content": "json",
+            "transform": {"type": "function", "function": "{content}"},
+        },
+        "content": {"close_pattern": r"\s*<\|im_end\|>", "content": "text"},
+    },
+}
+TOOL_CALL = {"name": "get_weather", "arguments": {"city": "Paris"}}
+TOOL_ANSWER = "It is sunny in Paris."
+
+
+def make_tool_model(folder: Path) -> Path:
+    """A tiny model that, greedily, calls get_weather(city="Paris") when a user turn ends its prompt and answers
+    TOOL_ANSWER when a tool's result ends it.
+
+    Its layers write nothing into the residual stream (their output projections are zero), so the logits are a
+    function of the last token alone: a bigram table, set here through the embeddings and an untied lm_head.
+    The call and the answer are single added tokens, so each step of the chain is one distinct token."""
+    import json
+
+    import torch
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    make_tiny_model(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    call_text = json.dumps(TOOL_CALL)
+    tokenizer.add_tokens(["<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>", call_text, TOOL_ANSWER])
+    tokenizer.chat_template = TOOL_TEMPLATE
+    tokenizer.response_template = TOOL_RESPONSE_TEMPLATE
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+    asked = [{"role": "user", "content": "Weather?"}]
+    answered = [
+        *asked,
+        {"role": "assistant", "tool_calls": [{"type": "function", "function": TOOL_CALL}]},
+        {"role": "tool", "content": "sunny"},
+    ]
+
+    def last_token(messages):
+        text = tokenizer.apply_chat_template(messages, tools=[tool], add_generation_prompt=True, tokenize=False)
+        return tokenizer(text, add_special_tokens=False)["input_ids"][-1]
+
+    token = tokenizer.convert_tokens_to_ids
+    chain = {
+        last_token(asked): token("<tool_call>"),
+        token("<tool_call>"): token(call_text),
+        token(call_text): token("</tool_call>"),
+        token("</tool_call>"): tokenizer.eos_token_id,
+        last_token(answered): token(TOOL_ANSWER),
+        token(TOOL_ANSWER): tokenizer.eos_token_id,
+    }
+    model = LlamaForCausalLM.from_pretrained(folder, tie_word_embeddings=False)
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        hidden = model.config.hidden_size
+        assert len(chain) <= hidden, "each token of the chain needs a direction of its own"
+        for direction, (current, following) in enumerate(chain.items()):
+            model.model.embed_tokens.weight[current] = torch.nn.functional.one_hot(torch.tensor(direction), hidden)
+            model.lm_head.weight[following, direction] = 100.0
+    model.config.tie_word_embeddings = False
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tool_model_dir(tmp_path_factory) -> Path:
+    return make_tool_model(tmp_path_factory.mktemp("tool-model"))

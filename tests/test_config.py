@@ -112,3 +112,13 @@ def test_readme_environment_table_is_generated_from_settings():
     table_vars = set(re.findall(r"^\| `([A-Z_]+)` \|", readme, flags=re.M))
     settings_vars = {f.metadata["env"] for f in dataclasses.fields(Settings) if "env" in f.metadata}
     assert table_vars == settings_vars
+
+
+def test_chat_template_is_inline_jinja_or_a_file_that_must_be_readable(tmp_path):
+    inline = "{% for m in messages %}{{ m.content }}{% endfor %}"
+    assert Settings.from_env({"CHAT_TEMPLATE": inline}).chat_template == inline
+    template = tmp_path / "chat.jinja"
+    template.write_text(inline)
+    assert Settings.from_env({"CHAT_TEMPLATE": str(template)}).chat_template == inline
+    with pytest.raises(ConfigError, match=r"^CHAT_TEMPLATE='/nowhere/chat.jinja': cannot read the file \(No such file"):
+        Settings.from_env({"CHAT_TEMPLATE": "/nowhere/chat.jinja"})

@@ -273,3 +273,13 @@ def test_sigterm_during_startup_ends_the_worker_at_once(default_model_path):
     proc.wait(timeout=30)
     assert proc.returncode == 143
     assert time.monotonic() - started < 10
+
+
+def test_a_chat_template_that_cannot_render_fails_startup_naming_the_setting(tiny_model_dir):
+    started = start_worker({"MODEL_NAME": str(tiny_model_dir), "CHAT_TEMPLATE": "{{ messages[0].nope() }}"})
+    [output] = asyncio.run(_collect(started.handler))
+    assert output["error"].startswith("CHAT_TEMPLATE: the template cannot render a one-message chat")
+
+
+async def _collect(handler):
+    return [item async for item in handler({"id": "t", "input": {"prompt": "x"}})]

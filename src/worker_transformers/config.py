@@ -91,6 +91,20 @@ def _int_between(low: int, high: int) -> Parser:
     return parse
 
 
+def _chat_template(name: str, raw: str) -> str | None:
+    """Inline Jinja text as it is; anything else is the path of a file holding it."""
+    value = raw.strip()
+    if not value or "{" in value:
+        return value or None
+    try:
+        return Path(value).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        reason = error.strerror if isinstance(error, OSError) else "not UTF-8 text"
+        raise ConfigError(
+            f"{name}={raw!r}: cannot read the file ({reason}); give a readable template file or the Jinja text itself"
+        ) from None
+
+
 def _secret(name: str, raw: str) -> Secret | None:
     return Secret(raw.strip()) if raw.strip() else None
 
@@ -157,6 +171,26 @@ class Settings:
         _choice(*ENGINES),
         "`batch`: continuous batching over the worker's own KV cache; `serial`: one job at a time through "
         "`generate` (recurrent and hybrid models); `auto` batches wherever the model allows it",
+    )
+    served_model_name: str | None = setting(
+        "SERVED_MODEL_NAME",
+        None,
+        _optional_text,
+        "The model's name in answers, `/v1/models` and the `model` OpenAI requests must send; unset means the "
+        "repository id (`MODEL_NAME`)",
+    )
+    chat_template: str | None = setting(
+        "CHAT_TEMPLATE",
+        None,
+        _chat_template,
+        "A chat template used instead of the model's own: a file path, or the Jinja text itself",
+    )
+    generation_config_defaults: bool = setting(
+        "GENERATION_CONFIG_DEFAULTS",
+        "true",
+        _flag,
+        "Take `temperature`, `top_p`, `top_k` and `repetition_penalty` a request leaves out from the model's "
+        "`generation_config.json`; `false` uses the request formats' own defaults",
     )
     trust_remote_code: bool = setting(
         "TRUST_REMOTE_CODE", "false", _flag, "Run Python code shipped with the model; only for models you trust"

@@ -64,6 +64,8 @@ def setup(settings: Settings, budget: InitBudget | None = None):
                 loader.import_model_code(location, settings)
             with budget.phase("tokenizer"):
                 tokenizer = loader.load_tokenizer(location, settings)
+                if settings.chat_template is not None:
+                    use_chat_template(tokenizer, settings.chat_template)
         with budget.phase("model"):
             empty = loader.build_model(location, settings, files)
         with budget.phase("weights"):
@@ -73,7 +75,7 @@ def setup(settings: Settings, budget: InitBudget | None = None):
             engine = Engine(
                 model,
                 tokenizer,
-                location.model_id,
+                settings.served_model_name or location.model_id,
                 settings.max_input_tokens,
                 settings.max_concurrency,
                 settings.engine,
@@ -81,6 +83,21 @@ def setup(settings: Settings, budget: InitBudget | None = None):
     finally:
         reading.stop()
     return engine
+
+
+def use_chat_template(tokenizer, template: str) -> None:
+    """CHAT_TEMPLATE in place of the model's own: refused at startup, naming the setting, when it cannot render
+    a one-message chat, rather than failing every chat job later."""
+    from jinja2 import TemplateError
+
+    tokenizer.chat_template = template
+    try:
+        tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True, tokenize=False)
+    except TemplateError as error:
+        raise ConfigError(
+            f"CHAT_TEMPLATE: the template cannot render a one-message chat ({type(error).__name__}: {error}); "
+            "fix it, or unset CHAT_TEMPLATE to use the model's own"
+        ) from None
 
 
 # Startup failures a user can fix; their message says how. Anything else is a fault in the worker.

@@ -38,7 +38,7 @@ def test_messages_are_typed():
         ({"messages": []}, "messages: List should have at least 1 item"),
         ({"messages": [{"role": "robot", "content": "x"}]}, "messages.0.role: Input should be 'system'"),
         ({"messages": [{"role": "user"}]}, "messages.0.content: Field required"),
-        ({"messages": [{"role": "user", "content": "x", "name": "bob"}]}, "messages.0.name: Extra inputs"),
+        ({"messages": [{"role": "user", "content": "x", "nickname": "bob"}]}, "messages.0.nickname: Extra inputs"),
         ({"prompt": "a", "max_new_tokens": 0}, "max_new_tokens: Input should be greater than or equal to 1"),
         ({"prompt": "a", "max_new_tokens": 2000}, "max_new_tokens: 2000 is more than MAX_NEW_TOKENS=1024"),
         ({"prompt": "a", "max_new_tokens": "5"}, "max_new_tokens: Input should be a valid integer"),

@@ -84,6 +84,8 @@ class Engine:
         self.detokenizer = Detokenizer(tokenizer)
         self.model_name = model_name
         self.max_input_tokens = max_input_tokens
+        self.model_type = model.config.model_type
+        self.generation_config = model.generation_config
         eos = _eos_ids(model, tokenizer)
         self.kind, shape, why = choice.choose(model, self.detokenizer, engine)
         if self.kind == "batch":
@@ -112,7 +114,7 @@ class Engine:
             if not self.tokenizer.chat_template:
                 raise RequestError("messages: this model has no chat template; send prompt instead")
             text = self.tokenizer.apply_chat_template(
-                [m.model_dump() for m in request.messages], add_generation_prompt=True, tokenize=False
+                request.template_messages(), tools=request.template_tools(), add_generation_prompt=True, tokenize=False
             )
             # The template already holds the special tokens (BOS, turn markers); do not add them twice.
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]

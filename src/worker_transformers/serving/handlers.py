@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from worker_transformers.config import Settings
-from worker_transformers.serving.schema import RequestError, parse_request
+from worker_transformers.serving.schema import RequestError, parse_request, sampling_defaults
 
 log = logging.getLogger("worker_transformers")
 
@@ -49,11 +49,26 @@ class OomGuard:
 
 
 def make_handler(engine, settings: Settings, on_unhealthy: Callable[[], None] = lambda: None) -> Handler:
-    from worker_transformers.serving.engine import DeviceFailed, OutOfMemory
+    from worker_transformers.serving.engine import DeviceFailed, GenerationFailed, OutOfMemory
     from worker_transformers.serving.events import Done
-    from worker_transformers.serving.openai.routes import OpenAIRoutes, error_result, is_openai_job
+    from worker_transformers.serving.openai.routes import DONE, OpenAIRoutes, error_result, is_openai_job
+    from worker_transformers.serving.tools import (
+        Call,
+        CallReader,
+        Reasoning,
+        ToolCallFailed,
+        ToolFormat,
+        finish_reason,
+        read_calls,
+    )
 
-    openai = OpenAIRoutes(engine, settings.max_new_tokens)
+    model_defaults = {}
+    if settings.generation_config_defaults:
+        model_defaults = sampling_defaults(engine.generation_config.to_dict(), "the model's generation_config.json")
+        if model_defaults:
+            log.info("requests that leave them out sample with the model's own %s", model_defaults)
+    tool_format = ToolFormat.of(engine.tokenizer, engine.model_type)
+    openai = OpenAIRoutes(engine, settings.max_new_tokens, model_defaults, tool_format)
     oom = OomGuard(on_unhealthy)
 
     async def answer(job_input: Any) -> AsyncIterator[dict[str, Any] | str]:
@@ -64,33 +79,59 @@ def make_handler(engine, settings: Settings, on_unhealthy: Callable[[], None] = 
         # Everything the caller can get wrong is checked before the first chunk: a stream's consumers never
         # see an error yielded after it.
         try:
-            request = parse_request(job_input, settings.max_new_tokens)
+            request = parse_request(job_input, settings.max_new_tokens, model_defaults)
+            tool_format.check(request)
             ids = await asyncio.to_thread(engine.prompt_ids, request)
         except RequestError as error:
             yield {"error": str(error)}
             return
-        text = ""  # a whole (non-streamed) answer is gathered here
-        async for event in engine.stream(request, ids):
-            if isinstance(event, Done):
-                yield engine.response(event.text if request.stream else text + event.text, event)
-            elif request.stream:
-                yield {"text": event.text}
-            else:
-                text += event.text
+        reader = CallReader(tool_format, request, engine.tokenizer.decode(ids)) if request.calls_tools else None
+        text, reasoning, calls = "", "", []  # a whole (non-streamed) answer is gathered here
+        try:
+            async for piece in read_calls(engine.stream(request, ids), reader):
+                if isinstance(piece, Done):
+                    response = engine.response("" if request.stream else text, piece)
+                    if reasoning:
+                        response["reasoning_content"] = reasoning
+                    if calls:  # a stream has sent its calls already
+                        response["finish_reason"] = finish_reason(piece, len(calls))
+                        if not request.stream:
+                            response["tool_calls"] = calls
+                    yield response
+                elif isinstance(piece, Call):
+                    calls.append(piece.openai())
+                    if request.stream:
+                        yield {"tool_calls": [piece.openai()]}
+                elif isinstance(piece, Reasoning):
+                    if request.stream:
+                        yield {"reasoning_content": piece.text}
+                    else:
+                        reasoning += piece.text
+                elif request.stream:
+                    yield {"text": piece}
+                else:
+                    text += piece
+        except ToolCallFailed as error:
+            yield {"error": str(error)}
 
     async def handler(job: dict[str, Any]) -> AsyncIterator[dict[str, Any] | str]:
         job_input = job.get("input")
         generated = False  # a refused job says nothing about the device's health
+        item: Any = None
         try:
             async for item in answer(job_input):
                 generated = generated or not (isinstance(item, dict) and "error" in item)
                 yield item
-        except (OutOfMemory, DeviceFailed) as error:
+        except GenerationFailed as error:
             if isinstance(error, DeviceFailed):
                 log.error("%s: asking the platform to replace this worker", error.__cause__ or error)
                 on_unhealthy()
-            else:
+            elif isinstance(error, OutOfMemory):
                 oom.failed(error.event)
+            if item == DONE:  # an OpenAI stream, already ended with the error
+                return
+            if not isinstance(error, (OutOfMemory, DeviceFailed)):
+                raise
             if is_openai_job(job_input):
                 code = "out_of_memory" if isinstance(error, OutOfMemory) else "device_error"
                 yield error_result(str(error), code=code, kind="server_error")

@@ -6,23 +6,105 @@ client's mistake is reported instead of being guessed at. The cap on `max_new_to
 
 from __future__ import annotations
 
+import logging
 import re
+from collections.abc import Mapping
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+log = logging.getLogger("worker_transformers")
+
 DEFAULT_MAX_NEW_TOKENS = 256
+
+# The settings a model's generation_config.json may give defaults for (GENERATION_CONFIG_DEFAULTS).
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "repetition_penalty")
 
 
 class RequestError(ValueError):
     """A job the worker refuses because of what the caller sent. The message reads `<field>: <reason>`."""
 
 
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: str
+    arguments: dict[str, Any]  # chat templates take the arguments as a mapping, not JSON text
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class Message(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    role: Literal["system", "user", "assistant"]
-    content: str
+    role: Literal["system", "user", "assistant", "tool"]
+    tool_calls: list[ToolCall] | None = Field(None, min_length=1, description="An assistant turn's tool calls")
+    tool_call_id: str | None = Field(None, description="A tool turn: the call it answers")
+    name: str | None = None
+    # Last, so that its check sees the fields above.
+    content: str | None = Field(None, validate_default=True)
+
+    @field_validator("tool_calls")
+    @classmethod
+    def _assistant_calls(cls, calls: list[ToolCall] | None, info: ValidationInfo) -> list[ToolCall] | None:
+        if calls is not None and info.data.get("role") != "assistant":
+            raise ValueError("only an assistant message makes tool calls")
+        return calls
+
+    @field_validator("content")
+    @classmethod
+    def _content_unless_calling(cls, content: str | None, info: ValidationInfo) -> str | None:
+        if content is not None:
+            return content
+        if info.data.get("tool_calls") is None:
+            raise ValueError("Field required")
+        return ""  # templates read a tool-calling turn's content too
+
+
+# OpenAI's rule for function names, which chat templates print as they are.
+FUNCTION_NAME = r"^[A-Za-z0-9_-]{1,64}$"
+
+
+class Function(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: str = Field(pattern=FUNCTION_NAME)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    type: Literal["function"]
+    function: Function
+
+
+class FunctionName(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    type: Literal["function"]
+    function: FunctionName
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
+
+# Without structured decoding a required call cannot be forced: the prompt asks for it, the answer is checked.
+REQUIRED_CALL = "Answer only with a call of one of the tools."
+NAMED_CALL = "Answer only with a call of the function `{name}`."
 
 
 class GenerationRequest(BaseModel):
@@ -45,6 +127,12 @@ class GenerationRequest(BaseModel):
         None, ge=-(2**63), le=2**64 - 1, description="Makes sampling reproducible (a 64-bit integer)"
     )
     stream: bool = Field(False, description="Yield text as it is generated")
+    tools: list[Tool] | None = Field(
+        None, min_length=1, max_length=128, description="Functions the model may call, shown to it by its chat template"
+    )
+    tool_choice: ToolChoice | None = Field(
+        None, description="`auto` (the default with tools), `none`, `required`, or one function by name"
+    )
 
     @field_validator("stop")
     @classmethod
@@ -67,25 +155,89 @@ class GenerationRequest(BaseModel):
             raise ValueError("send exactly one of prompt or messages")
         if self.max_new_tokens is None:
             self.max_new_tokens = min(DEFAULT_MAX_NEW_TOKENS, _cap(info))
+        if self.tools is not None and self.messages is None:
+            raise ValueError("tools: only a chat (messages) can call tools")
+        if self.tool_choice is not None and self.tools is None:
+            raise ValueError("tool_choice: send tools to choose from")
+        if isinstance(self.tool_choice, NamedToolChoice):
+            names = [tool.function.name for tool in self.tools]
+            if self.tool_choice.function.name not in names:
+                raise ValueError(
+                    f"tool_choice: {self.tool_choice.function.name!r} is none of the tools ({', '.join(names)})"
+                )
         return self
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
+    @property
+    def calls_tools(self) -> bool:
+        """Whether the answer is read for tool calls: tools were sent and tool_choice is not `none`."""
+        return self.tools is not None and self.tool_choice != "none"
+
+    @property
+    def required_tool(self) -> str | None:
+        """The function the answer must call; `*` for any of the tools; None when a call is optional."""
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return self.tool_choice.function.name
+        return "*" if self.tool_choice == "required" else None
+
+    def template_tools(self) -> list[dict[str, Any]] | None:
+        """The tools the chat template shows the model: none for tool_choice `none`, the named one alone."""
+        if not self.calls_tools:
+            return None
+        required = self.required_tool
+        return [t.model_dump(exclude_none=True) for t in self.tools if required in ("*", None, t.function.name)]
+
+    def template_messages(self) -> list[dict[str, Any]]:
+        """The messages as the chat template reads them, with the instruction a required call adds to the system
+        message."""
+        messages = [m.model_dump(exclude_none=True) for m in self.messages]
+        required = self.required_tool if self.calls_tools else None
+        if required is not None:
+            instruction = REQUIRED_CALL if required == "*" else NAMED_CALL.format(name=required)
+            if messages[0]["role"] == "system":
+                messages[0]["content"] = f"{messages[0]['content']}\n\n{instruction}".lstrip()
+            else:
+                messages.insert(0, {"role": "system", "content": instruction})
+        return messages
+
 
 def _cap(info: ValidationInfo) -> int:
     return (info.context or {}).get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
 
 
-def parse_request(job_input: Any, max_new_tokens: int) -> GenerationRequest:
-    """Validate a job's input; raise RequestError with every problem as `<field>: <reason>`."""
+def parse_request(
+    job_input: Any, max_new_tokens: int, sampling_defaults: Mapping[str, Any] | None = None
+) -> GenerationRequest:
+    """Validate a job's input; raise RequestError with every problem as `<field>: <reason>`. A sampling field
+    the job leaves out takes its value from `sampling_defaults` (the model's, see `sampling_defaults`)."""
     if not isinstance(job_input, dict):
         raise RequestError(f"input: expected a JSON object, got {type(job_input).__name__}")
     try:
-        return GenerationRequest.model_validate(job_input, context={"max_new_tokens": max_new_tokens})
+        request = GenerationRequest.model_validate(job_input, context={"max_new_tokens": max_new_tokens})
     except ValidationError as error:
         raise RequestError(describe(error)) from None
+    left_out = {k: v for k, v in (sampling_defaults or {}).items() if k not in request.model_fields_set}
+    return request.model_copy(update=left_out) if left_out else request
+
+
+def sampling_defaults(values: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """The SAMPLING_FIELDS that `values` (a model's generation config) sets to a value a job could send; any
+    other value is left out, with a warning naming it and `source`."""
+    defaults = {}
+    for name in SAMPLING_FIELDS:
+        value = values.get(name)
+        if value is None:
+            continue
+        try:
+            GenerationRequest.model_validate({"prompt": "-", name: value})
+        except ValidationError as error:
+            log.warning("%s: %s=%r is not usable (%s); it is ignored", source, name, value, describe(error))
+            continue
+        defaults[name] = value
+    return defaults
 
 
 _PLAIN_NAME = re.compile(r"^[A-Za-z_][\w-]{0,63}$")

@@ -2,13 +2,16 @@
 
 The bodies follow OpenAI's API: its field names, defaults (temperature 1, 16 tokens for completions) and
 forms (`stop` as a string or a list, content as a string or text parts). A field whose value this worker
-cannot honour (n > 1, logprobs, tools, penalties...) is refused by name rather than silently ignored; `user`
-is accepted and ignored, as it only labels the caller. `top_k` and `repetition_penalty` are accepted as
-extensions, as vLLM does.
+cannot honour (n > 1, logprobs, penalties...) is refused by name rather than silently ignored; `user` is
+accepted and ignored, as it only labels the caller. `top_k` and `repetition_penalty` are accepted as
+extensions, as vLLM does. A sampling field left out takes the model's own default when it has one
+(GENERATION_CONFIG_DEFAULTS), else OpenAI's.
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -23,15 +26,57 @@ class TextPart(BaseModel):
     text: str
 
 
+class CalledFunction(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: str
+    arguments: str  # JSON text
+
+
+class MessageToolCall(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    id: str
+    type: Literal["function"]
+    function: CalledFunction
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[MessageToolCall] | None = None
+    tool_call_id: str | None = None
 
-    def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+    def native(self, where: str) -> dict[str, Any]:
+        """This message in the worker's own request: developer is system, a call's arguments a mapping."""
+        message: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role}
+        if self.content is not None:
+            message["content"] = (
+                self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+            )
+        for key in ("name", "tool_call_id"):
+            if getattr(self, key) is not None:
+                message[key] = getattr(self, key)
+        if self.tool_calls is not None:
+            message["tool_calls"] = []
+            for i, call in enumerate(self.tool_calls):
+                arguments = _arguments(call.function.arguments, f"{where}.tool_calls.{i}.function.arguments")
+                function = {"name": call.function.name, "arguments": arguments}
+                message["tool_calls"].append({"id": call.id, "type": "function", "function": function})
+        return message
+
+
+def _arguments(text: str, where: str) -> dict[str, Any]:
+    try:
+        arguments = json.loads(text)
+    except json.JSONDecodeError:
+        raise RequestError(f"{where}: not valid JSON; send the arguments as a JSON object") from None
+    if not isinstance(arguments, dict):
+        raise RequestError(f"{where}: send the arguments as a JSON object")
+    return arguments
 
 
 class StreamOptions(BaseModel):
@@ -87,17 +132,20 @@ class _Common(BaseModel):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
-    def sampling(self, max_tokens: int | None) -> dict[str, Any]:
-        """The fields of this worker's request that both routes share."""
-        fields: dict[str, Any] = {
+    def sampling(self, max_tokens: int | None, model_defaults: Mapping[str, Any]) -> dict[str, Any]:
+        """The fields of this worker's request that both routes share. A sampling field left out is the model's
+        default (`model_defaults`), else OpenAI's."""
+        sent = {
             "temperature": self.temperature,
             "top_p": self.top_p,
             "top_k": max(self.top_k, 0),
             "repetition_penalty": self.repetition_penalty,
-            "stop": self.stop_list(),
-            "seed": self.seed,
-            "stream": self.stream,
         }
+        fields: dict[str, Any] = {
+            name: model_defaults[name] if name in model_defaults and name not in self.model_fields_set else value
+            for name, value in sent.items()
+        }
+        fields |= {"stop": self.stop_list(), "seed": self.seed, "stream": self.stream}
         if max_tokens is not None:
             fields["max_new_tokens"] = max_tokens
         return fields
@@ -110,8 +158,9 @@ class ChatCompletionBody(_Common):
     logprobs: bool | None = None
     top_logprobs: int | None = None
     response_format: dict[str, Any] | None = None
-    tools: list[Any] | None = None
+    tools: list[Any] | None = None  # checked by the worker's own request (schema.py)
     tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
 
     @field_validator("logprobs")
     @classmethod
@@ -130,16 +179,21 @@ class ChatCompletionBody(_Common):
             raise ValueError("only response_format {'type': 'text'} is supported by this worker")
         return value
 
-    @field_validator("tools", "tool_choice")
+    @field_validator("parallel_tool_calls")
     @classmethod
-    def _no_tools(cls, value: Any, info) -> Any:
-        if value not in (None, [], "none"):
-            raise ValueError(f"{info.field_name} is not supported by this worker")
-        return value
+    def _parallel_allowed(cls, value: bool | None) -> bool | None:
+        return _only(value, (None, True), "parallel_tool_calls")
 
-    def to_request(self, max_new_tokens_cap: int) -> GenerationRequest:
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
-        fields = self.sampling(self.max_completion_tokens or self.max_tokens)
+    def to_request(self, max_new_tokens_cap: int, model_defaults: Mapping[str, Any]) -> GenerationRequest:
+        messages = [m.native(f"messages.{i}") for i, m in enumerate(self.messages)]
+        fields = self.sampling(self.max_completion_tokens or self.max_tokens, model_defaults)
+        # OpenAI's own forms of "no tools"; the worker's request has no empty list.
+        if self.tools:
+            fields["tools"] = self.tools
+            if self.tool_choice is not None:
+                fields["tool_choice"] = self.tool_choice
+        elif self.tool_choice not in (None, "none"):
+            raise RequestError("tool_choice: send tools to choose from")
         return _convert({"messages": messages, **fields}, max_new_tokens_cap, tokens_field="max_tokens")
 
 
@@ -173,9 +227,10 @@ class CompletionBody(_Common):
     def _best_of_one(cls, value: int | None) -> int | None:
         return _only(value, (None, 1), "best_of")
 
-    def to_request(self, max_new_tokens_cap: int) -> GenerationRequest:
+    def to_request(self, max_new_tokens_cap: int, model_defaults: Mapping[str, Any]) -> GenerationRequest:
         prompt = self.prompt if isinstance(self.prompt, str) else self.prompt[0]
-        return _convert({"prompt": prompt, **self.sampling(self.max_tokens)}, max_new_tokens_cap, "max_tokens")
+        fields = self.sampling(self.max_tokens, model_defaults)
+        return _convert({"prompt": prompt, **fields}, max_new_tokens_cap, "max_tokens")
 
 
 def _convert(fields: dict[str, Any], cap: int, tokens_field: str) -> GenerationRequest:

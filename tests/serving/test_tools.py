@@ -1,0 +1,134 @@
+"""Reading tool calls from a model's answer as it streams, with transformers' response parsing."""
+
+import json
+from types import SimpleNamespace
+
+import pytest
+from transformers import AutoTokenizer
+
+from worker_transformers.serving.schema import GenerationRequest
+from worker_transformers.serving.tools import Call, CallReader, ToolCallFailed, ToolFormat, known_response_template
+
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+            },
+        },
+    }
+]
+# Qwen2.5-7B-Instruct's answer to "What's the weather in Paris for the next 3 days?" with the tool above: its
+# chat template's Hermes format, a JSON object between <tool_call> tags.
+QWEN_ANSWER = (
+    "Let me look that up.\n"
+    '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": 3}}\n</tool_call>'
+)
+QWEN_PROMPT_END = (
+    "<|im_start|>user\nWhat's the weather in Paris for the next 3 days?<|im_end|>\n<|im_start|>assistant\n"
+)
+
+
+@pytest.fixture(scope="module")
+def qwen_format(tiny_model_dir):
+    """Qwen 2's format as transformers keeps it, found by the model's type for a tokenizer that ships none."""
+    from transformers.cli.serving.utils import get_response_template
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    template = known_response_template(tokenizer, "qwen2")
+    assert template is get_response_template(tokenizer, SimpleNamespace(config=SimpleNamespace(model_type="qwen2")))
+    return ToolFormat(renders_tools=True, response_template=template, model_type="qwen2")
+
+
+def request(tool_choice=None) -> GenerationRequest:
+    fields = {"messages": [{"role": "user", "content": "Weather?"}], "tools": TOOLS}
+    return GenerationRequest.model_validate(fields | ({"tool_choice": tool_choice} if tool_choice else {}))
+
+
+def read(fmt, text: str, step: int, tool_choice=None, finish_reason="stop") -> list:
+    reader = CallReader(fmt, request(tool_choice), QWEN_PROMPT_END)
+    pieces = []
+    for start in range(0, len(text), step):
+        pieces += reader.feed(text[start : start + step])
+    return pieces + reader.finish(finish_reason)
+
+
+@pytest.mark.parametrize("step", [1, 3, 1000])
+def test_a_real_answer_reads_as_its_text_then_the_call_however_it_is_chunked(qwen_format, step):
+    pieces = read(qwen_format, QWEN_ANSWER, step)
+    text = "".join(p for p in pieces if isinstance(p, str))
+    assert text.strip() == "Let me look that up."
+    assert "<" not in text, "markup of the call streamed as text"
+    [call] = [p for p in pieces if isinstance(p, Call)]
+    assert call.name == "get_weather"
+    assert json.loads(call.arguments) == {"city": "Paris", "days": 3}
+
+
+def test_an_answer_without_markup_is_all_text(qwen_format):
+    pieces = read(qwen_format, "Paris is sunny.", 2)
+    assert "".join(pieces) == "Paris is sunny."
+
+
+def test_a_call_cut_short_by_max_tokens_leaves_the_text_before_it(qwen_format):
+    cut = QWEN_ANSWER[: QWEN_ANSWER.index('"days"')]
+    pieces = read(qwen_format, cut, 4, finish_reason="length")
+    assert not [p for p in pieces if isinstance(p, Call)]
+    assert "".join(pieces).strip() == "Let me look that up."
+
+
+def test_unreadable_call_markup_is_an_error_naming_it(qwen_format):
+    with pytest.raises(ToolCallFailed) as caught:
+        read(qwen_format, "<tool_call>\n{not json}\n</tool_call>", 5)
+    assert caught.value.code == "invalid_tool_call"
+
+
+def test_a_required_call_must_come_and_a_named_one_must_be_that_function(qwen_format):
+    with pytest.raises(ToolCallFailed) as missing:
+        read(qwen_format, "Paris is sunny.", 4, tool_choice="required")
+    assert missing.value.code == "tool_call_missing"
+    other = QWEN_ANSWER.replace("get_weather", "get_time")
+    tools = TOOLS + [{"type": "function", "function": {"name": "get_time"}}]
+    reader = CallReader(
+        qwen_format,
+        GenerationRequest.model_validate(
+            {
+                "messages": [{"role": "user", "content": "Weather?"}],
+                "tools": tools,
+                "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+            }
+        ),
+        QWEN_PROMPT_END,
+    )
+    with pytest.raises(ToolCallFailed, match="called 'get_time' instead of 'get_weather'"):
+        reader.feed(other)
+        reader.finish("stop")
+
+
+def test_a_template_that_ignores_tools_is_refused_by_name(tiny_model_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)  # ChatML without a tools section
+    fmt = ToolFormat.of(tokenizer, "qwen2")
+    assert not fmt.renders_tools
+    from worker_transformers.serving.schema import RequestError
+
+    with pytest.raises(RequestError, match="^tools: this model's chat template does not show tools"):
+        fmt.check(request())
+    fmt.check(request("none"))  # nothing to show: tool_choice none sends no tools
+
+
+def test_required_and_named_choices_instruct_the_model_and_show_only_the_named_tool():
+    required = request("required")
+    assert "call of one of the tools" in required.template_messages()[0]["content"]
+    named = GenerationRequest.model_validate(
+        {
+            "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather?"}],
+            "tools": TOOLS + [{"type": "function", "function": {"name": "get_time"}}],
+            "tool_choice": {"type": "function", "function": {"name": "get_time"}},
+        }
+    )
+    [system, _] = named.template_messages()
+    assert system["content"].startswith("Be brief.") and "`get_time`" in system["content"]
+    assert [t["function"]["name"] for t in named.template_tools()] == ["get_time"]
+    assert request("none").template_tools() is None
