@@ -13,9 +13,9 @@ import time
 
 started = time.perf_counter()
 
+import runpod  # noqa: E402, F401  (a worker imports it before it starts taking jobs)
 import torch  # noqa: E402
 import transformers  # noqa: E402, F401
-import runpod  # noqa: E402, F401  (a worker imports it before it starts taking jobs)
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 imported = time.perf_counter()

@@ -1,11 +1,18 @@
-"""Serving benchmark: a concurrency sweep over one set of requests, against the same requests one at a time.
+"""Serving benchmark: the worker's engines and transformers' own ways to generate, on the same requests, in one run.
 
-    python bench/serve.py [--json PATH] [--png PATH] [--requests N] [--levels 1,2,4,8,16]
+    python bench/serve.py [--json PATH] [--png PATH] [--requests N] [--levels 1,8,16,32] [--dtypes bfloat16,float32]
 
-Requests go through the worker's real handler in this process (the async generator the runpod SDK calls),
-streaming, so that the time to the first token and between tokens can be seen; the SDK's local API server
-cannot show either, as its /stream route answers only once a job is done. Concurrency 1 is the serial
-baseline: the same requests, one at a time, in the same run. Prints a table, writes JSON and a PNG.
+For each dtype, side by side:
+- the worker with each engine (ENGINE=batch, ENGINE=serial), through its real handler in this process (the async
+  generator the runpod SDK calls), streaming, so that the time to the first token and between tokens can be seen,
+  at each concurrency level; the SDK's local API server cannot show either, as its /stream route answers only once
+  a job is done;
+- transformers' continuous batching, `generate_batch`, all requests at once, with a few ContinuousBatchingConfig
+  settings (the best is the one to beat);
+- serial `generate`, one request at a time.
+Then the host's time per decode step outside the model's forward at batch 32, on a tiny model, for the batcher
+and, where git can show it, the batcher this project had before (bench/step_overhead.py). Prints tables, writes
+JSON and a PNG.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "bench"))
 
 from worker_transformers.config import Settings  # noqa: E402
 
@@ -34,16 +42,16 @@ QUESTIONS = [
     "Give me a tip for learning to cook.",
     "What does a compiler do?",
 ]
-LENGTHS = [32, 64, 96, 128]
 
 
-def make_requests(count: int) -> list[dict]:
-    """A fixed mix: questions of different lengths, short and long answers, greedy and sampled."""
+def make_requests(count: int, new_tokens: int) -> list[dict]:
+    """Chat requests of up to `new_tokens` tokens each, half greedy and half sampled. Every way of generating
+    gets the same prompts and limits; tokens/s count the tokens each one actually generated."""
     jobs = []
     for i in range(count):
         job = {
             "messages": [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}],
-            "max_new_tokens": LENGTHS[(i // len(QUESTIONS) + i) % len(LENGTHS)],
+            "max_new_tokens": new_tokens,
             "stream": True,
         }
         job.update({"temperature": 0} if i % 2 == 0 else {"temperature": 0.8, "top_p": 0.95, "seed": i})
@@ -87,11 +95,9 @@ async def level(handler, jobs: list[dict], concurrency: int) -> dict:
         "output_tokens": tokens,
         "wall_s": wall,
         "throughput_tok_s": tokens / wall,
-        "ttft_p50_s": percentile([r["ttft"] for r in results], 50),
-        "ttft_p99_s": percentile([r["ttft"] for r in results], 99),
-        "itl_p50_s": percentile(gaps, 50),
-        "latency_p50_s": percentile(latencies, 50),
-        "latency_p99_s": percentile(latencies, 99),
+        **percentiles("ttft", [r["ttft"] for r in results]),
+        **percentiles("itl", gaps),
+        **percentiles("latency", latencies),
     }
 
 
@@ -157,92 +163,226 @@ def machine() -> dict:
     }
 
 
+def percentiles(prefix: str, values: list[float]) -> dict:
+    return {f"{prefix}_p50_s": percentile(values, 50), f"{prefix}_p99_s": percentile(values, 99)} if values else {}
+
+
+def worker_sweep(dtype: str, engine_kind: str, jobs: list[dict], levels: list[int]) -> tuple[list[dict], dict]:
+    """The worker started with ENGINE=`engine_kind`, every level of concurrency through its handler."""
+    from worker_transformers.serving.handlers import make_handler
+    from worker_transformers.worker import setup
+
+    env = {**os.environ, "MAX_CONCURRENCY": str(max(levels)), "DTYPE": dtype, "ENGINE": engine_kind}
+    settings = Settings.from_env(env)
+    engine = setup(settings)
+    handler = make_handler(engine, settings)
+
+    async def sweep():
+        await one(handler, {**jobs[0], "max_new_tokens": 4})  # warm-up
+        return [await level(handler, jobs, c) for c in levels]
+
+    try:
+        results = asyncio.run(sweep())
+        extra = {
+            "engine": engine.kind,
+            "model": settings.model_name,
+            "dtype": str(engine.generator.model.dtype).removeprefix("torch."),
+            "handler_overhead_s": handler_overhead(engine, settings, jobs),
+            "batch_1_decode": decode_bandwidth(engine.generator.model, results[0]["itl_p50_s"]),
+        }
+    finally:
+        engine.close()
+    return results, extra
+
+
+def transformers_baselines(dtype: str, jobs: list[dict], configs: list[dict]) -> dict:
+    """The same prompts through transformers alone: `generate_batch` (all at once) with each config, and
+    `generate` one request at a time."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, ContinuousBatchingConfig, GenerationConfig
+
+    from worker_transformers.model.sources import resolve
+
+    location = resolve(Settings.from_env(os.environ))
+    tokenizer = AutoTokenizer.from_pretrained(location.path)
+    model = AutoModelForCausalLM.from_pretrained(location.path, dtype=getattr(torch, dtype)).eval()
+    prompts = [
+        tokenizer.apply_chat_template(job["messages"], add_generation_prompt=True, tokenize=True, return_dict=True)[
+            "input_ids"
+        ]
+        for job in jobs
+    ]
+    new_tokens = jobs[0]["max_new_tokens"]
+    config = GenerationConfig(
+        max_new_tokens=new_tokens,
+        do_sample=False,
+        eos_token_id=model.generation_config.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+    )
+    out: dict = {"generate_batch": []}
+    for settings in configs:
+        cb = ContinuousBatchingConfig(**settings)
+        model.generate_batch(prompts[:2], generation_config=config, continuous_batching_config=cb)  # warm-up
+        start = time.perf_counter()
+        results = model.generate_batch(
+            prompts, generation_config=config, continuous_batching_config=cb, record_timestamps=True
+        )
+        wall = time.perf_counter() - start
+        tokens = sum(len(r.generated_tokens) for r in results.values())
+        stamps = [r.timestamps for r in results.values() if r.timestamps]
+        out["generate_batch"].append(
+            {
+                "config": settings,
+                "requests": len(prompts),
+                "output_tokens": tokens,
+                "wall_s": wall,
+                "throughput_tok_s": tokens / wall,
+                **percentiles("ttft", [s[0] - start for s in stamps]),
+                **percentiles("itl", [b - a for s in stamps for a, b in zip(s, s[1:])]),
+            }
+        )
+    tokens, start = 0, time.perf_counter()
+    with torch.inference_mode():
+        for ids in prompts:
+            result = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                    generation_config=config)  # fmt: skip
+            tokens += result.shape[1] - len(ids)
+    wall = time.perf_counter() - start
+    out["generate_serial"] = {"output_tokens": tokens, "wall_s": wall, "throughput_tok_s": tokens / wall}
+    return out
+
+
+def cpu_flags() -> list[str]:
+    """The SIMD flags that decide whether a CPU computes bf16 natively (avx512_bf16, amx_bf16) or emulates it."""
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return []
+    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx512_vnni")
+    return [flag for flag in flags.split(":", 1)[1].split() if flag in wanted]
+
+
 def plot(report: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    levels = report["levels"]
-    xs = [lv["concurrency"] for lv in levels]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    left.plot(xs, [lv["throughput_tok_s"] for lv in levels], "o-", label="batched")
-    left.axhline(report["serial_throughput_tok_s"], color="grey", linestyle="--", label="serial")
-    left.set(xscale="log", xlabel="concurrency", ylabel="output tokens/s", title="Throughput")
-    left.set_xticks(xs, [str(x) for x in xs])
-    left.legend()
-    for key, style in (("latency_p50_s", "o-"), ("latency_p99_s", "s--"), ("ttft_p50_s", "^:")):
-        right.plot(xs, [lv[key] for lv in levels], style, label=key.removesuffix("_s"))
-    right.set(xscale="log", xlabel="concurrency", ylabel="seconds", title="Latency")
-    right.set_xticks(xs, [str(x) for x in xs])
-    right.legend()
-    fig.suptitle(f"{report['model']} ({report['dtype']}), {report['machine']['device']}, {report['mode']}")
+    runs = report["runs"]
+    fig, axes = plt.subplots(1, len(runs), figsize=(6 * len(runs), 4), squeeze=False)
+    for axis, run in zip(axes[0], runs):
+        for name, levels in run["worker"].items():
+            xs = [lv["concurrency"] for lv in levels]
+            axis.plot(xs, [lv["throughput_tok_s"] for lv in levels], "o-", label=f"worker, ENGINE={name}")
+        best = max(run["transformers"]["generate_batch"], key=lambda r: r["throughput_tok_s"])
+        axis.axhline(best["throughput_tok_s"], color="tab:red", linestyle="--", label="generate_batch (best)")
+        axis.axhline(run["transformers"]["generate_serial"]["throughput_tok_s"], color="grey", linestyle=":",
+                     label="generate, serial")  # fmt: skip
+        axis.set(xscale="log", xlabel="concurrency", ylabel="output tokens/s", title=run["dtype"])
+        axis.legend(fontsize=8)
+    fig.suptitle(f"{report['model']}, {report['machine']['device']}, {report['requests']} requests")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def print_run(run: dict) -> None:
+    best = max(run["transformers"]["generate_batch"], key=lambda r: r["throughput_tok_s"])
+    serial = run["transformers"]["generate_serial"]["throughput_tok_s"]
+    print(f"\n{run['dtype']}:")
+    print(
+        f"{'':24} {'conc':>4} {'tok/s':>8} {'x gen_b':>8} {'x serial':>8} {'ttft p50':>9} {'itl p50':>8} {'itl p99':>8}"
+    )
+    for name, levels in run["worker"].items():
+        for lv in levels:
+            print(
+                f"{'worker ENGINE=' + name:24} {lv['concurrency']:>4} {lv['throughput_tok_s']:>8.1f} "
+                f"{lv['throughput_tok_s'] / best['throughput_tok_s']:>8.2f} {lv['throughput_tok_s'] / serial:>8.2f} "
+                f"{lv['ttft_p50_s']:>9.3f} {lv['itl_p50_s']:>8.4f} {lv['itl_p99_s']:>8.4f}"
+            )
+    for result in run["transformers"]["generate_batch"]:
+        c = result["config"]
+        label = f"gen_batch {c['num_blocks']}x{c['block_size']} t{c['max_batch_tokens']}"
+        print(
+            f"{label:24} {'all':>4} {result['throughput_tok_s']:>8.1f} "
+            f"{result['throughput_tok_s'] / best['throughput_tok_s']:>8.2f} {result['throughput_tok_s'] / serial:>8.2f} "
+            f"{result.get('ttft_p50_s', float('nan')):>9.3f} {result.get('itl_p50_s', float('nan')):>8.4f} "
+            f"{result.get('itl_p99_s', float('nan')):>8.4f}"
+        )
+    print(f"{'generate, serial':24} {1:>4} {serial:>8.1f} {serial / best['throughput_tok_s']:>8.2f} {1:>8.2f}")
+
+
+# transformers' continuous batching settings to try (num_blocks x block_size tokens, max_batch_tokens): the
+# first two are what this machine's notes saw best and worst, the third a larger cache.
+CB_CONFIGS = [
+    {"num_blocks": 128, "block_size": 32, "max_batch_tokens": 1024},
+    {"num_blocks": 64, "block_size": 64, "max_batch_tokens": 256},
+    {"num_blocks": 256, "block_size": 32, "max_batch_tokens": 2048},
+]
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "out" / "serve.json")
     parser.add_argument("--png", type=Path, default=None, help="default: the JSON path with .png")
-    parser.add_argument("--requests", type=int, default=32)
-    parser.add_argument("--levels", default="1,2,4,8,16")
+    parser.add_argument("--requests", type=int, default=16)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--levels", default="1,8,16,32")
+    parser.add_argument("--dtypes", default="bfloat16,float32")
+    parser.add_argument("--engines", default="batch,serial")
+    parser.add_argument("--cb-configs", type=int, default=len(CB_CONFIGS), help="how many of CB_CONFIGS to run")
+    parser.add_argument("--no-step-overhead", action="store_true")
     args = parser.parse_args()
     levels = sorted({int(x) for x in args.levels.split(",")} | {1})
+    jobs = make_requests(args.requests, args.new_tokens)
 
-    from worker_transformers.serving.handlers import make_handler
-    from worker_transformers.worker import setup
+    runs = []
+    for dtype in args.dtypes.split(","):
+        worker, extra = {}, {}
+        for kind in args.engines.split(","):
+            # The serial engine runs one request at a time whatever the concurrency: one level says it all.
+            worker[kind], extra[kind] = worker_sweep(dtype, kind, jobs, levels if kind == "batch" else [1])
+        baselines = transformers_baselines(dtype, jobs, CB_CONFIGS[: args.cb_configs])
+        runs.append({"dtype": dtype, "worker": worker, "worker_details": extra, "transformers": baselines})
 
-    settings = Settings.from_env({**os.environ, "MAX_CONCURRENCY": str(max(levels))})
-    engine = setup(settings)
-    handler = make_handler(engine, settings)
-    jobs = make_requests(args.requests)
-
-    async def sweep():
-        await one(handler, {**jobs[0], "max_new_tokens": 4})  # warm-up
-        return [await level(handler, jobs, c) for c in levels]
-
-    results = asyncio.run(sweep())
-    serial = results[0]
+    first = next(iter(runs[0]["worker_details"].values()))
     report = {
-        "mode": "in-process handler (streaming)",
-        "model": settings.model_name,
-        "dtype": str(engine.generator.model.dtype).removeprefix("torch."),
-        "machine": machine(),
-        "levels": results,
-        "serial_throughput_tok_s": serial["throughput_tok_s"],
-        "single_request_latency_p99_s": serial["latency_p99_s"],
-        "handler_overhead_s": handler_overhead(engine, settings, jobs),
-        "itl_at_batch_1_s": serial["itl_p50_s"],
-        "batch_1_decode": decode_bandwidth(engine.generator.model, serial["itl_p50_s"]),
+        "mode": "in-process handler (streaming); transformers in the same process",
+        "model": first["model"],
+        "requests": args.requests,
+        "new_tokens": args.new_tokens,
+        "machine": {**machine(), "cpu_flags": cpu_flags()},
+        "runs": runs,
     }
-    engine.close()
+    batch = runs[0]["worker"].get("batch") or next(iter(runs[0]["worker"].values()))
+    report["levels"] = batch  # the first dtype's default engine, for a quick look
+    report["serial_throughput_tok_s"] = batch[0]["throughput_tok_s"]
+    if not args.no_step_overhead:
+        from step_overhead import measure
+
+        report["step_overhead"] = measure()
 
     print(
-        f"{report['model']} ({report['dtype']}) on {report['machine']['device']}, {report['machine']['cores']} cores; "
-        f"{args.requests} requests, {report['mode']}; concurrency 1 is the serial baseline"
+        f"{report['model']} on {report['machine']['device']}, {report['machine']['cores']} cores "
+        f"(flags: {' '.join(report['machine']['cpu_flags']) or 'none of note'}); {args.requests} chat requests of up "
+        f"to {args.new_tokens} tokens; x gen_b: against the best generate_batch; concurrency 1 is the serial baseline"
     )
-    print(
-        f"{'conc':>4} {'tok/s':>8} {'x serial':>8} {'ttft p50':>9} {'itl p50':>8} {'lat p50':>8} {'lat p99':>8} "
-        f"{'p99/serial p99':>14}"
-    )
-    for lv in results:
-        print(
-            f"{lv['concurrency']:>4} {lv['throughput_tok_s']:>8.1f} {lv['throughput_tok_s'] / serial['throughput_tok_s']:>8.2f} "
-            f"{lv['ttft_p50_s']:>9.3f} {lv['itl_p50_s']:>8.4f} {lv['latency_p50_s']:>8.2f} {lv['latency_p99_s']:>8.2f} "
-            f"{lv['latency_p99_s'] / serial['latency_p99_s']:>14.2f}"
-        )
-    print(
-        f"handler overhead per request (validation, tokenization, response): {report['handler_overhead_s'] * 1e3:.2f} ms; "
-        f"one decode step at batch 1: {report['itl_at_batch_1_s'] * 1e3:.1f} ms"
-    )
-    bw = report["batch_1_decode"]
-    mbu = (
-        f", MBU {bw['mbu']:.0%} of {bw['peak_gb_s']} GB/s"
-        if bw["mbu"]
-        else " (peak bandwidth of this device unknown: no MBU)"
-    )
-    print(f"batch-1 decode read the weights at {bw['decode_gb_s']:.1f} GB/s{mbu}")
+    for run in runs:
+        print_run(run)
+    for run in runs:
+        details = run["worker_details"].get("batch")
+        if details:
+            print(
+                f"\n{run['dtype']}: handler overhead per request {details['handler_overhead_s'] * 1e3:.2f} ms; "
+                f"batch-1 decode read the weights at {details['batch_1_decode']['decode_gb_s']:.1f} GB/s"
+            )
+    if "step_overhead" in report:
+        so = report["step_overhead"]
+        print(f"\nhost time per decode step outside the forward, batch {so['batch']}, {so['model']}:")
+        for name, row in so["engines"].items():
+            print(
+                f"  {name:28} greedy {row['greedy_host_ms']:7.2f} ms   sampled {row['sampled_host_ms']:7.2f} ms   "
+                f"(forward {row['forward_ms']:.2f} ms)"
+            )
 
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2))

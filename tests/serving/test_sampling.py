@@ -4,7 +4,7 @@ settings, draws that follow the softmax, and a seeded row that picks the same to
 import pytest
 import torch
 
-from worker_transformers.serving.sampling import BatchSampler, Sampling, gumbel_noise
+from worker_transformers.serving.sampling import BatchSampler, Sampling
 from worker_transformers.serving.schema import parse_request
 
 VOCAB = 1000
@@ -15,11 +15,20 @@ def sampling(**fields) -> Sampling:
     return Sampling.of(parse_request({"prompt": "x", **fields}, 64))
 
 
-def pick(rows: list[Sampling], logits: torch.Tensor, steps=None, seen=None) -> list[int]:
+def sampler_for(rows: list[Sampling]) -> BatchSampler:
     sampler = BatchSampler(CPU)
-    sampler.set_rows(rows)
-    steps = torch.zeros(len(rows), dtype=torch.long) if steps is None else steps
-    return sampler.pick(logits, steps, seen).tolist()
+    sampler.set_rows(rows, [row.generator(CPU) for row in rows])
+    return sampler
+
+
+def pick(rows: list[Sampling], logits: torch.Tensor, seen=None) -> list[int]:
+    return sampler_for(rows).pick(logits, seen).tolist()
+
+
+def draws(rows: list[Sampling], logits: torch.Tensor, steps: int) -> list[list[int]]:
+    """`steps` successive picks for each row (each row's generator advancing), as one list per row."""
+    sampler = sampler_for(rows)
+    return [list(column) for column in zip(*(sampler.pick(logits, None).tolist() for _ in range(steps)))]
 
 
 @pytest.mark.parametrize(
@@ -56,7 +65,7 @@ def test_each_row_keeps_its_own_settings_in_one_batch():
     logits[:, 5] = 3.0
     logits[:, 6] = 2.9
     rows = [sampling(temperature=0), sampling(temperature=1.0, top_k=1, seed=1), sampling(temperature=2.0, seed=2)]
-    greedy, top1, hot = zip(*(pick(rows, logits, steps=torch.full((3,), step)) for step in range(200)))
+    greedy, top1, hot = draws(rows, logits, 200)
     assert set(greedy) == {5} and set(top1) == {5}
     assert len(set(hot)) > 10  # temperature 2 over a nearly flat vocabulary: many different tokens
 
@@ -65,10 +74,10 @@ def test_a_seeded_row_picks_the_same_tokens_whatever_shares_its_batch_and_in_whi
     torch.manual_seed(1)
     logits = torch.randn(1, VOCAB)
     mine = sampling(temperature=1.0, top_p=0.9, seed=42)
-    alone = [pick([mine], logits, steps=torch.tensor([s]))[0] for s in range(30)]
-    others = [sampling(temperature=0.7, top_k=50, seed=7), sampling(temperature=0)]
-    batch = torch.cat([torch.randn(2, VOCAB), logits])
-    shared = [pick([*others, mine], batch, steps=torch.tensor([9, 3, s]))[2] for s in range(30)]
+    [alone] = draws([mine], logits, 30)
+    others = [sampling(temperature=0.7, top_k=50, seed=7), sampling(temperature=0), sampling(top_p=0.5, seed=3)]
+    batch = torch.cat([torch.randn(2, VOCAB), logits, torch.randn(1, VOCAB)])
+    shared = draws([others[0], others[1], mine, others[2]], batch, 30)[2]
     assert shared == alone
     assert len(set(alone)) > 1  # and the draws do change from step to step
 
@@ -76,27 +85,31 @@ def test_a_seeded_row_picks_the_same_tokens_whatever_shares_its_batch_and_in_whi
 def test_the_same_seed_gives_the_same_tokens_and_another_seed_other_tokens():
     logits = torch.zeros(1, VOCAB)  # uniform: every draw is up to the noise
 
-    def draws(seed):
-        return [pick([sampling(temperature=1.0, seed=seed)], logits, steps=torch.tensor([s]))[0] for s in range(20)]
+    def twenty(seed):
+        return draws([sampling(temperature=1.0, seed=seed)], logits, 20)[0]
 
-    assert draws(5) == draws(5)
-    assert draws(5) != draws(6)
+    assert twenty(5) == twenty(5)
+    assert twenty(5) != twenty(6)
 
 
-def test_draws_follow_the_softmax():
-    logits = torch.tensor([2.0, 1.0, 0.0, -1.0])
-    expected = logits.softmax(-1)
-    seeds = torch.arange(20_000, dtype=torch.long)
-    noise = gumbel_noise(seeds, torch.zeros_like(seeds), 4)
-    counts = torch.bincount((logits + noise).argmax(-1), minlength=4).float() / len(seeds)
-    assert torch.allclose(counts, expected, atol=0.015), (counts, expected)
+@pytest.mark.parametrize("top_p", [1.0, 0.9])
+def test_draws_follow_the_softmax_and_within_top_p_the_renormalised_nucleus(top_p):
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    expected = torch.tensor([0.5, 0.3, 0.15, 0.05]) if top_p == 1.0 else torch.tensor([0.5, 0.3, 0.15, 0]) / 0.95
+    rows = [sampling(temperature=1.0, top_p=top_p, seed=seed) for seed in range(2000)]
+    picked = torch.tensor(draws(rows, logits.expand(len(rows), -1), 10)).flatten()
+    frequencies = torch.bincount(picked, minlength=4).float() / len(picked)
+    assert torch.allclose(frequencies, expected, atol=0.015), (frequencies, expected)
 
 
 def test_top_p_keeps_only_the_nucleus():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
-    row = sampling(temperature=1.0, top_p=0.8, seed=0)
-    picked = {pick([row], logits, steps=torch.tensor([s]))[0] for s in range(300)}
-    assert picked == {0, 1}
+    [picked] = draws([sampling(temperature=1.0, top_p=0.8, seed=0)], logits, 300)
+    assert set(picked) == {0, 1}
+    # a nucleus of one token, which the rejection sampler reaches only through its sorted path
+    flat = torch.linspace(0, 1e-3, VOCAB)[None, :]  # nearly uniform, the likeliest token last
+    [tiny] = draws([sampling(temperature=1.0, top_p=1e-6, seed=0)], flat, 5)
+    assert set(tiny) == {VOCAB - 1}
 
 
 def test_repetition_penalty_pushes_seen_tokens_down():

@@ -61,7 +61,7 @@ class Batcher:
         self._starts: list[int] = []  # each row's first cache column
         self._column = 0  # where the next decode step writes
         self._cache = SlotCache(num_layers, 0, 0, self.device)
-        self._last = self._positions = self._steps = torch.zeros(0, dtype=torch.long, device=self.device)
+        self._last = self._positions = torch.zeros(0, dtype=torch.long, device=self.device)
         self._seen: torch.Tensor | None = None  # (rows, vocab): the repetition penalty's tokens, when one asks
         self._sampler = BatchSampler(self.device)
         self.peak_batch = 0  # the most sequences decoded together so far (for tests and benchmarks)
@@ -203,25 +203,23 @@ class Batcher:
             cache.positions[new_rows] = -1
             raise
         sampler = BatchSampler(self.device)
-        sampler.set_rows([s.sampling for s in joining])
+        sampler.set_rows([s.sampling for s in joining], [s.generator for s in joining])
         seen = None
         if self._seen is not None or any(s.sampling.repetition_penalty != 1.0 for s in joining):
             seen = torch.zeros(len(joining), logits.shape[-1], dtype=torch.bool, device=self.device)
             for i, sequence in enumerate(joining):
                 seen[i, torch.tensor(sequence.prompt_ids, device=self.device)] = True
-        steps = torch.zeros(len(joining), dtype=torch.long, device=self.device)
-        tokens = sampler.pick(logits, steps, seen)
+        tokens = sampler.pick(logits, seen)
         self._column = end
         self._last[new_rows] = tokens
         self._positions[new_rows] = torch.tensor([len(s.prompt_ids) for s in joining], device=self.device)
-        self._steps[new_rows] = 1
         if seen is not None:
             seen[torch.arange(len(joining), device=self.device), tokens] = True
             self._ensure_seen(logits.shape[-1])
             self._seen[new_rows] = seen
         self._active.extend(joining)
         self._starts.extend(end - len(s.prompt_ids) for s in joining)
-        self._sampler.set_rows([s.sampling for s in self._active])
+        self._set_sampler_rows()
         self.peak_batch = max(self.peak_batch, len(self._active))
         for sequence, token in zip(joining, tokens.tolist()):
             sequence.accept(token, self.eos_ids)
@@ -236,11 +234,10 @@ class Batcher:
         positions = self._positions[live, None]
         logits = self._forward(self._last[live, None], positions, cache.positions[live, : column + 1])
         seen = self._seen[live] if self._seen is not None else None
-        tokens = self._sampler.pick(logits, self._steps[live], seen)
+        tokens = self._sampler.pick(logits, seen)
         self._column = column + 1
         self._last[live] = tokens
         self._positions[live] += 1
-        self._steps[live] += 1
         if seen is not None:
             self._seen[torch.arange(rows, device=self.device), tokens] = True
         for sequence, token in zip(self._active, tokens.tolist()):  # the step's one device-to-host copy
@@ -280,7 +277,6 @@ class Batcher:
         if row_capacity != self._last.shape[0]:
             self._last = _grown(self._last, row_capacity)
             self._positions = _grown(self._positions, row_capacity)
-            self._steps = _grown(self._steps, row_capacity)
             if self._seen is not None:
                 self._seen = _grown(self._seen, row_capacity)
 
@@ -301,7 +297,7 @@ class Batcher:
             last = len(self._active) - 1
             if row != last:
                 self._cache.move_row(last, row, self._column)
-                for state in (self._last, self._positions, self._steps, self._seen):
+                for state in (self._last, self._positions, self._seen):
                     if state is not None:
                         state[row] = state[last]
                 self._active[row], self._starts[row] = self._active[last], self._starts[last]
@@ -309,7 +305,7 @@ class Batcher:
             self._active.pop()
             self._starts.pop()
         if changed:
-            self._sampler.set_rows([s.sampling for s in self._active])
+            self._set_sampler_rows()
             if not self._active:
                 self._column = 0
 
@@ -318,7 +314,10 @@ class Batcher:
             sequence.fail(error)
         self._active, self._starts, self._column = [], [], 0
         self._cache.positions.fill_(-1)
-        self._sampler.set_rows([])
+        self._set_sampler_rows()
+
+    def _set_sampler_rows(self) -> None:
+        self._sampler.set_rows([s.sampling for s in self._active], [s.generator for s in self._active])
 
 
 def _grown(state: torch.Tensor, rows: int) -> torch.Tensor:

@@ -155,9 +155,10 @@ class Engine:
         sequence = Sequence(
             prompt_ids=ids,
             max_new_tokens=request.max_new_tokens,
-            sampling=Sampling.of(request),
+            sampling=(sampling := Sampling.of(request)),
             text=TextStream(self.detokenizer, ids, request.stop),
             emit=emit,
+            generator=sampling.generator(self.generator.device),
         )
         self.generator.submit(sequence)
         return sequence

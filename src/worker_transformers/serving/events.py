@@ -6,6 +6,8 @@ import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
+
 from worker_transformers.serving.sampling import Sampling
 from worker_transformers.serving.textstream import TextStream
 
@@ -44,6 +46,7 @@ class Sequence:
     sampling: Sampling
     text: TextStream
     emit: Callable[[Event], None]
+    generator: torch.Generator | None = None  # the request's own random stream (sampling.py)
     generated: list[int] = field(default_factory=list)
     cancelled: bool = False  # set by the consumer when nobody wants the rest any more
     finished: bool = False

@@ -1,12 +1,15 @@
-"""The next token of every sequence in a batch at once, each with its own settings and seed.
+"""The next token of every sequence in a batch at once, each with its own settings and random stream.
 
-One (batch, vocab) pass per step, whatever the mix of settings: per-row repetition penalty, temperature,
-top-k and top-p as tensors, and a choice by the Gumbel-max trick (argmax of logits / temperature plus Gumbel
-noise samples exactly from the softmax). The noise is not drawn from a stateful generator but computed from
-(the request's seed, the step, the token id) by a counter-based hash, so a seeded request draws the same noise,
-and samples the same tokens, whatever else shares its batch and in whichever row it sits; and the step costs a
-fixed number of batched operations, with one device-to-host copy of the chosen tokens, instead of a few small
-operations and a sync per sequence.
+One (batch, vocab) pass per step, whatever the mix of settings: per-row repetition penalty, temperature and top-k
+as tensors, then a draw by the exponential race (the argmax of probability / Exp(1) noise samples exactly from
+the distribution). Each request has its own random generator, seeded with its seed, that fills its row of noise:
+a seeded request draws the same numbers, and samples the same tokens, whatever else shares its batch and in
+whichever row it sits.
+
+Top-p without sorting the vocabulary: a token drawn from the whole distribution is kept when the probability
+mass of the tokens likelier than it is below top-p, which is exactly when it is in the nucleus; a row whose draw
+falls outside is drawn again from its own generator (a rejection sampler, whose kept draws follow the nucleus
+distribution exactly). A row still outside after a few draws (a tiny top-p) takes the sorted path.
 """
 
 from __future__ import annotations
@@ -24,17 +27,7 @@ MAX_PENALTY = 1e4
 # one-hot long before it, so sampling at this floor is indistinguishable from the temperature asked for.
 MIN_TEMPERATURE = 1e-4
 
-_MASK64 = (1 << 64) - 1
-
-
-def _signed(value: int) -> int:
-    """A 64-bit pattern as the int64 torch holds it."""
-    value &= _MASK64
-    return value - (1 << 64) if value >= 1 << 63 else value
-
-
-# splitmix64's constants, as int64 (torch's integer arithmetic wraps around like C's unsigned one).
-_GOLDEN, _MIX1, _MIX2 = _signed(0x9E3779B97F4A7C15), _signed(0xBF58476D1CE4E5B9), _signed(0x94D049BB133111EB)
+REDRAWS = 8  # draws a top-p row gets before it takes the sorted path
 
 
 @dataclass(frozen=True)
@@ -46,11 +39,10 @@ class Sampling:
     top_k: int
     top_p: float
     repetition_penalty: float
-    seed: int  # 64 bits; a request without one gets a random one
+    seed: int | None  # None: a random seed
 
     @classmethod
     def of(cls, request: GenerationRequest) -> Sampling:
-        seed = request.seed if request.seed is not None else random.getrandbits(64)
         return cls(
             greedy=request.greedy,
             temperature=max(request.temperature, MIN_TEMPERATURE),
@@ -59,42 +51,31 @@ class Sampling:
             # Past these bounds a penalty already pushes seen tokens to the edge of the distribution; inside them
             # it stays a finite float32 (3.4e38, the schema's largest, rounds to inf and 0 x inf is nan).
             repetition_penalty=min(max(request.repetition_penalty, 1 / MAX_PENALTY), MAX_PENALTY),
-            seed=_signed(seed),
+            seed=request.seed,
         )
 
-
-def _shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
-    """Logical right shift of int64 bit patterns (torch's >> keeps the sign)."""
-    return (x >> bits) & ((1 << (64 - bits)) - 1)
-
-
-def _mix(x: torch.Tensor) -> torch.Tensor:
-    """splitmix64's finalizer: every output bit depends on every input bit."""
-    x = (x ^ _shift_right(x, 30)) * _MIX1
-    x = (x ^ _shift_right(x, 27)) * _MIX2
-    return x ^ _shift_right(x, 31)
-
-
-def gumbel_noise(seeds: torch.Tensor, steps: torch.Tensor, vocab: int) -> torch.Tensor:
-    """(rows, vocab) standard Gumbel noise that depends only on each row's (seed, step) and the token id."""
-    token = torch.arange(vocab, device=seeds.device, dtype=torch.int64)
-    row = _mix(seeds + steps * _GOLDEN)
-    bits = _mix(row[:, None] + (token[None, :] + 1) * _GOLDEN)
-    uniform = (_shift_right(bits, 40).to(torch.float32) + 0.5) * (1.0 / (1 << 24))  # in (0, 1)
-    return -torch.log(-torch.log(uniform))
+    def generator(self, device: torch.device) -> torch.Generator | None:
+        """The request's own random stream (None for greedy, which draws nothing)."""
+        if self.greedy:
+            return None
+        generator = torch.Generator(device=device)
+        generator.manual_seed(self.seed if self.seed is not None else random.getrandbits(64))
+        return generator
 
 
 class BatchSampler:
-    """The settings of the rows of a batch as device tensors, kept in row order by the batcher."""
+    """The settings of the rows of a batch as device tensors, and each row's generator, kept in row order by
+    the batcher."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.rows: list[Sampling] = []
+        self.generators: list[torch.Generator | None] = []
         self._tensors: dict[str, torch.Tensor] | None = None
 
-    def set_rows(self, rows: list[Sampling]) -> None:
+    def set_rows(self, rows: list[Sampling], generators: list[torch.Generator | None]) -> None:
         """The batch's rows changed (a sequence joined, left or moved): rebuild the parameter tensors."""
-        self.rows = rows
+        self.rows, self.generators = rows, generators
         self._tensors = None
 
     def _params(self) -> dict[str, torch.Tensor]:
@@ -104,16 +85,15 @@ class BatchSampler:
                 "greedy": torch.tensor([r.greedy for r in rows], device=device),
                 "temperature": torch.tensor([r.temperature for r in rows], device=device)[:, None],
                 "top_k": torch.tensor([r.top_k for r in rows], device=device)[:, None],
-                "top_p": torch.tensor([r.top_p for r in rows], device=device)[:, None],
+                "top_p": torch.tensor([r.top_p for r in rows], device=device),
                 "penalty": torch.tensor([r.repetition_penalty for r in rows], device=device)[:, None],
-                "seed": torch.tensor([r.seed for r in rows], device=device, dtype=torch.int64),
             }
         return self._tensors
 
-    def pick(self, logits: torch.Tensor, steps: torch.Tensor, seen: torch.Tensor | None) -> torch.Tensor:
-        """The next token of each row, on the device. `logits` (rows, vocab) are the last position's, `steps`
-        (rows,) how many tokens each row has generated, `seen` (rows, vocab) marks the prompt's and the generated
-        tokens, for the repetition penalty (None when no row asks for one)."""
+    def pick(self, logits: torch.Tensor, seen: torch.Tensor | None) -> torch.Tensor:
+        """The next token of each row, on the device. `logits` (rows, vocab) are the last position's; `seen`
+        (rows, vocab) marks the prompt's and the generated tokens, for the repetition penalty (None when no row
+        asks for one)."""
         p = self._params()
         logits = logits.float()
         if seen is not None:
@@ -125,18 +105,58 @@ class BatchSampler:
         if all(r.greedy for r in rows):
             return logits.argmax(-1)
         scaled = logits / p["temperature"]
-        if any(0 < r.top_k < logits.shape[-1] or r.top_p < 1.0 for r in rows):
-            scaled = self._truncate(scaled, p["top_k"], p["top_p"])
-        noisy = scaled + gumbel_noise(p["seed"], steps, logits.shape[-1])
-        return torch.where(p["greedy"], logits.argmax(-1), noisy.argmax(-1))
+        top_k = [r.top_k for r in rows if 0 < r.top_k < logits.shape[-1]]
+        if top_k:
+            # The k-th largest logit of each row; below it, out (ties at the k-th stay in).
+            largest = torch.topk(scaled, max(top_k), dim=-1).values
+            kth = largest.gather(1, (p["top_k"] - 1).clamp(0, largest.shape[-1] - 1))
+            scaled = scaled.masked_fill((p["top_k"] > 0) & (scaled < kth), float("-inf"))
+        probs = scaled.softmax(-1)
+        chosen = self._draw(probs, range(len(rows)))
+        if any(r.top_p < 1.0 and not r.greedy for r in rows):
+            chosen = self._within_nucleus(probs, chosen, p["top_p"])
+        return torch.where(p["greedy"], logits.argmax(-1), chosen)
 
-    @staticmethod
-    def _truncate(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-        """-inf for the tokens each row's top-k and top-p leave out; the likeliest token always stays."""
-        ordered, order = torch.sort(scaled, dim=-1, descending=True)
-        rank = torch.arange(scaled.shape[-1], device=scaled.device)[None, :]
-        probs = ordered.softmax(-1)
-        # Drop a token once the mass before it already reaches top_p (even when top_p rounds to 0 in float32).
-        drop = ((probs.cumsum(-1) - probs) >= top_p) | ((top_k > 0) & (rank >= top_k))
-        drop[:, 0] = False
-        return scaled.scatter(-1, order, ordered.masked_fill(drop, float("-inf")))
+    def _draw(self, probs: torch.Tensor, rows) -> torch.Tensor:
+        """One draw from `probs` (rows, vocab) for each of `rows`, each from its row's own generator."""
+        uniform = torch.empty_like(probs)
+        for i, row in enumerate(rows):
+            generator = self.generators[row]
+            if generator is None:  # a greedy row: its argmax is taken instead
+                uniform[i].fill_(0.5)
+            else:
+                uniform[i].uniform_(generator=generator)
+        race = probs / -torch.log(uniform.clamp(min=1e-12))  # zero-probability tokens never win
+        return race.argmax(-1)
+
+    def _within_nucleus(self, probs: torch.Tensor, chosen: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+        """`chosen`, with the rows whose draw fell outside their top-p nucleus drawn again until it is inside."""
+        pending = torch.arange(len(self.rows), device=probs.device)
+        greedy = [r.greedy for r in self.rows]
+        for _ in range(REDRAWS):
+            outside = ~_in_nucleus(probs[pending], chosen[pending], top_p[pending])
+            rows = [row for row in pending[outside].tolist() if not greedy[row]]
+            if not rows:
+                return chosen
+            pending = torch.tensor(rows, device=probs.device)
+            chosen[pending] = self._draw(probs[pending], rows)
+        # A nucleus too small to be hit by chance: cut the distribution at it, then draw once more.
+        cut = _truncate(probs[pending], top_p[pending, None])
+        chosen[pending] = self._draw(cut, pending.tolist())
+        return chosen
+
+
+def _in_nucleus(probs: torch.Tensor, chosen: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Whether each row's chosen token is in its nucleus: the mass of the tokens likelier than it is below top-p
+    (the likeliest token always is, even when top-p rounds to 0 in float32)."""
+    own = probs.gather(1, chosen[:, None])
+    likelier = torch.where(probs > own, probs, 0.0).sum(-1)
+    return (likelier < top_p) | (likelier == 0) | (top_p >= 1.0)
+
+
+def _truncate(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """The rows' probabilities outside their top-p nucleus set to 0, by sorting (the slow, exact path)."""
+    ordered, order = torch.sort(probs, dim=-1, descending=True)
+    drop = (ordered.cumsum(-1) - ordered) >= top_p
+    drop[:, 0] = False
+    return probs.scatter(-1, order, ordered.masked_fill(drop, 0.0))

@@ -32,15 +32,14 @@ class _Choose(LogitsProcessor):
     def __init__(self, sequence: Sequence, device: torch.device) -> None:
         self.sequence = sequence
         self.sampler = BatchSampler(device)
-        self.sampler.set_rows([sequence.sampling])
+        self.sampler.set_rows([sequence.sampling], [sequence.generator])
         self.penalized = sequence.sampling.repetition_penalty != 1.0
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         seen = None
         if self.penalized:
             seen = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, input_ids, True)
-        steps = torch.tensor([len(self.sequence.generated)], device=scores.device)
-        token = self.sampler.pick(scores, steps, seen)
+        token = self.sampler.pick(scores, seen)
         return torch.full_like(scores, float("-inf")).scatter_(1, token[:, None], 0.0)
 
 

@@ -1,0 +1,214 @@
+"""The host's time per decode step outside the model's forward, at batch 32, on a tiny model.
+
+    python bench/step_overhead.py [--batch 32] [--steps 40]
+
+On a GPU the forward of a decode step is a few milliseconds; whatever the host does around it (building inputs,
+sampling, syncing, detokenizing) adds to every step unless it is small. A tiny model (2 layers, hidden 64, the
+default model's 49,152-token vocabulary) makes the forward cost next to nothing on a CPU, so what is left is that
+overhead. Measured for the batcher, greedy and sampled (temperature 0.8, top-p 0.95), and, side by side, for the
+batcher this project had before (commit BASELINE, read with git), where git can show it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+BASELINE = "775294f"  # the last commit with the per-sequence sampler and the concatenating cache
+BASELINE_FILES = ("batcher.py", "sampling.py", "textstream.py", "schema.py")
+
+
+def tiny_model(vocab: int):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=4096,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).float().eval()
+
+
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    from worker_transformers.config import DEFAULT_MODEL, hf_hub_cache_dir
+    from worker_transformers.model import hf_cache
+
+    snapshot = hf_cache.snapshot(hf_hub_cache_dir(os.environ), DEFAULT_MODEL, None, newest_if_no_ref=False)
+    if snapshot is None:
+        raise SystemExit(f"{DEFAULT_MODEL} is not in the Hugging Face cache: run `make model` first")
+    return AutoTokenizer.from_pretrained(snapshot)
+
+
+class StepTimer:
+    """Wraps a batcher's decode step and its model's forward: step and forward seconds, per step."""
+
+    def __init__(self, batcher, step_name: str, batch: int) -> None:
+        self.steps: list[float] = []
+        self.forwards: list[float] = []
+        self._in_step = False
+        model, forward = batcher.model, batcher.model.forward
+        step = getattr(batcher, step_name)
+
+        def timed_forward(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return forward(*args, **kwargs)
+            finally:
+                if self._in_step:
+                    self.forwards.append(time.perf_counter() - start)
+
+        def timed_step(*args, **kwargs):
+            full = len(batcher._active) == batch
+            self._in_step = full
+            start = time.perf_counter()
+            try:
+                return step(*args, **kwargs)
+            finally:
+                self._in_step = False
+                if full:
+                    self.steps.append(time.perf_counter() - start)
+
+        model.forward = timed_forward
+        setattr(batcher, step_name, timed_step)
+
+    def result(self) -> dict:
+        host = [s - f for s, f in zip(self.steps, self.forwards)]
+        return {"host_ms": statistics.median(host) * 1e3, "forward_ms": statistics.median(self.forwards) * 1e3}
+
+
+def run_batch(submit_all, timer: StepTimer) -> dict:
+    done = threading.Semaphore(0)
+    count = submit_all(lambda event: done.release() if type(event).__name__ in ("Done", "Failed") else None)
+    for _ in range(count):
+        done.acquire()
+    return timer.result()
+
+
+def prompts(tok, batch: int) -> list[list[int]]:
+    words = "the capital of France is Paris and the sea is blue".split()
+    return [tok(" ".join(words[: 3 + i % 8]))["input_ids"] for i in range(batch)]
+
+
+def measure_current(model, tok, batch: int, steps: int, sampled: bool) -> dict:
+    from worker_transformers.serving.batcher import Batcher
+    from worker_transformers.serving.choice import probe
+    from worker_transformers.serving.events import Sequence
+    from worker_transformers.serving.sampling import Sampling
+    from worker_transformers.serving.textstream import Detokenizer, TextStream
+
+    shape = probe(model)
+    batcher = Batcher(model, batch, set(), shape.num_layers, shape.windows)
+    timer = StepTimer(batcher, "_decode_step", batch)
+    detokenizer = Detokenizer(tok)
+    settings = dict(greedy=not sampled, temperature=0.8, top_k=0, top_p=0.95 if sampled else 1.0)
+
+    def submit_all(emit) -> int:
+        with batcher._wake:  # all at once, so they join in one prefill
+            for i, ids in enumerate(prompts(tok, batch)):
+                sampling = Sampling(**settings, repetition_penalty=1.0, seed=i)
+                text = TextStream(detokenizer, ids)
+                generator = sampling.generator(batcher.device)
+                batcher._waiting.append(Sequence(ids, steps, sampling, text, emit, generator=generator))
+            batcher._wake.notify()
+        return batch
+
+    try:
+        return run_batch(submit_all, timer)
+    finally:
+        batcher.close()
+
+
+def load_baseline():
+    """The old batcher's modules, from git, as a package of their own; None where git cannot show them."""
+    folder = Path(tempfile.mkdtemp()) / "baseline_worker"
+    folder.mkdir()
+    (folder / "__init__.py").write_text("")
+    for name in BASELINE_FILES:
+        shown = subprocess.run(
+            ["git", "show", f"{BASELINE}:src/worker_transformers/{name}"], cwd=ROOT, capture_output=True, text=True
+        )
+        if shown.returncode != 0:
+            return None
+        (folder / name).write_text(shown.stdout)
+    sys.path.insert(0, str(folder.parent))
+    return importlib.import_module("baseline_worker.batcher"), importlib.import_module("baseline_worker.schema")
+
+
+def measure_baseline(modules, model, tok, batch: int, steps: int, sampled: bool) -> dict:
+    batcher_module, schema = modules
+    sampling_module = importlib.import_module("baseline_worker.sampling")
+    textstream = importlib.import_module("baseline_worker.textstream")
+    batcher = batcher_module.Batcher(model, batch, set())
+    timer = StepTimer(batcher, "_decode_step", batch)
+    fields = {"temperature": 0.8, "top_p": 0.95} if sampled else {"temperature": 0}
+
+    def submit_all(emit) -> int:
+        with batcher._wake:
+            for i, ids in enumerate(prompts(tok, batch)):
+                request = schema.parse_request({"prompt": "x", "max_new_tokens": steps, "seed": i, **fields}, steps)
+                sampler = sampling_module.Sampler(request, batcher.device)
+                text = textstream.TextStream(lambda ids: tok.decode(ids, skip_special_tokens=True))
+                batcher._waiting.append(batcher_module.Sequence(ids, steps, sampler, text, emit))
+            batcher._wake.notify()
+        return batch
+
+    try:
+        return run_batch(submit_all, timer)
+    finally:
+        batcher.close()
+
+
+def measure(batch: int = 32, steps: int = 40) -> dict:
+    import torch
+
+    tok = tokenizer()
+    model = tiny_model(len(tok))
+    engines = {}
+    with torch.inference_mode():
+        runs = {"batcher": lambda sampled: measure_current(model, tok, batch, steps, sampled)}
+        baseline = load_baseline()
+        if baseline is not None:
+            runs[f"batcher before ({BASELINE})"] = lambda sampled: measure_baseline(
+                baseline, model, tok, batch, steps, sampled
+            )
+        for name, run in runs.items():
+            greedy, sampled = run(False), run(True)
+            engines[name] = {
+                "greedy_host_ms": greedy["host_ms"],
+                "sampled_host_ms": sampled["host_ms"],
+                "forward_ms": greedy["forward_ms"],
+            }
+    return {
+        "batch": batch,
+        "steps": steps,
+        "model": f"tiny Llama (2 layers, hidden 64, vocab {len(tok)})",
+        "engines": engines,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=40)
+    args = parser.parse_args()
+    print(json.dumps(measure(args.batch, args.steps), indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
