@@ -5,6 +5,7 @@ import asyncio
 
 import pytest
 import torch
+from startup_faults import copy_model, run, startup_error
 
 from worker_transformers.config import Settings
 from worker_transformers.serving.handlers import OOM_LIMIT, make_handler
@@ -30,13 +31,6 @@ def out_of_memory_for(model, calls: int):
         return real_forward(*args, **kwargs)
 
     model.forward = forward
-
-
-def run(handler, job_input):
-    async def collect():
-        return [item async for item in handler({"id": "t", "input": job_input})]
-
-    return asyncio.run(collect())
 
 
 JOB = {"prompt": "Hello world", "max_new_tokens": 5, "temperature": 0}
@@ -106,27 +100,6 @@ def test_an_openai_job_out_of_memory_gets_an_openai_server_error(engine, tiny_mo
 
 
 # Damaged and incomplete model folders: one actionable line at startup, served to every job, no crash loop.
-
-
-def startup_error(env: dict) -> str:
-    import json as json_
-
-    from worker_transformers.worker import start_worker
-
-    started = start_worker(env)
-    try:
-        [item] = run(started.handler, {"prompt": "x"})
-    finally:
-        started.close()
-    assert set(item) == {"error"}, f"startup did not fail: {json_.dumps(item)[:200]}"
-    return item["error"]
-
-
-def copy_model(source, target):
-    import shutil
-
-    shutil.copytree(source, target)
-    return target
 
 
 def test_a_model_without_its_tokenizer_says_the_copy_is_incomplete(tiny_model_dir, tmp_path):

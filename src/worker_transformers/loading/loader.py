@@ -12,7 +12,6 @@ import copy
 import json
 import logging
 import time
-from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -20,9 +19,11 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from worker_transformers.config import Settings
-from worker_transformers.loading import placement
+from worker_transformers.loading import checkpoint, placement
 from worker_transformers.model.sources import ModelLocation
 from worker_transformers.model.weights import DTYPE_SIZES, WeightFile
+from worker_transformers.startup import prefetch
+from worker_transformers.startup.budget import human_bytes
 
 log = logging.getLogger(__name__)
 
@@ -71,11 +72,18 @@ def load_tokenizer(location: ModelLocation, settings: Settings) -> PreTrainedTok
 
 def build_model(location: ModelLocation, settings: Settings, files: list[WeightFile]) -> placement.EmptyModel | None:
     """The fast path's empty model on the device, or None when `from_pretrained` must load this checkpoint
-    (FAST_LOAD=false, pickle weights, or a checkpoint the fast path does not handle: logged with why)."""
+    (FAST_LOAD=false, pickle weights, or a checkpoint the fast path does not handle: logged with why).
+    First, with nothing allocated, config.json is held against the files and the device's free memory."""
     device = pick_device(settings)
     dtype = _DTYPES.get(settings.dtype)  # None: the checkpoint's own dtype
-    _check_fits(location, files, device, dtype)
-    if not (settings.fast_load and files):  # no files: pickle weights, from_pretrained's alone
+    if files:  # none: pickle weights, which only from_pretrained's report can judge
+        config = AutoConfig.from_pretrained(
+            location.path, local_files_only=True, trust_remote_code=settings.trust_remote_code
+        )
+        on_device = dtype or placement.checkpoint_dtype(config, files)
+        parameters = checkpoint.expected_parameters(config, files, location.path, location.model_id, on_device)
+        _check_fits(location, max(parameters * on_device.itemsize, _weights_bytes(files, dtype)), device, dtype)
+    if not (settings.fast_load and files):
         return None
     try:
         return placement.build_empty(location.path, files, device, dtype)
@@ -83,7 +91,7 @@ def build_model(location: ModelLocation, settings: Settings, files: list[WeightF
         log.info("%s: fast loading does not apply (%s); using from_pretrained", location.model_id, why)
         return None
     except (torch.OutOfMemoryError, MemoryError):
-        raise LoadError(_out_of_memory(location, files, device, dtype)) from None
+        raise LoadError(_out_of_memory(location, _weights_bytes(files, dtype), device, dtype)) from None
 
 
 def load_weights(
@@ -97,9 +105,9 @@ def load_weights(
         if empty is not None:
             model, how = placement.fill(empty, files), "fast path"
         else:
-            model, how = _from_pretrained(location.path, settings, device, dtype), "from_pretrained"
+            model, how = _from_pretrained(location, settings, device, dtype), "from_pretrained"
     except (torch.OutOfMemoryError, MemoryError):
-        raise LoadError(_out_of_memory(location, files, device, dtype)) from None
+        raise LoadError(_out_of_memory(location, _weights_bytes(files, dtype), device, dtype)) from None
     log.info(
         "loaded %s (%s) on %s as %s by %s in %.2f s: %.0f M parameters, %.2f GB of weights",
         location.model_id,
@@ -114,14 +122,17 @@ def load_weights(
     return model
 
 
-def _from_pretrained(path: Path, settings: Settings, device: torch.device, dtype: torch.dtype | None):
-    model = AutoModelForCausalLM.from_pretrained(
-        path,
+def _from_pretrained(location: ModelLocation, settings: Settings, device: torch.device, dtype: torch.dtype | None):
+    model, report = AutoModelForCausalLM.from_pretrained(
+        location.path,
         local_files_only=True,
         trust_remote_code=settings.trust_remote_code,
         dtype=dtype or "auto",
         device_map=device,
+        output_loading_info=True,
+        ignore_mismatched_sizes=True,  # a wrong shape is refused by name below, not raised as a RuntimeError
     )
+    checkpoint.check_report(model, report, location.path, location.model_id)
     return model.eval()
 
 
@@ -133,24 +144,25 @@ def _weights_bytes(files: list[WeightFile], dtype: torch.dtype | None) -> int:
     return sum(t.nbytes // DTYPE_SIZES[t.dtype] * itemsize for f in files for t in f.tensors)
 
 
-def _check_fits(location: ModelLocation, files: list[WeightFile], device: torch.device, dtype) -> None:
-    if device.type != "cuda":
-        return  # CPU weights are memory-mapped from the page cache; the kernel pages them as needed
-    free, _ = torch.cuda.mem_get_info(device)
-    if _weights_bytes(files, dtype) > free:
-        raise LoadError(_out_of_memory(location, files, device, dtype))
+def _check_fits(location: ModelLocation, need: int, device: torch.device, dtype) -> None:
+    free = _free_bytes(device)
+    if free is not None and need > free:
+        raise LoadError(_out_of_memory(location, need, device, dtype))
 
 
-def _out_of_memory(location: ModelLocation, files: list[WeightFile], device: torch.device, dtype) -> str:
-    need = _weights_bytes(files, dtype) / 2**30
-    where = "host memory"
+def _free_bytes(device: torch.device) -> int | None:
     if device.type == "cuda":
-        free, total = torch.cuda.mem_get_info(device)
-        where = f"GPU memory ({free / 2**30:.1f} of {total / 2**30:.1f} GiB free)"
+        return torch.cuda.mem_get_info(device)[0]
+    return prefetch.host_memory_free()
+
+
+def _out_of_memory(location: ModelLocation, need: int, device: torch.device, dtype) -> str:
+    where = "GPU memory" if device.type == "cuda" else "host memory"
     smaller = "a smaller DTYPE (bfloat16), " if dtype == torch.float32 else ""
     return (
-        f"{location.model_id}: out of {where} for {need:.1f} GiB of weights, before the KV cache; "
-        f"use {smaller}a GPU with more memory, or a smaller model"
+        f"{location.model_id}: not enough {where} on {device}: the weights need {human_bytes(need)}, "
+        f"{human_bytes(_free_bytes(device) or 0)} is free, before the KV cache; use {smaller}a device with more memory, "
+        "or a smaller model"
     )
 
 

@@ -41,17 +41,24 @@ def _cgroup_room() -> int | None:
         return None
 
 
+def host_memory_free() -> int | None:
+    """Bytes of host memory this process can still take: what the kernel counts available (reclaimable page
+    cache included), or what is left under the container's limit when that is less. None: unknown."""
+    try:
+        available = _meminfo()["MemAvailable"]
+    except (OSError, KeyError, ValueError, IndexError):
+        return None
+    cgroup = _cgroup_room()
+    return available if cgroup is None else min(available, cgroup)
+
+
 def cache_room() -> int:
     """Bytes the page cache can take without pushing out what the worker needs."""
     try:
-        info = _meminfo()
-        room = info["MemAvailable"] - int(KEEP_FREE_FRACTION * info["MemTotal"])
+        keep_free = int(KEEP_FREE_FRACTION * _meminfo()["MemTotal"])
     except (OSError, KeyError, ValueError, IndexError):
         return 0
-    cgroup = _cgroup_room()
-    if cgroup is not None:
-        room = min(room, cgroup - int(KEEP_FREE_FRACTION * info["MemTotal"]))
-    return max(0, room)
+    return max(0, (host_memory_free() or 0) - keep_free)
 
 
 class Prefetch:
