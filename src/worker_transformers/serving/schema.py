@@ -82,10 +82,32 @@ def parse_request(job_input: Any, max_new_tokens: int) -> GenerationRequest:
     """Validate a job's input; raise RequestError with every problem as `<field>: <reason>`."""
     if not isinstance(job_input, dict):
         raise RequestError(f"input: expected a JSON object, got {type(job_input).__name__}")
+    check_text(job_input)
     try:
         return GenerationRequest.model_validate(job_input, context={"max_new_tokens": max_new_tokens})
     except ValidationError as error:
         raise RequestError(describe(error)) from None
+
+
+def check_text(value: Any, where: tuple[str | int, ...] = ()) -> None:
+    """Refuse any string in `value` (keys included) that is not valid Unicode text: JSON can carry a lone
+    surrogate ("\\ud800"), which Python accepts as a str and the tokenizer, like any UTF-8 encoder, cannot take."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            check_text(key, where)
+            check_text(item, (*where, key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            check_text(item, (*where, index))
+    elif isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as error:
+            field = ".".join(field_name(part) for part in where) or "input"
+            raise RequestError(
+                f"{field}: the text holds a character that is not valid Unicode (U+{ord(value[error.start]):04X}, "
+                f"a lone surrogate, at position {error.start}); send UTF-8 text"
+            ) from None
 
 
 _PLAIN_NAME = re.compile(r"^[A-Za-z_][\w-]{0,63}$")

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from worker_transformers.serving.schema import GenerationRequest, RequestError, parse_request
+from worker_transformers.serving.schema import GenerationRequest, RequestError, check_text, parse_request
 
 
 class TextPart(BaseModel):
@@ -138,6 +138,7 @@ class ChatCompletionBody(_Common):
         return value
 
     def to_request(self, max_new_tokens_cap: int) -> GenerationRequest:
+        check_text(self.model_dump())
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
         fields = self.sampling(self.max_completion_tokens or self.max_tokens)
         return _convert({"messages": messages, **fields}, max_new_tokens_cap, tokens_field="max_tokens")
@@ -174,6 +175,7 @@ class CompletionBody(_Common):
         return _only(value, (None, 1), "best_of")
 
     def to_request(self, max_new_tokens_cap: int) -> GenerationRequest:
+        check_text(self.model_dump())
         prompt = self.prompt if isinstance(self.prompt, str) else self.prompt[0]
         return _convert({"prompt": prompt, **self.sampling(self.max_tokens)}, max_new_tokens_cap, "max_tokens")
 
