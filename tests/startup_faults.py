@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from worker_transformers.model.manifest import model_files, sha256, write_manifest
+
 
 def run(handler, job_input) -> list:
     async def collect():
@@ -48,3 +50,14 @@ def edit_weights(path: Path, drop: tuple[str, ...] = (), put: dict[str, torch.Te
     state = {name: tensor for name, tensor in load_file(path).items() if name not in drop}
     state.update(put or {})
     save_file(state, path, metadata={"format": "pt"})
+
+
+def bake(tiny_model_dir, tmp_path):
+    """A baked folder as builder/fetch_model.py writes it: the files and a manifest with sizes and hashes."""
+    folder = copy_model(tiny_model_dir, tmp_path / "models")
+    files = [
+        {"path": name, "size": (folder / name).stat().st_size, "sha256": sha256(folder / name)}
+        for name in model_files(folder)
+    ]
+    write_manifest(folder, "Org/Baked", "abc", files)
+    return folder, {"MODEL_NAME": "Org/Baked", "MODEL_SOURCE": "baked", "BAKED_MODEL_DIR": str(folder)}

@@ -5,7 +5,7 @@ import asyncio
 
 import pytest
 import torch
-from startup_faults import copy_model, run, startup_error
+from startup_faults import bake, copy_model, run, startup_error
 
 from worker_transformers.config import Settings
 from worker_transformers.serving.handlers import OOM_LIMIT, make_handler
@@ -109,19 +109,6 @@ def test_a_model_without_its_tokenizer_says_the_copy_is_incomplete(tiny_model_di
     error = startup_error({"MODEL_NAME": str(folder)})
     assert error.startswith(f"{folder}: {folder} has no tokenizer")
     assert "fetch the model again" in error
-
-
-def bake(tiny_model_dir, tmp_path):
-    """A baked folder as builder/fetch_model.py writes it: the files and a manifest with sizes and hashes."""
-    from worker_transformers.model.manifest import model_files, sha256, write_manifest
-
-    folder = copy_model(tiny_model_dir, tmp_path / "models")
-    files = [
-        {"path": name, "size": (folder / name).stat().st_size, "sha256": sha256(folder / name)}
-        for name in model_files(folder)
-    ]
-    write_manifest(folder, "Org/Baked", "abc", files)
-    return folder, {"MODEL_NAME": "Org/Baked", "MODEL_SOURCE": "baked", "BAKED_MODEL_DIR": str(folder)}
 
 
 def test_a_baked_file_of_the_wrong_size_is_refused_with_what_the_manifest_says(tiny_model_dir, tmp_path):
