@@ -99,3 +99,20 @@ def test_a_model_larger_than_its_renamed_weights_is_refused_with_both_sizes_befo
         f"config.json describes {built:,} parameters ({human_bytes(4 * built)} as torch.float32) "
         f"and the weight files hold {held:,} ({human_bytes((damaged / 'model.safetensors').stat().st_size)})",
     )
+
+
+@pytest.mark.parametrize(
+    "name, text, what",
+    [
+        ("tokenizer.json", '{"version": "1.0", "model": ', "has a tokenizer.json that is not valid JSON ("),
+        ("tokenizer_config.json", "{bad", "has a tokenizer_config.json that is not valid JSON ("),
+        ("tokenizer.json", '{"version": "1.0", "model": {"type": "Nope"}}', "cannot be loaded (KeyError: "),
+    ],
+)
+def test_a_damaged_tokenizer_file_is_named(damaged, name, text, what):
+    (damaged / name).write_text(text)
+    error = startup_error({"MODEL_NAME": str(damaged)})
+    assert error.startswith(f"{damaged}: the tokenizer in {damaged} {what}")
+    assert error.endswith(
+        "the copy is damaged: fetch the model again with its tokenizer files (rebuild the image if it is baked)"
+    )

@@ -65,9 +65,37 @@ def import_model_code(location: ModelLocation, settings: Settings) -> None:
 
 
 def load_tokenizer(location: ModelLocation, settings: Settings) -> PreTrainedTokenizerBase:
-    return AutoTokenizer.from_pretrained(
-        location.path, local_files_only=True, trust_remote_code=settings.trust_remote_code
-    )
+    try:
+        return AutoTokenizer.from_pretrained(
+            location.path, local_files_only=True, trust_remote_code=settings.trust_remote_code
+        )
+    except Exception as error:
+        # What a file the tokenizer cannot parse raises: plain Exception from the tokenizers library, KeyError or
+        # TypeError for a field missing or of the wrong kind, ValueError, OSError. The files are judged only once
+        # loading failed, so a good tokenizer costs no second read.
+        damaged = _damaged_json(location.path, TOKENIZER_JSON_FILES)
+        if damaged is None and not (type(error) is Exception or isinstance(error, TOKENIZER_FILE_ERRORS)):
+            raise
+        what = damaged or f"cannot be loaded ({type(error).__name__}: {(str(error).splitlines() or [''])[0][:200]})"
+        raise LoadError(
+            f"{location.model_id}: the tokenizer in {location.path} {what}; the copy is damaged: fetch the model "
+            "again with its tokenizer files (rebuild the image if it is baked)"
+        ) from None
+
+
+TOKENIZER_FILE_ERRORS = (KeyError, TypeError, ValueError, OSError)
+TOKENIZER_JSON_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
+
+
+def _damaged_json(folder: Path, names: tuple[str, ...]) -> str | None:
+    for name in names:
+        path = folder / name
+        if path.is_file():
+            try:
+                json.loads(path.read_bytes())
+            except (ValueError, UnicodeDecodeError) as error:
+                return f"has a {name} that is not valid JSON ({error})"
+    return None
 
 
 def build_model(location: ModelLocation, settings: Settings, files: list[WeightFile]) -> placement.EmptyModel | None:

@@ -24,7 +24,7 @@ from filelock import FileLock, Timeout
 
 from worker_transformers.config import Settings
 from worker_transformers.model.download import Downloader
-from worker_transformers.model.errors import ModelNotFound
+from worker_transformers.model.errors import ModelNotFound, storage_problem
 from worker_transformers.model.manifest import is_sha256, model_files, sha256, why_incomplete, write_manifest
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,16 @@ def fill_allowed(settings: Settings) -> bool:
 
 def fill(settings: Settings, download: Downloader) -> Path:
     """Download the model into its volume folder, once across all workers; return the folder."""
+    try:
+        return _fill_once(settings, download)
+    except OSError as error:
+        problem = storage_problem(error, "VOLUME_MODEL_DIR")
+        if problem is None:
+            raise
+        raise VolumeFillError(f"filling the network volume folder {model_folder(settings)}: {problem}") from None
+
+
+def _fill_once(settings: Settings, download: Downloader) -> Path:
     folder = model_folder(settings)
     key = settings.model_name.replace("/", "--")
     (settings.volume_model_dir / LOCKS).mkdir(parents=True, exist_ok=True)
