@@ -69,8 +69,12 @@ def setup(settings: Settings, budget: InitBudget | None = None):
         with budget.phase("weights"):
             model = loader.load_weights(location, settings, files, empty)
         with budget.phase("warm-up"):
-            loader.warm_up(model, tokenizer)
             engine = Engine(model, tokenizer, location.model_id, settings.max_input_tokens, settings.max_concurrency)
+            try:
+                loader.warm_up(model, tokenizer, engine.prompts)
+            except BaseException:
+                engine.close()
+                raise
     finally:
         reading.stop()
     return engine

@@ -12,6 +12,7 @@ import copy
 import json
 import logging
 import time
+from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -22,6 +23,8 @@ from worker_transformers.config import Settings
 from worker_transformers.loading import checkpoint, placement
 from worker_transformers.model.sources import ModelLocation
 from worker_transformers.model.weights import DTYPE_SIZES, WeightFile
+from worker_transformers.serving.prompt import Prompts
+from worker_transformers.serving.schema import RequestError
 from worker_transformers.startup import prefetch
 from worker_transformers.startup.budget import human_bytes
 
@@ -194,13 +197,15 @@ def _out_of_memory(location: ModelLocation, need: int, device: torch.device, dty
     )
 
 
-def warm_up(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+def warm_up(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Prompts) -> None:
     """One short greedy generation through the chat template, so the first job does not pay for first-call
-    work (kernel selection, lazy imports, caches, memory-mapped pages touched for the first time)."""
+    work (kernel selection, lazy imports, caches, memory-mapped pages touched for the first time). A template
+    that fails or does not finish on one plain message stops startup."""
     if tokenizer.chat_template:
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": "Hi"}], add_generation_prompt=True, tokenize=False
-        )
+        try:
+            text = prompts.render([{"role": "user", "content": "Hi"}])
+        except RequestError as error:
+            raise LoadError(f"warm-up failed: {str(error).removeprefix('messages: ')}") from None
         ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
     else:
         ids = tokenizer("Hi", return_tensors="pt")["input_ids"]

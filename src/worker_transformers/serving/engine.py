@@ -1,7 +1,7 @@
 """Generation: a validated request in, text with its finish reason and token counts out, whole or streamed.
 
 The engine owns the tokenizer and the batcher (which owns the model). Tokenizing and the input cap happen
-here, before anything is queued, so a request that is refused is refused before its first chunk.
+before anything is queued (prompt.py), so a request that is refused is refused before its first chunk.
 """
 
 from __future__ import annotations
@@ -15,13 +15,10 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from worker_transformers.serving.batcher import Batcher, Delta, Done, Event, Failed, Sequence
+from worker_transformers.serving.prompt import Prompts
 from worker_transformers.serving.sampling import Sampler
-from worker_transformers.serving.schema import GenerationRequest, RequestError
+from worker_transformers.serving.schema import GenerationRequest
 from worker_transformers.serving.textstream import TextStream
-
-# Tokens average 3-5 characters of text; no real prompt averages 16, so text past 16 per allowed token is
-# refused unread.
-CHARS_PER_TOKEN_LIMIT = 16
 
 
 class GenerationFailed(RuntimeError):
@@ -55,42 +52,11 @@ class Engine:
     ) -> None:
         self.tokenizer = tokenizer
         self.model_name = model_name
-        self.max_input_tokens = max_input_tokens
+        self.prompts = Prompts(tokenizer, model_name, max_input_tokens)
         self.batcher = Batcher(model, max_batch, _eos_ids(model, tokenizer))
 
     def prompt_ids(self, request: GenerationRequest) -> list[int]:
-        """Token ids of the request's input: the chat template applied to messages, or the prompt as is."""
-        self._check_size(request)
-        if request.messages is not None:
-            if not self.tokenizer.chat_template:
-                raise RequestError("messages: this model has no chat template; send prompt instead")
-            text = self.tokenizer.apply_chat_template(
-                [m.model_dump() for m in request.messages], add_generation_prompt=True, tokenize=False
-            )
-            # The template already holds the special tokens (BOS, turn markers); do not add them twice.
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        else:
-            ids = self.tokenizer(request.prompt)["input_ids"]
-        if len(ids) > self.max_input_tokens:
-            field = "messages" if request.messages is not None else "prompt"
-            raise RequestError(
-                f"{field}: {len(ids)} tokens is more than MAX_INPUT_TOKENS={self.max_input_tokens}; send less"
-            )
-        if not ids:
-            raise RequestError("prompt: the text has no tokens")
-        return ids
-
-    def _check_size(self, request: GenerationRequest) -> None:
-        """Refuse text far beyond MAX_INPUT_TOKENS before tokenizing it: tokenizing megabytes costs seconds of
-        CPU, only to refuse them afterwards."""
-        field = "messages" if request.messages is not None else "prompt"
-        size = sum(len(m.content) for m in request.messages) if request.messages is not None else len(request.prompt)
-        limit = CHARS_PER_TOKEN_LIMIT * self.max_input_tokens
-        if size > limit:
-            raise RequestError(
-                f"{field}: {size} characters is more than {limit} ({CHARS_PER_TOKEN_LIMIT} per token of "
-                f"MAX_INPUT_TOKENS={self.max_input_tokens}); send less"
-            )
+        return self.prompts.ids(request)
 
     def submit(self, request: GenerationRequest, ids: list[int], emit: Callable[[Event], None]) -> Sequence:
         sequence = Sequence(
@@ -137,6 +103,7 @@ class Engine:
 
     def close(self) -> None:
         self.batcher.close()
+        self.prompts.close()
 
     def response(self, text: str, done: Done) -> dict[str, Any]:
         return {
