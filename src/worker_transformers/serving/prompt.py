@@ -11,6 +11,7 @@ render forks a fresh child. A render costs the worker a pipe round trip on top o
 from __future__ import annotations
 
 import multiprocessing
+import os
 import queue
 from multiprocessing.connection import Connection
 from typing import Any
@@ -20,6 +21,7 @@ from transformers import PreTrainedTokenizerBase
 from worker_transformers.serving.schema import GenerationRequest, RequestError
 
 TEMPLATE_TIMEOUT_S = 5.0
+PARENT_CHECK_S = 1.0
 # Tokens average 3-5 characters of text; no real prompt averages 16, so text past 16 per allowed token is
 # refused unread.
 CHARS_PER_TOKEN_LIMIT = 16
@@ -102,7 +104,9 @@ class _Renderer:
     def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
         context = multiprocessing.get_context("fork")  # inherits the tokenizer: no imports, no pickling
         self._connection, child_end = context.Pipe()
-        self._process = context.Process(target=_serve, args=(child_end, tokenizer), name="chat-template", daemon=True)
+        self._process = context.Process(
+            target=_serve, args=(child_end, tokenizer, os.getpid()), name="chat-template", daemon=True
+        )
         self._process.start()
         child_end.close()
 
@@ -119,11 +123,16 @@ class _Renderer:
         self._connection.close()
 
 
-def _serve(connection: Connection, tokenizer: PreTrainedTokenizerBase) -> None:
+def _serve(connection: Connection, tokenizer: PreTrainedTokenizerBase, worker_pid: int) -> None:
+    # A worker that exits without stopping its children (os._exit, SIGKILL) leaves this one waiting: other
+    # children forked later hold copies of this pipe's worker end, so no end-of-file comes. Hence the check.
     while True:
+        while not connection.poll(PARENT_CHECK_S):
+            if os.getppid() != worker_pid:
+                return
         try:
             messages = connection.recv()
-        except EOFError:  # the worker closed its end, or exited
+        except EOFError:  # the worker closed its end
             return
         try:
             text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
