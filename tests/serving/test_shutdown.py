@@ -2,6 +2,7 @@
 API on 127.0.0.1: jobs running at SIGTERM get SHUTDOWN_GRACE_S to finish, a job still running then is
 answered with a message saying the worker was stopped, and the process exits instead of waiting for SIGKILL."""
 
+import contextlib
 import json
 import os
 import signal
@@ -135,3 +136,32 @@ def test_the_worker_exits_after_its_jobs_even_while_the_sdk_waits_on_a_long_job_
     assert code == 128 + signal.SIGTERM and "SIGTERM: exiting" in output, output
     [result] = platform.results
     assert result["error"].startswith("the worker was stopped (SIGTERM) before this job finished"), result
+
+
+def test_a_guarded_job_that_is_cancelled_leaves_the_batch(tiny_engine, tiny_model_name):
+    import asyncio
+
+    from worker_transformers.config import Settings
+    from worker_transformers.serving.handlers import make_handler
+    from worker_transformers.serving.shutdown import Shutdown
+
+    handler = Shutdown(5).guard(make_handler(tiny_engine, Settings.from_env({"MODEL_NAME": tiny_model_name})))
+
+    async def cancel_midway():
+        async def consume(first_chunk: asyncio.Event):
+            async for _ in handler(LONG_JOB):
+                first_chunk.set()
+
+        first_chunk = asyncio.Event()
+        job = asyncio.create_task(consume(first_chunk))
+        await first_chunk.wait()
+        job.cancel()  # as the SDK does when the platform stops a job
+        with contextlib.suppress(asyncio.CancelledError):
+            await job
+        for _ in range(100):
+            if tiny_engine.batcher.in_flight() == 0:
+                return 0
+            await asyncio.sleep(0.05)
+        return tiny_engine.batcher.in_flight()
+
+    assert asyncio.run(cancel_midway()) == 0

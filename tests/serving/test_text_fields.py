@@ -15,12 +15,14 @@ from worker_transformers.serving.handlers import make_handler
 
 pytestmark = pytest.mark.slow
 
-SENT = {"native": 0, "openai": 0}
-texts = st.text(
-    alphabet=st.characters(exclude_categories=()) | st.sampled_from(["\ud800", "\udfff", "\x00", "\u0301", "\u200d"]),
+SENT = {"native answered": 0, "native refused": 0, "openai answered": 0, "openai refused": 0}
+# st.text leaves surrogates out of any alphabet; characters joined by hand keep them.
+texts = st.lists(
+    st.characters(codec=None, exclude_categories=())
+    | st.sampled_from(["\ud800", "\udfff", "\x00", "\u0301", "\u200d"]),
     min_size=1,
     max_size=12,
-)
+).map("".join)
 
 
 def valid_unicode(text: str) -> bool:
@@ -58,15 +60,16 @@ NATIVE = {
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(text=texts, where=st.sampled_from(sorted(NATIVE)))
 def test_any_text_in_a_native_job_is_answered_or_refused_by_field(handler, text, where):
-    SENT["native"] += 1
     job, field = NATIVE[where](text)
     items = answer(handler, {**job, "max_new_tokens": 2, "temperature": 0})
     if valid_unicode(text):
         assert "usage" in items[-1], items
+        SENT["native answered"] += 1
     else:
         assert items == [{"error": items[0]["error"]}] and items[0]["error"].startswith(
             f"{field}: the text holds a "
         ), items
+        SENT["native refused"] += 1
 
 
 OPENAI = {
@@ -100,21 +103,19 @@ OPENAI = {
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(text=texts, where=st.sampled_from(sorted(OPENAI)))
 def test_any_text_in_an_openai_job_is_answered_or_refused_by_field(handler, tiny_model_name, text, where):
-    SENT["openai"] += 1
     route, body, param = OPENAI[where]
     items = answer(
         handler, {"openai_route": route, "openai_input": {"model": tiny_model_name, "max_tokens": 2, **body(text)}}
     )
     if valid_unicode(text):
         assert items and items[0]["object"] in {"chat.completion", "text_completion"}, items
+        SENT["openai answered"] += 1
     else:
         [item] = items
         error = json.loads(item["error"])["error"]
-        assert (error["type"], error["param"]) == ("invalid_request_error", param), error
-        assert (
-            error["message"].startswith(param)
-            and "the text holds a character that is not valid Unicode" in error["message"]
-        ), error
+        assert error["type"] == "invalid_request_error" and error["param"].split(".")[0] == param, error
+        assert error["message"].startswith(f"{error['param']}: the text holds a character that is not valid Unicode")
+        SENT["openai refused"] += 1
 
 
 def test_a_lone_surrogate_in_a_message_through_the_local_api_server_is_a_named_error(tiny_model_dir):

@@ -65,6 +65,7 @@ class Shutdown:
 
     async def _until_cut_off(self, items: AsyncIterator[Any]) -> AsyncIterator[Any]:
         cut_off = asyncio.ensure_future(self._cut_off.wait())
+        next_item: asyncio.Future | None = None
         try:
             while True:
                 next_item = asyncio.ensure_future(anext(items))
@@ -79,11 +80,14 @@ class Shutdown:
                     }
                     return
                 try:
-                    yield next_item.result()
+                    item = next_item.result()
                 except StopAsyncIteration:
                     return
+                yield item
         finally:
             cut_off.cancel()
+            if next_item is not None and not next_item.done():  # this job was cancelled, or its stream closed
+                next_item.cancel()
 
     def _on_sigterm(self, signum: int, frame: object) -> None:
         if self.stopping.is_set():
