@@ -5,6 +5,7 @@ import asyncio
 
 import pytest
 import torch
+from startup_faults import bake, copy_model, run, startup_error
 
 from worker_transformers.config import Settings
 from worker_transformers.serving.handlers import OOM_LIMIT, make_handler
@@ -32,13 +33,6 @@ def out_of_memory_for(model, calls: int, when=lambda input_ids: True):
         return real_forward(*args, **kwargs)
 
     model.forward = forward
-
-
-def run(handler, job_input):
-    async def collect():
-        return [item async for item in handler({"id": "t", "input": job_input})]
-
-    return asyncio.run(collect())
 
 
 JOB = {"prompt": "Hello world", "max_new_tokens": 5, "temperature": 0}
@@ -147,27 +141,6 @@ def test_an_openai_job_out_of_memory_gets_an_openai_server_error(engine, tiny_mo
 # Damaged and incomplete model folders: one actionable line at startup, served to every job, no crash loop.
 
 
-def startup_error(env: dict) -> str:
-    import json as json_
-
-    from worker_transformers.worker import start_worker
-
-    started = start_worker(env)
-    try:
-        [item] = run(started.handler, {"prompt": "x"})
-    finally:
-        started.close()
-    assert set(item) == {"error"}, f"startup did not fail: {json_.dumps(item)[:200]}"
-    return item["error"]
-
-
-def copy_model(source, target):
-    import shutil
-
-    shutil.copytree(source, target)
-    return target
-
-
 def test_a_model_without_its_tokenizer_says_the_copy_is_incomplete(tiny_model_dir, tmp_path):
     folder = copy_model(tiny_model_dir, tmp_path / "model")
     for name in ("tokenizer.json", "tokenizer_config.json"):
@@ -175,19 +148,6 @@ def test_a_model_without_its_tokenizer_says_the_copy_is_incomplete(tiny_model_di
     error = startup_error({"MODEL_NAME": str(folder)})
     assert error.startswith(f"{folder}: {folder} has no tokenizer")
     assert "fetch the model again" in error
-
-
-def bake(tiny_model_dir, tmp_path):
-    """A baked folder as builder/fetch_model.py writes it: the files and a manifest with sizes and hashes."""
-    from worker_transformers.model.manifest import model_files, sha256, write_manifest
-
-    folder = copy_model(tiny_model_dir, tmp_path / "models")
-    files = [
-        {"path": name, "size": (folder / name).stat().st_size, "sha256": sha256(folder / name)}
-        for name in model_files(folder)
-    ]
-    write_manifest(folder, "Org/Baked", "abc", files)
-    return folder, {"MODEL_NAME": "Org/Baked", "MODEL_SOURCE": "baked", "BAKED_MODEL_DIR": str(folder)}
 
 
 def test_a_baked_file_of_the_wrong_size_is_refused_with_what_the_manifest_says(tiny_model_dir, tmp_path):

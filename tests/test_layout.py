@@ -28,6 +28,7 @@ LIGHT = (
     "startup.readahead",
     "startup.collector",
     "serving.schema",
+    "serving.shutdown",
     "serving.textstream",
     "serving.openai.bodies",
     "advisor.cli",

@@ -202,6 +202,13 @@ class Settings:
         "Seconds the platform allows for startup; the worker warns at 50 % and 80 % of it and stops a download "
         "that cannot finish in time",
     )
+    shutdown_grace_s: int = setting(
+        "SHUTDOWN_GRACE_S",
+        "5",
+        _int_between(0, 3600),
+        "Seconds that jobs running at SIGTERM get to finish before they are failed and the worker exits; keep it "
+        "well inside the platform's wait for SIGKILL",
+    )
     fast_load: bool = setting(
         "FAST_LOAD",
         "true",

@@ -24,6 +24,7 @@ from worker_transformers.model import weights
 from worker_transformers.model.errors import ModelNotFound, UnsupportedWeights
 from worker_transformers.model.sources import resolve
 from worker_transformers.serving.handlers import Handler, failed_init_handler, make_handler
+from worker_transformers.serving.shutdown import Shutdown
 from worker_transformers.startup import prefetch
 from worker_transformers.startup.budget import InitBudget, InitTooSlow, human_bytes
 from worker_transformers.startup.collector import collector_paused
@@ -71,7 +72,6 @@ def setup(settings: Settings, budget: InitBudget | None = None):
         with budget.phase("weights"):
             model = loader.load_weights(location, settings, files, empty)
         with budget.phase("warm-up"):
-            loader.warm_up(model, tokenizer)
             engine = Engine(
                 model,
                 tokenizer,
@@ -80,6 +80,11 @@ def setup(settings: Settings, budget: InitBudget | None = None):
                 settings.max_concurrency,
                 settings.engine,
             )
+            try:
+                loader.warm_up(model, tokenizer, engine.prompts)
+            except BaseException:
+                engine.close()
+                raise
     finally:
         reading.stop()
     return engine
@@ -120,6 +125,7 @@ class Started:
     concurrency: int
     close: Callable[[], None]
     sdk_log_level: str = "info"
+    shutdown_grace_s: int = 0  # a failed startup answers every job at once
 
 
 def start_worker(
@@ -165,7 +171,7 @@ def start_worker(
             )
     budget.ready()
     handler = make_handler(engine, settings, on_unhealthy)
-    return Started(handler, engine.concurrency, engine.close, settings.runpod_log_level)
+    return Started(handler, engine.concurrency, engine.close, settings.runpod_log_level, settings.shutdown_grace_s)
 
 
 def _exit_on_sigterm(signum: int, frame: object) -> None:
@@ -196,7 +202,14 @@ def main(env: Mapping[str, str] = os.environ, argv: list[str] = sys.argv, readah
 
     runpod = import_runpod()
     quiet_runpod_logs(started.sdk_log_level)
-    config["handler"] = started.handler
-    # Called on every fetch loop; a constant, since the SDK only resizes its queue when idle.
-    config["concurrency_modifier"] = lambda current: started.concurrency
+    shutdown = Shutdown(started.shutdown_grace_s)
+    config["handler"] = shutdown.guard(started.handler)
+
+    def concurrency(current: int) -> int:
+        """Called on every fetch loop, from the SDK's event loop: a constant, since the SDK only resizes its
+        queue when idle; the first call is where SIGTERM is chained in front of the SDK's handler."""
+        shutdown.install()
+        return started.concurrency
+
+    config["concurrency_modifier"] = concurrency
     runpod.serverless.start(config)

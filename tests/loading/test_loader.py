@@ -2,6 +2,7 @@
 of memory is reported as."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import torch
 from worker_transformers.config import Settings
 from worker_transformers.loading.loader import (
     LoadError,
-    _out_of_memory,
+    _check_fits,
     build_model,
     import_model_code,
     load_weights,
@@ -21,6 +22,8 @@ from worker_transformers.loading.loader import (
 )
 from worker_transformers.model.sources import ModelLocation
 from worker_transformers.model.weights import inspect
+from worker_transformers.startup.budget import human_bytes
+from worker_transformers.startup.prefetch import host_memory_free
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -60,11 +63,14 @@ def test_warm_up_generates_through_the_chat_template(tiny_model_dir, tiny_engine
     model = load_weights(
         location(tiny_model_dir), settings, files, build_model(location(tiny_model_dir), settings, files)
     )
-    warm_up(model, tiny_engine.tokenizer)  # raises on failure
+    warm_up(model, tiny_engine.tokenizer, tiny_engine.prompts)  # raises on failure
 
 
-def test_running_out_of_memory_says_how_much_and_what_to_change(tiny_model_dir):
-    files = inspect(tiny_model_dir, "tiny")
-    message = _out_of_memory(location(tiny_model_dir), files, torch.device("cpu"), torch.float32)
-    assert message.startswith("org/tiny: out of host memory for 0.0 GiB of weights")
-    assert message.endswith("use a smaller DTYPE (bfloat16), a GPU with more memory, or a smaller model")
+def test_a_model_larger_than_free_host_memory_is_refused_with_both_numbers(tiny_model_dir):
+    free = host_memory_free()
+    with pytest.raises(LoadError) as refused:
+        _check_fits(location(tiny_model_dir), free + 10**12, torch.device("cpu"), torch.float32)
+    need, has = re.search(r"the weights need ([\d.]+ [kMGT]?B), ([\d.]+ [kMGT]?B) is free", str(refused.value)).groups()
+    assert need == human_bytes(free + 10**12) and has.endswith("GB")
+    assert str(refused.value).startswith("org/tiny: not enough host memory on cpu")
+    assert str(refused.value).endswith("use a smaller DTYPE (bfloat16), a device with more memory, or a smaller model")

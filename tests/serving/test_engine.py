@@ -81,7 +81,7 @@ def test_a_prompt_over_max_input_tokens_is_refused_with_its_size(tiny_engine):
         run(tiny_engine, prompt=long_prompt, max_new_tokens=1)
     message = str(caught.value)
     tokens = len(tiny_engine.tokenizer(long_prompt)["input_ids"])
-    assert message == f"prompt: {tokens} tokens is more than MAX_INPUT_TOKENS={tiny_engine.max_input_tokens}; send less"
+    assert message == f"prompt: {tokens} tokens is more than MAX_INPUT_TOKENS={tiny_engine.prompts.max_input_tokens}; send less"
 
 
 def test_messages_to_a_model_without_chat_template_are_refused(tmp_path):
@@ -104,8 +104,8 @@ def test_megabytes_of_text_are_refused_before_tokenizing_with_the_size_and_the_l
     huge = "word " * 2_000_000  # 10 MB
     with pytest.raises(RequestError) as caught:
         run(tiny_engine, prompt=huge, max_new_tokens=1)
-    limit = 16 * tiny_engine.max_input_tokens
+    limit = 16 * tiny_engine.prompts.max_input_tokens
     assert str(caught.value) == (
         f"prompt: {len(huge)} characters is more than {limit} (16 per token of "
-        f"MAX_INPUT_TOKENS={tiny_engine.max_input_tokens}); send less"
+        f"MAX_INPUT_TOKENS={tiny_engine.prompts.max_input_tokens}); send less"
     )

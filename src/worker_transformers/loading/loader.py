@@ -20,9 +20,13 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from worker_transformers.config import Settings
-from worker_transformers.loading import placement
+from worker_transformers.loading import checkpoint, placement
 from worker_transformers.model.sources import ModelLocation
 from worker_transformers.model.weights import DTYPE_SIZES, WeightFile
+from worker_transformers.serving.prompt import Prompts
+from worker_transformers.serving.schema import RequestError
+from worker_transformers.startup import prefetch
+from worker_transformers.startup.budget import human_bytes
 
 log = logging.getLogger(__name__)
 
@@ -64,18 +68,53 @@ def import_model_code(location: ModelLocation, settings: Settings) -> None:
 
 
 def load_tokenizer(location: ModelLocation, settings: Settings) -> PreTrainedTokenizerBase:
-    return AutoTokenizer.from_pretrained(
-        location.path, local_files_only=True, trust_remote_code=settings.trust_remote_code
-    )
+    try:
+        return AutoTokenizer.from_pretrained(
+            location.path, local_files_only=True, trust_remote_code=settings.trust_remote_code
+        )
+    except Exception as error:
+        # What a file the tokenizer cannot parse raises: plain Exception from the tokenizers library, KeyError or
+        # TypeError for a field missing or of the wrong kind, ValueError, OSError. The files are judged only once
+        # loading failed, so a good tokenizer costs no second read.
+        damaged = _damaged_json(location.path, TOKENIZER_JSON_FILES)
+        if damaged is None and not (type(error) is Exception or isinstance(error, TOKENIZER_FILE_ERRORS)):
+            raise
+        what = damaged or f"cannot be loaded ({type(error).__name__}: {(str(error).splitlines() or [''])[0][:200]})"
+        raise LoadError(
+            f"{location.model_id}: the tokenizer in {location.path} {what}; the copy is damaged: fetch the model "
+            "again with its tokenizer files (rebuild the image if it is baked)"
+        ) from None
+
+
+TOKENIZER_FILE_ERRORS = (KeyError, TypeError, ValueError, OSError)
+TOKENIZER_JSON_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
+
+
+def _damaged_json(folder: Path, names: tuple[str, ...]) -> str | None:
+    for name in names:
+        path = folder / name
+        if path.is_file():
+            try:
+                json.loads(path.read_bytes())
+            except (ValueError, UnicodeDecodeError) as error:
+                return f"has a {name} that is not valid JSON ({error})"
+    return None
 
 
 def build_model(location: ModelLocation, settings: Settings, files: list[WeightFile]) -> placement.EmptyModel | None:
     """The fast path's empty model on the device, or None when `from_pretrained` must load this checkpoint
-    (FAST_LOAD=false, pickle weights, or a checkpoint the fast path does not handle: logged with why)."""
+    (FAST_LOAD=false, pickle weights, or a checkpoint the fast path does not handle: logged with why).
+    First, with nothing allocated, config.json is held against the files and the device's free memory."""
     device = pick_device(settings)
     dtype = _DTYPES.get(settings.dtype)  # None: the checkpoint's own dtype
-    _check_fits(location, files, device, dtype)
-    if not (settings.fast_load and files):  # no files: pickle weights, from_pretrained's alone
+    if files:  # none: pickle weights, which only from_pretrained's report can judge
+        config = AutoConfig.from_pretrained(
+            location.path, local_files_only=True, trust_remote_code=settings.trust_remote_code
+        )
+        on_device = dtype or placement.checkpoint_dtype(config, files)
+        parameters = checkpoint.expected_parameters(config, files, location.path, location.model_id, on_device)
+        _check_fits(location, max(parameters * on_device.itemsize, _weights_bytes(files, dtype)), device, dtype)
+    if not (settings.fast_load and files):
         return None
     try:
         return placement.build_empty(location.path, files, device, dtype)
@@ -83,7 +122,7 @@ def build_model(location: ModelLocation, settings: Settings, files: list[WeightF
         log.info("%s: fast loading does not apply (%s); using from_pretrained", location.model_id, why)
         return None
     except (torch.OutOfMemoryError, MemoryError):
-        raise LoadError(_out_of_memory(location, files, device, dtype)) from None
+        raise LoadError(_out_of_memory(location, _weights_bytes(files, dtype), device, dtype)) from None
 
 
 def load_weights(
@@ -97,9 +136,9 @@ def load_weights(
         if empty is not None:
             model, how = placement.fill(empty, files), "fast path"
         else:
-            model, how = _from_pretrained(location.path, settings, device, dtype), "from_pretrained"
+            model, how = _from_pretrained(location, settings, device, dtype), "from_pretrained"
     except (torch.OutOfMemoryError, MemoryError):
-        raise LoadError(_out_of_memory(location, files, device, dtype)) from None
+        raise LoadError(_out_of_memory(location, _weights_bytes(files, dtype), device, dtype)) from None
     log.info(
         "loaded %s (%s) on %s as %s by %s in %.2f s: %.0f M parameters, %.2f GB of weights",
         location.model_id,
@@ -114,14 +153,17 @@ def load_weights(
     return model
 
 
-def _from_pretrained(path: Path, settings: Settings, device: torch.device, dtype: torch.dtype | None):
-    model = AutoModelForCausalLM.from_pretrained(
-        path,
+def _from_pretrained(location: ModelLocation, settings: Settings, device: torch.device, dtype: torch.dtype | None):
+    model, report = AutoModelForCausalLM.from_pretrained(
+        location.path,
         local_files_only=True,
         trust_remote_code=settings.trust_remote_code,
         dtype=dtype or "auto",
         device_map=device,
+        output_loading_info=True,
+        ignore_mismatched_sizes=True,  # a wrong shape is refused by name below, not raised as a RuntimeError
     )
+    checkpoint.check_report(model, report, location.path, location.model_id)
     return model.eval()
 
 
@@ -133,34 +175,37 @@ def _weights_bytes(files: list[WeightFile], dtype: torch.dtype | None) -> int:
     return sum(t.nbytes // DTYPE_SIZES[t.dtype] * itemsize for f in files for t in f.tensors)
 
 
-def _check_fits(location: ModelLocation, files: list[WeightFile], device: torch.device, dtype) -> None:
-    if device.type != "cuda":
-        return  # CPU weights are memory-mapped from the page cache; the kernel pages them as needed
-    free, _ = torch.cuda.mem_get_info(device)
-    if _weights_bytes(files, dtype) > free:
-        raise LoadError(_out_of_memory(location, files, device, dtype))
+def _check_fits(location: ModelLocation, need: int, device: torch.device, dtype) -> None:
+    free = _free_bytes(device)
+    if free is not None and need > free:
+        raise LoadError(_out_of_memory(location, need, device, dtype))
 
 
-def _out_of_memory(location: ModelLocation, files: list[WeightFile], device: torch.device, dtype) -> str:
-    need = _weights_bytes(files, dtype) / 2**30
-    where = "host memory"
+def _free_bytes(device: torch.device) -> int | None:
     if device.type == "cuda":
-        free, total = torch.cuda.mem_get_info(device)
-        where = f"GPU memory ({free / 2**30:.1f} of {total / 2**30:.1f} GiB free)"
+        return torch.cuda.mem_get_info(device)[0]
+    return prefetch.host_memory_free()
+
+
+def _out_of_memory(location: ModelLocation, need: int, device: torch.device, dtype) -> str:
+    where = "GPU memory" if device.type == "cuda" else "host memory"
     smaller = "a smaller DTYPE (bfloat16), " if dtype == torch.float32 else ""
     return (
-        f"{location.model_id}: out of {where} for {need:.1f} GiB of weights, before the KV cache; "
-        f"use {smaller}a GPU with more memory, or a smaller model"
+        f"{location.model_id}: not enough {where} on {device}: the weights need {human_bytes(need)}, "
+        f"{human_bytes(_free_bytes(device) or 0)} is free, before the KV cache; use {smaller}a device with more memory, "
+        "or a smaller model"
     )
 
 
-def warm_up(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+def warm_up(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Prompts) -> None:
     """One short greedy generation through the chat template, so the first job does not pay for first-call
-    work (kernel selection, lazy imports, caches, memory-mapped pages touched for the first time)."""
+    work (kernel selection, lazy imports, caches, memory-mapped pages touched for the first time). A template
+    that fails or does not finish on one plain message stops startup."""
     if tokenizer.chat_template:
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": "Hi"}], add_generation_prompt=True, tokenize=False
-        )
+        try:
+            text = prompts.render([{"role": "user", "content": "Hi"}])
+        except RequestError as error:
+            raise LoadError(f"warm-up failed: {str(error).removeprefix('messages: ')}") from None
         ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
     else:
         ids = tokenizer("Hi", return_tensors="pt")["input_ids"]

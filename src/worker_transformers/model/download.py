@@ -11,12 +11,13 @@ would pass the deadline, it stops with the numbers and the fixes instead of bein
 from __future__ import annotations
 
 import logging
+import shutil
 import threading
 from collections.abc import Callable
 from pathlib import Path
 
 from worker_transformers.config import Settings
-from worker_transformers.model.errors import ModelNotFound
+from worker_transformers.model.errors import ModelNotFound, mount_point, storage_problem
 from worker_transformers.model.folder import check_model_folder
 from worker_transformers.model.manifest import MODEL_FILE_PATTERNS
 from worker_transformers.startup.budget import InitBudget, InitTooSlow, TransferWatch, human_bytes
@@ -52,6 +53,7 @@ def download_from_hub(settings: Settings, budget: InitBudget | None = None) -> P
     if not plan:
         raise ModelNotFound(f"{model} has no safetensors weights or configs on the Hub; check MODEL_NAME")
     total = sum(f.file_size or 0 for f in plan if f.will_download)
+    _check_space(settings.hf_hub_cache, total, model)
     watch = TransferWatch(budget, model, "download from the Hub", total)
     watch.check()  # what loading needs after the download may already exceed what is left
     log.info("downloading %s from the Hub into %s: %s", model, settings.hf_hub_cache, human_bytes(total))
@@ -91,11 +93,22 @@ def download_from_hub(settings: Settings, budget: InitBudget | None = None) -> P
     return path
 
 
+def _check_space(cache: Path, total: int, model: str) -> None:
+    existing = next(p for p in (cache, *cache.parents) if p.exists())
+    free = shutil.disk_usage(existing).free
+    if total > free:
+        raise ModelNotFound(
+            f"no space left on {mount_point(existing)}: {model} needs {human_bytes(total)}, {human_bytes(free)} "
+            "free; free space there or use a larger disk"
+        )
+
+
 def _hub_error(error: BaseException, model: str) -> Exception:
     """The message for a failed Hub call. Never the error's own text: on some versions it carries headers."""
+    import httpx
     from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 
-    if isinstance(error, InitTooSlow):
+    if isinstance(error, (InitTooSlow, ModelNotFound)):
         return error
     if isinstance(error, GatedRepoError):
         return ModelNotFound(f"{model} is gated: accept its terms on the Hub and set HF_TOKEN")
@@ -105,12 +118,32 @@ def _hub_error(error: BaseException, model: str) -> Exception:
         )
     if isinstance(error, RevisionNotFoundError):
         return ModelNotFound(f"{model}: no such revision on the Hub; check MODEL_REVISION")
-    if isinstance(error, (HfHubHTTPError, OSError)) or type(error).__module__.startswith(("httpx", "huggingface_hub")):
+    chain = _causes(error)
+    refused = next((e for e in chain if isinstance(e, HfHubHTTPError) and e.response is not None), None)
+    status = refused.response.status_code if refused is not None else None
+    if status in (401, 403):
         return ModelNotFound(
-            f"{model} could not be downloaded from the Hub ({type(error).__name__}); check the network, "
+            f"{model}: the Hub refused the request (HTTP {status}): HF_TOKEN is missing, invalid or lacks access "
+            "to this model; set a token that can read it"
+        )
+    if isinstance(error, OSError) and (problem := storage_problem(error, "HF_HUB_CACHE")):
+        return ModelNotFound(f"{model} could not be saved: {problem}")
+    unreachable = next((e for e in chain if isinstance(e, httpx.TransportError)), None)
+    if unreachable is not None or isinstance(error, (HfHubHTTPError, OSError)):
+        what = f"HTTP {status}" if status else type(unreachable or error).__name__
+        return ModelNotFound(
+            f"{model} could not be downloaded from the Hub ({what}); check the network, "
             "or bake the model into the image, or select it as the endpoint's cached model"
         )
     return error
+
+
+def _causes(error: BaseException) -> list[BaseException]:
+    """The error and those it was raised from: huggingface_hub wraps an HTTP or connection error in its own."""
+    chain = [error]
+    while (cause := chain[-1].__cause__ or chain[-1].__context__) is not None and cause not in chain:
+        chain.append(cause)
+    return chain
 
 
 def _progress_class(watch: TransferWatch) -> type:

@@ -69,26 +69,72 @@ def write_manifest(folder: Path, model_id: str, revision: str | None, files: lis
     temporary.rename(folder / MANIFEST)
 
 
+class MalformedManifest(ValueError):
+    """manifest.json cannot be trusted as written; the message names the file and the field."""
+
+
+def outside(folder: Path, relative: object) -> str | None:
+    """Why a path that a manifest or an index names does not stay inside `folder` (None: it does). Symlinks may
+    lead within the folder, or, for a Hugging Face cache snapshot (REPO/snapshots/REV), within its repo folder:
+    a snapshot's files are links to REPO/blobs."""
+    if not isinstance(relative, str) or not relative:
+        return "is not a file name"
+    if relative.startswith("/") or "\\" in relative:
+        return "is not a path relative to the model folder"
+    if ".." in relative.split("/"):
+        return "leads out of the model folder (..)"
+    root = folder.resolve()
+    home = root.parent.parent if root.parent.name == "snapshots" else root
+    if not (folder / relative).resolve().is_relative_to(home):
+        return f"is a link that leads out of {home}"
+    return None
+
+
 def read_manifest(folder: Path) -> dict | None:
+    """The manifest, checked field by field (None: there is none). Raises MalformedManifest."""
+    path = folder / MANIFEST
     try:
-        return json.loads((folder / MANIFEST).read_text())
+        manifest = json.loads(path.read_text())
     except FileNotFoundError:
         return None
-    except ValueError:  # a manifest cut short by a full disk: the folder is not complete
-        return None
+    except (ValueError, UnicodeDecodeError) as error:
+        raise MalformedManifest(f"{path} is not valid JSON ({error})") from None
+    if not isinstance(manifest, dict):
+        raise MalformedManifest(f"{path} is not a JSON object")
+    for field in ("model_id", "revision"):
+        if not isinstance(manifest.get(field), str):
+            raise MalformedManifest(f"{path}: {field} is not a string")
+    if not isinstance(manifest.get("files"), list):
+        raise MalformedManifest(f"{path}: files is not a list")
+    for index, entry in enumerate(manifest["files"]):
+        where = f"{path}: files[{index}]"
+        if not isinstance(entry, dict):
+            raise MalformedManifest(f"{where} is not an object")
+        if why := outside(folder, entry.get("path")):
+            raise MalformedManifest(f"{where}.path {entry.get('path')!r} {why}")
+        if not isinstance(entry.get("size"), int) or isinstance(entry["size"], bool) or entry["size"] < 0:
+            raise MalformedManifest(f"{where}.size is not a byte count")
+        if entry.get("sha256") is not None and not is_sha256(entry["sha256"]):
+            raise MalformedManifest(f"{where}.sha256 is not a sha256 digest (64 hex digits)")
+    return manifest
+
+
+def is_sha256(text: object) -> bool:
+    return isinstance(text, str) and len(text) == 64 and all(c in "0123456789abcdef" for c in text)
 
 
 def why_incomplete(folder: Path, model_id: str, revision: str | None) -> str | None:
     """Why `folder` is not a complete copy of `model_id` at `revision` (None: it is). Checks the manifest and
-    every file's size; hashes are checked when the folder is written, not on every start."""
+    every file's size; hashes are checked when the folder is written, not on every start. Raises
+    MalformedManifest."""
     if not folder.is_dir():
         return "missing"
     manifest = read_manifest(folder)
     if manifest is None:
         return f"no {MANIFEST}: an incomplete copy"
-    if manifest.get("model_id") != model_id or (revision and manifest.get("revision") != revision):
-        return f"holds {manifest.get('model_id')}@{manifest.get('revision')}, not {model_id}@{revision or 'any'}"
-    for entry in manifest.get("files", []):
+    if manifest["model_id"] != model_id or (revision and manifest["revision"] != revision):
+        return f"holds {manifest['model_id']}@{manifest['revision']}, not {model_id}@{revision or 'any'}"
+    for entry in manifest["files"]:
         path = folder / entry["path"]
         size = path.stat().st_size if path.is_file() else None
         if size != entry["size"]:

@@ -17,7 +17,7 @@ from worker_transformers.model import hf_cache, volume
 from worker_transformers.model.download import Downloader, download_from_hub
 from worker_transformers.model.errors import ModelNotFound, UnsupportedWeights
 from worker_transformers.model.folder import check_model_folder
-from worker_transformers.model.manifest import MANIFEST, hash_mismatch, why_incomplete
+from worker_transformers.model.manifest import MANIFEST, MalformedManifest, hash_mismatch, why_incomplete
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,13 @@ def _baked(search: _Search) -> ModelLocation | None:
 def _with_manifest(search: _Search, source: str, folder: Path) -> ModelLocation | None:
     """A folder that is complete only with its manifest (written last): the baked one, a volume's."""
     settings = search.settings
-    why_not = why_incomplete(folder, settings.model_name, settings.model_revision)
+    try:
+        why_not = why_incomplete(folder, settings.model_name, settings.model_revision)
+    except MalformedManifest as error:
+        raise UnsupportedWeights(
+            f"{settings.model_name}: {error}; the copy is damaged: rebuild the image (baked) or delete the folder "
+            "so it is filled again (volume)"
+        ) from None
     if why_not is not None:
         search.tried.append(f"{source}: {folder} ({why_not})")
         return None

@@ -24,8 +24,8 @@ from filelock import FileLock, Timeout
 
 from worker_transformers.config import Settings
 from worker_transformers.model.download import Downloader
-from worker_transformers.model.errors import ModelNotFound
-from worker_transformers.model.manifest import model_files, sha256, why_incomplete, write_manifest
+from worker_transformers.model.errors import ModelNotFound, storage_problem
+from worker_transformers.model.manifest import is_sha256, model_files, sha256, why_incomplete, write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,16 @@ def fill_allowed(settings: Settings) -> bool:
 
 def fill(settings: Settings, download: Downloader) -> Path:
     """Download the model into its volume folder, once across all workers; return the folder."""
+    try:
+        return _fill_once(settings, download)
+    except OSError as error:
+        problem = storage_problem(error, "VOLUME_MODEL_DIR")
+        if problem is None:
+            raise
+        raise VolumeFillError(f"filling the network volume folder {model_folder(settings)}: {problem}") from None
+
+
+def _fill_once(settings: Settings, download: Downloader) -> Path:
     folder = model_folder(settings)
     key = settings.model_name.replace("/", "--")
     (settings.volume_model_dir / LOCKS).mkdir(parents=True, exist_ok=True)
@@ -99,7 +109,7 @@ def _fill_staging(staging: Path, settings: Settings, download: Downloader) -> No
         else:
             shutil.copyfile(source, target)
         # The Hub names a weights blob by its sha256; anything else is hashed here.
-        digest = source.name if _is_sha256(source.name) else sha256(target)
+        digest = source.name if is_sha256(source.name) else sha256(target)
         entries.append({"path": relative, "size": target.stat().st_size, "sha256": digest})
     if not entries:
         raise VolumeFillError(f"the download of {settings.model_name} held no model files")
@@ -118,7 +128,3 @@ def _move_into_place(model: Path, folder: Path, settings: Settings) -> Path:
         return folder
     log.info("filled %s", folder)
     return folder
-
-
-def _is_sha256(name: str) -> bool:
-    return len(name) == 64 and all(c in "0123456789abcdef" for c in name)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from worker_transformers.model.errors import CorruptWeights, UnsupportedWeights
+from worker_transformers.model.manifest import outside
 
 # Bytes per element of each safetensors dtype the loader can place.
 DTYPE_SIZES = {
@@ -49,20 +50,27 @@ class WeightFile:
 
 
 def weight_map(folder: Path, model_id: str) -> dict[str, str] | None:
-    """The sharded checkpoint's index: tensor name -> shard file name. None when the folder has no index."""
+    """The sharded checkpoint's index: tensor name -> shard file name. None when the folder has no index.
+    Raises UnsupportedWeights naming the field of an index that is malformed or names a file outside `folder`."""
     index = folder / INDEX
     if not index.is_file():
         return None
     try:
-        mapping = json.loads(index.read_text())["weight_map"]
-    except (ValueError, UnicodeDecodeError, TypeError, KeyError):
-        mapping = None
-    if not isinstance(mapping, dict) or not all(isinstance(v, str) for v in mapping.values()):
-        raise UnsupportedWeights(
-            f'{model_id}: {index} is not a valid index (it needs a "weight_map" object of tensor names to '
-            "file names); the copy is damaged: fetch the model again"
-        )
+        mapping = json.loads(index.read_text()).get("weight_map")
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        raise _bad_index(model_id, index, "is not a JSON object") from None
+    if not isinstance(mapping, dict):
+        raise _bad_index(model_id, index, 'has no "weight_map" object of tensor names to file names')
+    for tensor, shard in mapping.items():
+        if why := outside(folder, shard):
+            raise _bad_index(model_id, index, f"weight_map[{tensor!r}] = {shard!r} {why}")
     return mapping
+
+
+def _bad_index(model_id: str, index: Path, what: str) -> UnsupportedWeights:
+    return UnsupportedWeights(
+        f"{model_id}: {index} {what}; the copy is damaged: fetch the model again (rebuild the image if it is baked)"
+    )
 
 
 def weight_paths(folder: Path, model_id: str = "the model") -> list[Path]:

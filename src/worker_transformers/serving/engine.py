@@ -1,9 +1,9 @@
 """Generation: a validated request in, text with its finish reason and token counts out, whole or streamed.
 
 The engine owns the tokenizer and the generator that runs the model: the batcher for models it can batch, else
-`generate` one request at a time (choice.py decides, at startup). Tokenizing, the input cap and the check that
-a request can fit the KV budget happen here, before anything is queued, so a request that is refused is refused
-before its first chunk.
+`generate` one request at a time (choice.py decides, at startup). Rendering and tokenizing the input and its caps
+(prompt.py) and the check that a request can fit the KV budget happen before anything is queued, so a request
+that is refused is refused before its first chunk.
 """
 
 from __future__ import annotations
@@ -20,16 +20,13 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from worker_transformers.serving import choice
 from worker_transformers.serving.batcher import Batcher, ShedForMemory
 from worker_transformers.serving.events import Delta, Done, Event, Failed, Sequence
+from worker_transformers.serving.prompt import Prompts
 from worker_transformers.serving.sampling import Sampling
 from worker_transformers.serving.schema import GenerationRequest, RequestError
 from worker_transformers.serving.serial import SerialGenerator
 from worker_transformers.serving.textstream import Detokenizer, TextStream
 
 log = logging.getLogger(__name__)
-
-# Tokens average 3-5 characters of text; no real prompt averages 16, so text past 16 per allowed token is
-# refused unread.
-CHARS_PER_TOKEN_LIMIT = 16
 
 
 class GenerationFailed(RuntimeError):
@@ -86,6 +83,7 @@ class Engine:
         self.max_input_tokens = max_input_tokens
         self.model_type = model.config.model_type
         self.generation_config = model.generation_config
+        self.prompts = Prompts(tokenizer, model_name, max_input_tokens)
         eos = _eos_ids(model, tokenizer)
         self.kind, shape, why = choice.choose(model, self.detokenizer, engine)
         if self.kind == "batch":
@@ -108,29 +106,8 @@ class Engine:
         return self.generator.max_batch
 
     def prompt_ids(self, request: GenerationRequest) -> list[int]:
-        """Token ids of the request's input: the chat template applied to messages, or the prompt as is."""
-        self._check_size(request)
-        if request.messages is not None:
-            if not self.tokenizer.chat_template:
-                raise RequestError("messages: this model has no chat template; send prompt instead")
-            text = self.tokenizer.apply_chat_template(
-                request.template_messages(), tools=request.template_tools(), add_generation_prompt=True, tokenize=False
-            )
-            # The template already holds the special tokens (BOS, turn markers); do not add them twice.
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        else:
-            ids = self.tokenizer(request.prompt)["input_ids"]
-        if len(ids) > self.max_input_tokens:
-            field = "messages" if request.messages is not None else "prompt"
-            raise RequestError(
-                f"{field}: {len(ids)} tokens is more than MAX_INPUT_TOKENS={self.max_input_tokens}; send less"
-            )
-        if not ids:
-            raise RequestError("prompt: the text has no tokens")
-        self._check_fits(request, ids)
-        return ids
-
-    def _check_fits(self, request: GenerationRequest, ids: list[int]) -> None:
+        """Token ids of the request's input (prompt.py), refused when it could never fit the KV budget."""
+        ids = self.prompts.ids(request)
         reserved = len(ids) + request.max_new_tokens
         if not self.generator.fits_alone(reserved):
             raise RequestError(
@@ -138,18 +115,7 @@ class Engine:
                 f"cache than this worker has ({self.generator.token_budget // 2} tokens for one request); send a "
                 "shorter prompt or ask for fewer tokens"
             )
-
-    def _check_size(self, request: GenerationRequest) -> None:
-        """Refuse text far beyond MAX_INPUT_TOKENS before tokenizing it: tokenizing megabytes costs seconds of
-        CPU, only to refuse them afterwards."""
-        field = "messages" if request.messages is not None else "prompt"
-        size = sum(len(m.content) for m in request.messages) if request.messages is not None else len(request.prompt)
-        limit = CHARS_PER_TOKEN_LIMIT * self.max_input_tokens
-        if size > limit:
-            raise RequestError(
-                f"{field}: {size} characters is more than {limit} ({CHARS_PER_TOKEN_LIMIT} per token of "
-                f"MAX_INPUT_TOKENS={self.max_input_tokens}); send less"
-            )
+        return ids
 
     def submit(self, request: GenerationRequest, ids: list[int], emit: Callable[[Event], None]) -> Sequence:
         sequence = Sequence(
@@ -197,6 +163,7 @@ class Engine:
 
     def close(self) -> None:
         self.generator.close()
+        self.prompts.close()
 
     def response(self, text: str, done: Done) -> dict[str, Any]:
         return {
@@ -229,6 +196,6 @@ def _free_bytes(device: torch.device) -> int:
     memory (half of it: the page cache holds the memory-mapped weights and the rest of the worker)."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
-    from worker_transformers.startup.prefetch import available_memory
+    from worker_transformers.startup.prefetch import host_memory_free
 
-    return available_memory() // 2
+    return (host_memory_free() or 0) // 2

@@ -215,6 +215,7 @@ def parse_request(
     the job leaves out takes its value from `sampling_defaults` (the model's, see `sampling_defaults`)."""
     if not isinstance(job_input, dict):
         raise RequestError(f"input: expected a JSON object, got {type(job_input).__name__}")
+    check_text(job_input)
     try:
         request = GenerationRequest.model_validate(job_input, context={"max_new_tokens": max_new_tokens})
     except ValidationError as error:
@@ -238,6 +239,27 @@ def sampling_defaults(values: Mapping[str, Any], source: str) -> dict[str, Any]:
             continue
         defaults[name] = value
     return defaults
+
+
+def check_text(value: Any, where: tuple[str | int, ...] = ()) -> None:
+    """Refuse any string in `value` (keys included) that is not valid Unicode text: JSON can carry a lone
+    surrogate ("\\ud800"), which Python accepts as a str and the tokenizer, like any UTF-8 encoder, cannot take."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            check_text(key, where)
+            check_text(item, (*where, key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            check_text(item, (*where, index))
+    elif isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as error:
+            field = ".".join(field_name(part) for part in where) or "input"
+            raise RequestError(
+                f"{field}: the text holds a character that is not valid Unicode (U+{ord(value[error.start]):04X}, "
+                f"a lone surrogate, at position {error.start}); send UTF-8 text"
+            ) from None
 
 
 _PLAIN_NAME = re.compile(r"^[A-Za-z_][\w-]{0,63}$")

@@ -41,14 +41,15 @@ def _cgroup_room() -> int | None:
         return None
 
 
-def available_memory() -> int:
-    """Bytes of host memory this process can still take: the kernel's MemAvailable, within the container's limit."""
+def host_memory_free() -> int | None:
+    """Bytes of host memory this process can still take: what the kernel counts available (reclaimable page
+    cache included), or what is left under the container's limit when that is less. None: unknown."""
     try:
         available = _meminfo()["MemAvailable"]
     except (OSError, KeyError, ValueError, IndexError):
-        return 0
+        return None
     cgroup = _cgroup_room()
-    return max(0, available if cgroup is None else min(available, cgroup))
+    return available if cgroup is None else min(available, cgroup)
 
 
 def cache_room() -> int:
@@ -57,7 +58,7 @@ def cache_room() -> int:
         keep_free = int(KEEP_FREE_FRACTION * _meminfo()["MemTotal"])
     except (OSError, KeyError, ValueError, IndexError):
         return 0
-    return max(0, available_memory() - keep_free)
+    return max(0, (host_memory_free() or 0) - keep_free)
 
 
 class Prefetch:

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from worker_transformers.serving.schema import GenerationRequest, RequestError, parse_request
+from worker_transformers.serving.schema import GenerationRequest, RequestError, check_text, parse_request
 
 
 class TextPart(BaseModel):
@@ -185,6 +185,7 @@ class ChatCompletionBody(_Common):
         return _only(value, (None, True), "parallel_tool_calls")
 
     def to_request(self, max_new_tokens_cap: int, model_defaults: Mapping[str, Any]) -> GenerationRequest:
+        check_text(self.model_dump())
         messages = [m.native(f"messages.{i}") for i, m in enumerate(self.messages)]
         fields = self.sampling(self.max_completion_tokens or self.max_tokens, model_defaults)
         # OpenAI's own forms of "no tools"; the worker's request has no empty list.
@@ -228,6 +229,7 @@ class CompletionBody(_Common):
         return _only(value, (None, 1), "best_of")
 
     def to_request(self, max_new_tokens_cap: int, model_defaults: Mapping[str, Any]) -> GenerationRequest:
+        check_text(self.model_dump())
         prompt = self.prompt if isinstance(self.prompt, str) else self.prompt[0]
         fields = self.sampling(self.max_tokens, model_defaults)
         return _convert({"prompt": prompt, **fields}, max_new_tokens_cap, "max_tokens")
