@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMPS := .stamps
 
-.PHONY: demo test model openai-server bench bench-serve bench-coldstart docker-check clean
+.PHONY: demo test model openai-server bench bench-serve bench-coldstart bench-gpu docker-check clean
 
 $(STAMPS)/venv: pyproject.toml
 	@mkdir -p $(STAMPS)
@@ -34,6 +34,11 @@ bench: bench-coldstart bench-serve
 
 bench-serve: model
 	$(PY) bench/serve.py --json bench/out/serve.json
+
+# The GPU-only checks (a CUDA device; a few minutes): serving, greedy batched == serial, host syncs per step,
+# out-of-memory recovery, 8 GB placement. See bench/gpu.py.
+bench-gpu: model
+	$(PY) bench/gpu.py --json bench/out/gpu.json
 
 # The image in its three modes, built and run with a private Docker engine (root; see tests/docker/check_image.sh).
 docker-check: model

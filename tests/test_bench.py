@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_serve_benchmark_writes_its_table_json_and_plot(tiny_model_dir, tmp_path):
     out = tmp_path / "serve.json"
     proc = subprocess.run(
-        [sys.executable, "bench/serve.py", "--json", str(out), "--requests", "4", "--levels", "1,2"],
+        [sys.executable, "bench/serve.py", "--json", str(out), "--requests", "4", "--levels", "1,2", "--new-tokens", "8",
+         "--dtypes", "float32", "--cb-configs", "1", "--no-step-overhead"],  # fmt: skip
         cwd=ROOT,
         env={**os.environ, "MODEL_NAME": str(tiny_model_dir)},
         capture_output=True,
@@ -34,6 +35,11 @@ def test_serve_benchmark_writes_its_table_json_and_plot(tiny_model_dir, tmp_path
         assert {"throughput_tok_s", "ttft_p50_s", "latency_p50_s", "latency_p99_s"} <= set(level)
         assert level["output_tokens"] > 0
     assert report["serial_throughput_tok_s"] == report["levels"][0]["throughput_tok_s"]
+    [run] = report["runs"]
+    assert set(run["worker"]) == {"batch", "serial"} and run["worker_details"]["serial"]["engine"] == "serial"
+    assert [level["concurrency"] for level in run["worker"]["serial"]] == [1]
+    [generate_batch] = run["transformers"]["generate_batch"]
+    assert generate_batch["output_tokens"] > 0 and run["transformers"]["generate_serial"]["output_tokens"] > 0
     assert out.with_suffix(".png").read_bytes().startswith(b"\x89PNG")
     assert "serial baseline" in proc.stdout
 
@@ -92,3 +98,21 @@ def test_goals_are_ratios_to_baselines_of_the_same_run_and_placement_counts_only
     cases["big/warm"]["median"]["weights_s"] = 1.0  # 16 GB/s
     [placement] = [v for v in bench.goals(cases, gpu=True) if "placement" in v["goal"]]
     assert not placement["met"]
+
+
+@pytest.mark.slow
+def test_step_overhead_benchmark_measures_the_batcher_and_the_one_before(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "bench/step_overhead.py", "--batch", "4", "--steps", "6"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["batch"] == 4 and "batcher" in report["engines"]
+    for row in report["engines"].values():
+        assert row["greedy_host_ms"] > 0 and row["sampled_host_ms"] > 0 and row["forward_ms"] > 0
+
+
+def test_the_gpu_check_says_it_needs_cuda_where_there_is_none():
+    proc = subprocess.run([sys.executable, "bench/gpu.py"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "needs a CUDA device" in proc.stderr
