@@ -171,7 +171,11 @@ def main() -> int:
         print(json.dumps({k: v for k, v in report["serving"].items() if k != "details"}, indent=1)[:4000], flush=True)
         engine, handler = start(folder)
         try:
-            for name, check in (("greedy", greedy_equality), ("syncs", syncs_per_step), ("oom", out_of_memory_recovery)):
+            for name, check in (
+                ("greedy", greedy_equality),
+                ("syncs", syncs_per_step),
+                ("oom", out_of_memory_recovery),
+            ):
                 report[name] = check(engine, handler)
                 print(name, json.dumps(report[name]), flush=True)
         finally:

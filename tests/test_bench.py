@@ -20,8 +20,23 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_serve_benchmark_writes_its_table_json_and_plot(tiny_model_dir, tmp_path):
     out = tmp_path / "serve.json"
     proc = subprocess.run(
-        [sys.executable, "bench/serve.py", "--json", str(out), "--requests", "4", "--levels", "1,2", "--new-tokens", "8",
-         "--dtypes", "float32", "--cb-configs", "1", "--no-step-overhead"],  # fmt: skip
+        [
+            sys.executable,
+            "bench/serve.py",
+            "--json",
+            str(out),
+            "--requests",
+            "4",
+            "--levels",
+            "1,2",
+            "--new-tokens",
+            "8",
+            "--dtypes",
+            "float32",
+            "--cb-configs",
+            "1",
+            "--no-step-overhead",
+        ],  # fmt: skip
         cwd=ROOT,
         env={**os.environ, "MODEL_NAME": str(tiny_model_dir)},
         capture_output=True,

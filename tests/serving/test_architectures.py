@@ -5,6 +5,7 @@ startup: plain attention (Llama), sliding-window attention with a SentencePiece-
 and full layers together (Gemma 3), a mixture of experts (Qwen3-MoE), a hybrid of attention and state-space layers
 (Jamba) and a recurrent model (Mamba). For each: greedy answers equal `generate`, concurrent jobs equal serial
 ones, and streamed text equals the whole text and the tokenizer's decoding of the prompt's and answer's ids.
+Llama runs twice, once on each engine (ENGINE=serial forced), so the behaviour is checked for both.
 """
 
 import asyncio
@@ -30,6 +31,8 @@ SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_atte
 ARCHITECTURES = {
     # name: (config class, its arguments, tokenizer, the engine that must serve it)
     "llama": (transformers.LlamaConfig, SMALL, byte_level_tokenizer, "batch"),
+    # the same model forced onto the other engine: the behaviour must not depend on which serves it
+    "llama-serial": (transformers.LlamaConfig, SMALL, byte_level_tokenizer, "serial"),
     "mistral-sliding": (transformers.MistralConfig, {**SMALL, "sliding_window": 4}, metaspace_tokenizer, "batch"),
     "gemma3_text": (
         transformers.Gemma3TextConfig,
@@ -87,7 +90,10 @@ def served(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp(name)
     AutoModelForCausalLM.from_config(config).to(torch.float32).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    settings = Settings.from_env({"MODEL_NAME": str(folder), "MAX_CONCURRENCY": "4", "MAX_NEW_TOKENS": "64"})
+    env = {"MODEL_NAME": str(folder), "MAX_CONCURRENCY": "4", "MAX_NEW_TOKENS": "64"}
+    if name.endswith("-serial"):
+        env["ENGINE"] = "serial"
+    settings = Settings.from_env(env)
     engine = setup(settings)
     reference = AutoModelForCausalLM.from_pretrained(folder).eval()
     yield name, engine, settings, AutoTokenizer.from_pretrained(folder), reference
