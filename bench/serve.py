@@ -164,7 +164,10 @@ def machine() -> dict:
 
 
 def percentiles(prefix: str, values: list[float]) -> dict:
-    return {f"{prefix}_p50_s": percentile(values, 50), f"{prefix}_p99_s": percentile(values, 99)} if values else {}
+    """p50 and p99 of `values`; NaN when there are none (answers of one chunk have no gaps between chunks)."""
+    if not values:
+        return {f"{prefix}_p50_s": float("nan"), f"{prefix}_p99_s": float("nan")}
+    return {f"{prefix}_p50_s": percentile(values, 50), f"{prefix}_p99_s": percentile(values, 99)}
 
 
 def worker_sweep(dtype: str, engine_kind: str, jobs: list[dict], levels: list[int]) -> tuple[list[dict], dict]:
