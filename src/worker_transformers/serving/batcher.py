@@ -18,13 +18,11 @@ from __future__ import annotations
 
 import itertools
 import logging
-import threading
-from collections import deque
 
 import torch
 from transformers import PreTrainedModel
 
-from worker_transformers.serving.events import Sequence
+from worker_transformers.serving.events import EngineThread, Sequence
 from worker_transformers.serving.sampling import BatchSampler
 from worker_transformers.serving.slot_cache import SlotCache, attention_masks
 
@@ -38,7 +36,7 @@ class ShedForMemory(torch.OutOfMemoryError):
     """This request was dropped so that the others in its batch could go on when the device ran out of memory."""
 
 
-class Batcher:
+class Batcher(EngineThread):
     def __init__(
         self,
         model: PreTrainedModel,
@@ -49,14 +47,13 @@ class Batcher:
         token_budget: int | None = None,
         start: bool = True,
     ) -> None:
+        super().__init__("batcher")
         self.model = model
         self.max_batch = max_batch
         self.eos_ids = eos_ids
         self.windows = windows
         self.token_budget = token_budget  # cache tokens (rows x columns) the batch may occupy; None: no limit
         self.additive_masks = model.config._attn_implementation != "sdpa"
-        self._waiting: deque[Sequence] = deque()
-        self._wake = threading.Condition()
         self._active: list[Sequence] = []  # in row order
         self._starts: list[int] = []  # each row's first cache column
         self._column = 0  # where the next decode step writes
@@ -65,26 +62,12 @@ class Batcher:
         self._seen: torch.Tensor | None = None  # (rows, vocab): the repetition penalty's tokens, when one asks
         self._sampler = BatchSampler(self.device)
         self.peak_batch = 0  # the most sequences decoded together so far (for tests and benchmarks)
-        self._closed = False
-        self._thread = threading.Thread(target=self._run, name="batcher", daemon=True)
         if start:  # not for choice.py's check, which drives the steps itself
             self._thread.start()
 
     @property
     def device(self) -> torch.device:
         return self.model.device
-
-    def close(self) -> None:
-        """Stop the thread once every request submitted so far is done."""
-        with self._wake:
-            self._closed = True
-            self._wake.notify()
-        self._thread.join()
-
-    def submit(self, sequence: Sequence) -> None:
-        with self._wake:
-            self._waiting.append(sequence)
-            self._wake.notify()
 
     def cancel(self, sequence: Sequence) -> None:
         sequence.cancelled = True

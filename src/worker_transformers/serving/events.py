@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import threading
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -80,3 +82,28 @@ class Sequence:
         if not self.finished:
             self.finished = True
             self.emit(Failed(error, oom_event))
+
+
+class EngineThread:
+    """The thread an engine generates on, and the requests waiting for it: `submit` wakes it, `close` stops it
+    once every request submitted so far is done. Subclasses write `_run`."""
+
+    def __init__(self, name: str) -> None:
+        self._waiting: deque[Sequence] = deque()
+        self._wake = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+    def submit(self, sequence: Sequence) -> None:
+        with self._wake:
+            self._waiting.append(sequence)
+            self._wake.notify()
+
+    def close(self) -> None:
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        self._thread.join()

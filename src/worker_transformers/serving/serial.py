@@ -12,13 +12,11 @@ from __future__ import annotations
 import copy
 import itertools
 import logging
-import threading
-from collections import deque
 
 import torch
 from transformers import LogitsProcessor, PreTrainedModel, StoppingCriteria
 
-from worker_transformers.serving.events import Sequence
+from worker_transformers.serving.events import EngineThread, Sequence
 from worker_transformers.serving.sampling import BatchSampler
 
 log = logging.getLogger(__name__)
@@ -58,10 +56,11 @@ class _Accept(StoppingCriteria):
         return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
 
 
-class SerialGenerator:
+class SerialGenerator(EngineThread):
     max_batch = 1
 
     def __init__(self, model: PreTrainedModel, eos_ids: set[int], pad_id: int | None) -> None:
+        super().__init__("serial-generate")
         self.model = model
         self.eos_ids = eos_ids
         self.config = copy.deepcopy(model.generation_config)
@@ -70,12 +69,8 @@ class SerialGenerator:
         self.config.eos_token_id = sorted(eos_ids) or None
         if self.config.pad_token_id is None:
             self.config.pad_token_id = pad_id if pad_id is not None else next(iter(sorted(eos_ids)), 0)
-        self._waiting: deque[Sequence] = deque()
-        self._wake = threading.Condition()
         self._current: Sequence | None = None
         self.peak_batch = 0
-        self._closed = False
-        self._thread = threading.Thread(target=self._run, name="serial-generate", daemon=True)
         self._thread.start()
 
     @property
@@ -84,17 +79,6 @@ class SerialGenerator:
 
     def fits_alone(self, reserved_tokens: int) -> bool:
         return True
-
-    def close(self) -> None:
-        with self._wake:
-            self._closed = True
-            self._wake.notify()
-        self._thread.join()
-
-    def submit(self, sequence: Sequence) -> None:
-        with self._wake:
-            self._waiting.append(sequence)
-            self._wake.notify()
 
     def cancel(self, sequence: Sequence) -> None:
         sequence.cancelled = True  # _Accept stops generate at the next step
