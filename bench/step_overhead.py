@@ -57,7 +57,8 @@ def tokenizer():
 class StepTimer:
     """Wraps a batcher's decode step and its model's forward: step and forward seconds, per step."""
 
-    def __init__(self, batcher, step_name: str, batch: int) -> None:
+    def __init__(self, batcher, step_name: str, batch: int, tokenizer) -> None:
+        self.batch, self.tokenizer = batch, tokenizer
         self.steps: list[float] = []
         self.forwards: list[float] = []
         self._in_step = False
@@ -91,12 +92,25 @@ class StepTimer:
         return {"host_ms": statistics.median(host) * 1e3, "forward_ms": statistics.median(self.forwards) * 1e3}
 
 
-def run_batch(submit_all, timer: StepTimer) -> dict:
+def run_batch(batcher, timer: StepTimer, sequence_for) -> dict:
+    """Queue `batch` requests at once, so they join in one prefill (`sequence_for(i, ids, emit)` makes each, in
+    the batcher's own types), wait until all are done, and close the batcher."""
     done = threading.Semaphore(0)
-    count = submit_all(lambda event: done.release() if type(event).__name__ in ("Done", "Failed") else None)
-    for _ in range(count):
-        done.acquire()
-    return timer.result()
+
+    def emit(event) -> None:
+        if type(event).__name__ in ("Done", "Failed"):
+            done.release()
+
+    ids_list = prompts(timer.tokenizer, timer.batch)
+    try:
+        with batcher._wake:
+            batcher._waiting.extend(sequence_for(i, ids, emit) for i, ids in enumerate(ids_list))
+            batcher._wake.notify()
+        for _ in ids_list:
+            done.acquire()
+        return timer.result()
+    finally:
+        batcher.close()
 
 
 def prompts(tok, batch: int) -> list[list[int]]:
@@ -113,24 +127,16 @@ def measure_current(model, tok, batch: int, steps: int, sampled: bool) -> dict:
 
     shape = probe(model)
     batcher = Batcher(model, batch, set(), shape.num_layers, shape.windows)
-    timer = StepTimer(batcher, "_decode_step", batch)
+    timer = StepTimer(batcher, "_decode_step", batch, tok)
     detokenizer = Detokenizer(tok)
     settings = dict(greedy=not sampled, temperature=0.8, top_k=0, top_p=0.95 if sampled else 1.0)
 
-    def submit_all(emit) -> int:
-        with batcher._wake:  # all at once, so they join in one prefill
-            for i, ids in enumerate(prompts(tok, batch)):
-                sampling = Sampling(**settings, repetition_penalty=1.0, seed=i)
-                text = TextStream(detokenizer, ids)
-                generator = sampling.generator(batcher.device)
-                batcher._waiting.append(Sequence(ids, steps, sampling, text, emit, generator=generator))
-            batcher._wake.notify()
-        return batch
+    def sequence_for(i: int, ids: list[int], emit) -> Sequence:
+        sampling = Sampling(**settings, repetition_penalty=1.0, seed=i)
+        generator = sampling.generator(batcher.device)
+        return Sequence(ids, steps, sampling, TextStream(detokenizer, ids), emit, generator=generator)
 
-    try:
-        return run_batch(submit_all, timer)
-    finally:
-        batcher.close()
+    return run_batch(batcher, timer, sequence_for)
 
 
 def load_baseline():
@@ -154,23 +160,16 @@ def measure_baseline(modules, model, tok, batch: int, steps: int, sampled: bool)
     sampling_module = importlib.import_module("baseline_worker.sampling")
     textstream = importlib.import_module("baseline_worker.textstream")
     batcher = batcher_module.Batcher(model, batch, set())
-    timer = StepTimer(batcher, "_decode_step", batch)
+    timer = StepTimer(batcher, "_decode_step", batch, tok)
     fields = {"temperature": 0.8, "top_p": 0.95} if sampled else {"temperature": 0}
 
-    def submit_all(emit) -> int:
-        with batcher._wake:
-            for i, ids in enumerate(prompts(tok, batch)):
-                request = schema.parse_request({"prompt": "x", "max_new_tokens": steps, "seed": i, **fields}, steps)
-                sampler = sampling_module.Sampler(request, batcher.device)
-                text = textstream.TextStream(lambda ids: tok.decode(ids, skip_special_tokens=True))
-                batcher._waiting.append(batcher_module.Sequence(ids, steps, sampler, text, emit))
-            batcher._wake.notify()
-        return batch
+    def sequence_for(i: int, ids: list[int], emit):
+        request = schema.parse_request({"prompt": "x", "max_new_tokens": steps, "seed": i, **fields}, steps)
+        sampler = sampling_module.Sampler(request, batcher.device)
+        text = textstream.TextStream(lambda ids: tok.decode(ids, skip_special_tokens=True))
+        return batcher_module.Sequence(ids, steps, sampler, text, emit)
 
-    try:
-        return run_batch(submit_all, timer)
-    finally:
-        batcher.close()
+    return run_batch(batcher, timer, sequence_for)
 
 
 def measure(batch: int = 32, steps: int = 40) -> dict:

@@ -81,7 +81,10 @@ def test_a_prompt_over_max_input_tokens_is_refused_with_its_size(tiny_engine):
         run(tiny_engine, prompt=long_prompt, max_new_tokens=1)
     message = str(caught.value)
     tokens = len(tiny_engine.tokenizer(long_prompt)["input_ids"])
-    assert message == f"prompt: {tokens} tokens is more than MAX_INPUT_TOKENS={tiny_engine.prompts.max_input_tokens}; send less"
+    assert (
+        message
+        == f"prompt: {tokens} tokens is more than MAX_INPUT_TOKENS={tiny_engine.prompts.max_input_tokens}; send less"
+    )
 
 
 def test_messages_to_a_model_without_chat_template_are_refused(tmp_path):
@@ -109,3 +112,34 @@ def test_megabytes_of_text_are_refused_before_tokenizing_with_the_size_and_the_l
         f"prompt: {len(huge)} characters is more than {limit} (16 per token of "
         f"MAX_INPUT_TOKENS={tiny_engine.prompts.max_input_tokens}); send less"
     )
+
+
+def test_a_request_that_could_never_fit_the_kv_budget_is_refused_with_its_size_and_the_others_are_admitted_in_turn(
+    tiny_settings,
+):
+    from worker_transformers.worker import setup
+
+    engine = setup(tiny_settings)
+    try:
+        prompt_tokens = len(engine.tokenizer("one, two, three")["input_ids"])
+        # Room for one request of the prompt and 20 new tokens, the layout's slack counted.
+        engine.generator.token_budget = 2 * (prompt_tokens + 20)
+        with pytest.raises(RequestError, match=rf"^max_new_tokens: {prompt_tokens} prompt tokens and up to 21 new"):
+            run(engine, prompt="one, two, three", max_new_tokens=21, temperature=0)
+        engine.generator.peak_batch = 0
+        out = run(engine, prompt="one, two, three", max_new_tokens=20, temperature=0)
+        assert out["usage"]["completion_tokens"] == 20
+
+        import asyncio
+
+        async def three_at_once():
+            async def one():
+                request = parse_request({"prompt": "one, two, three", "max_new_tokens": 20, "temperature": 0}, 64)
+                return [event async for event in engine.stream(request, engine.prompt_ids(request))]
+
+            return await asyncio.gather(one(), one(), one())
+
+        assert all(events[-1].completion_tokens == 20 for events in asyncio.run(three_at_once()))
+        assert engine.generator.peak_batch == 1  # each waited for the one before it to leave room
+    finally:
+        engine.close()

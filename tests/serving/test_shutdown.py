@@ -80,6 +80,20 @@ def worker(platform: Platform, tiny_model_dir, **env) -> subprocess.Popen:
     )
 
 
+def stopped_midway(platform: Platform, tiny_model_dir, grace_s: str, exit_within_s: int) -> tuple[int, str]:
+    """Start the worker against `platform`, send it SIGTERM once its job streams, and return its exit code
+    (which must come within `exit_within_s`) and its output."""
+    proc = worker(platform, tiny_model_dir, SHUTDOWN_GRACE_S=grace_s)
+    try:
+        assert platform.streamed.wait(120), "the job never started"
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=exit_within_s)
+    finally:
+        proc.kill()
+        platform.server.shutdown()
+    return code, proc.stdout.read().decode()
+
+
 # Sampled with a seed: random weights rarely pick the end-of-text token, so it runs all its 60 tokens.
 LONG_JOB = {
     "id": "long",
@@ -89,15 +103,7 @@ LONG_JOB = {
 
 def test_a_job_still_running_after_the_grace_period_is_failed_and_the_worker_exits(tiny_model_dir):
     platform = Platform([LONG_JOB])
-    proc = worker(platform, tiny_model_dir, SHUTDOWN_GRACE_S="1")
-    try:
-        assert platform.streamed.wait(120), "the job never started"
-        proc.send_signal(signal.SIGTERM)
-        code = proc.wait(timeout=60)
-    finally:
-        proc.kill()
-        platform.server.shutdown()
-    output = proc.stdout.read().decode()
+    code, output = stopped_midway(platform, tiny_model_dir, grace_s="1", exit_within_s=60)
     assert code in (0, 128 + signal.SIGTERM), output  # the SDK's own exit, or this worker's once all is answered
     [result] = platform.results
     assert result["error"] == (
@@ -108,15 +114,7 @@ def test_a_job_still_running_after_the_grace_period_is_failed_and_the_worker_exi
 def test_a_job_that_finishes_within_the_grace_period_is_answered_in_full(tiny_model_dir):
     short = {"id": "short", "input": {**LONG_JOB["input"], "max_new_tokens": 4}}
     platform = Platform([short])
-    proc = worker(platform, tiny_model_dir, SHUTDOWN_GRACE_S="30")
-    try:
-        assert platform.streamed.wait(120), "the job never started"
-        proc.send_signal(signal.SIGTERM)
-        code = proc.wait(timeout=60)
-    finally:
-        proc.kill()
-        platform.server.shutdown()
-    output = proc.stdout.read().decode()
+    code, output = stopped_midway(platform, tiny_model_dir, grace_s="30", exit_within_s=60)
     assert code in (0, 128 + signal.SIGTERM), output
     [result] = platform.results
     assert "error" not in result and result["output"][-1]["usage"]["completion_tokens"] == 4, result
@@ -124,15 +122,7 @@ def test_a_job_that_finishes_within_the_grace_period_is_answered_in_full(tiny_mo
 
 def test_the_worker_exits_after_its_jobs_even_while_the_sdk_waits_on_a_long_job_request(tiny_model_dir):
     platform = Platform([LONG_JOB], poll_s=50)  # the SDK's own exit would wait for this poll to end
-    proc = worker(platform, tiny_model_dir, SHUTDOWN_GRACE_S="1")
-    try:
-        assert platform.streamed.wait(120), "the job never started"
-        proc.send_signal(signal.SIGTERM)
-        code = proc.wait(timeout=30)
-    finally:
-        proc.kill()
-        platform.server.shutdown()
-    output = proc.stdout.read().decode()
+    code, output = stopped_midway(platform, tiny_model_dir, grace_s="1", exit_within_s=30)
     assert code == 128 + signal.SIGTERM and "SIGTERM: exiting" in output, output
     [result] = platform.results
     assert result["error"].startswith("the worker was stopped (SIGTERM) before this job finished"), result

@@ -29,6 +29,9 @@ from worker_transformers.serving.slot_cache import SlotCache, attention_masks
 log = logging.getLogger(__name__)
 
 PREFILL_TOKENS = 4096  # prompt tokens prefilled in one turn (a longer prompt goes alone)
+# The slot layout gives every row as many columns as the longest sequence spans, and reclaims columns only once
+# half of them are free: this many times the longest reservation per row bounds what it allocates.
+LAYOUT_SLACK = 2
 _oom_events = itertools.count(1)
 
 
@@ -77,9 +80,10 @@ class Batcher(EngineThread):
     def in_flight(self) -> int:
         return len(self._active) + len(self._waiting)
 
-    def fits_alone(self, reserved_tokens: int) -> bool:
-        """Whether a request that may need this many cache tokens can ever run here."""
-        return self.token_budget is None or 2 * reserved_tokens <= self.token_budget
+    @property
+    def max_request_tokens(self) -> int | None:
+        """The largest reservation (prompt and new tokens) a request alone can have here; None: no limit."""
+        return None if self.token_budget is None else self.token_budget // LAYOUT_SLACK
 
     # The batcher thread
 
@@ -120,11 +124,9 @@ class Batcher(EngineThread):
             return admitted
 
     def _within_budget(self, sequences: list[Sequence]) -> bool:
-        # The slot layout gives every row as many columns as the longest sequence spans, and reclaims columns
-        # only once half of them are free: twice the longest reservation per row bounds what it allocates.
         if self.token_budget is None:
             return True
-        return len(sequences) * 2 * max(s.reserved_tokens for s in sequences) <= self.token_budget
+        return len(sequences) * LAYOUT_SLACK * max(s.reserved_tokens for s in sequences) <= self.token_budget
 
     def _prefill_safely(self, joining: list[Sequence]) -> None:
         try:

@@ -108,12 +108,12 @@ class Engine:
     def prompt_ids(self, request: GenerationRequest) -> list[int]:
         """Token ids of the request's input (prompt.py), refused when it could never fit the KV budget."""
         ids = self.prompts.ids(request)
-        reserved = len(ids) + request.max_new_tokens
-        if not self.generator.fits_alone(reserved):
+        limit = self.generator.max_request_tokens
+        if limit is not None and len(ids) + request.max_new_tokens > limit:
             raise RequestError(
                 f"max_new_tokens: {len(ids)} prompt tokens and up to {request.max_new_tokens} new ones need more KV "
-                f"cache than this worker has ({self.generator.token_budget // 2} tokens for one request); send a "
-                "shorter prompt or ask for fewer tokens"
+                f"cache than this worker has ({limit} tokens for one request); send a shorter prompt or ask for "
+                "fewer tokens"
             )
         return ids
 

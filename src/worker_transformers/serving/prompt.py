@@ -90,7 +90,9 @@ class Prompts:
         """Refuse text far beyond MAX_INPUT_TOKENS before tokenizing it: tokenizing megabytes costs seconds of
         CPU, only to refuse them afterwards."""
         field = "messages" if request.messages is not None else "prompt"
-        size = sum(len(m.content or "") for m in request.messages) if request.messages is not None else len(request.prompt)
+        size = (
+            sum(len(m.content or "") for m in request.messages) if request.messages is not None else len(request.prompt)
+        )
         limit = CHARS_PER_TOKEN_LIMIT * self.max_input_tokens
         if size > limit:
             raise RequestError(

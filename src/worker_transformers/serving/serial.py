@@ -77,8 +77,7 @@ class SerialGenerator(EngineThread):
     def device(self) -> torch.device:
         return self.model.device
 
-    def fits_alone(self, reserved_tokens: int) -> bool:
-        return True
+    max_request_tokens = None  # generate allocates as it goes: no budget to fit
 
     def cancel(self, sequence: Sequence) -> None:
         sequence.cancelled = True  # _Accept stops generate at the next step
