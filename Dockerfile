@@ -54,6 +54,8 @@ ENV MODEL_NAME=${MODEL_NAME} \
 WORKDIR /app
 # test_input.json is the job `python handler.py` runs when started outside RunPod (local mode).
 COPY handler.py test_input.json ./
+# Chat templates to choose with CHAT_TEMPLATE (a path relative to /app), as .runpod/tests.json does.
+COPY builder/chat_templates ./builder/chat_templates
 COPY src ./src
 # Bytecode first, then the readahead manifest: the pages of the files startup imports (the .pyc among them)
 # that the worker asks the kernel for at start, so a cold disk serves them ahead of the imports (startup/readahead.py).

@@ -115,7 +115,7 @@ def handler_overhead(engine, settings, jobs: list[dict], rounds: int = 200) -> f
     start = time.perf_counter()
     for i in range(rounds):
         request = parse_request({**jobs[i % len(jobs)], "stream": False}, settings.max_new_tokens)
-        engine.prompt_ids(request)
+        engine.prepare(request)
         json.dumps(engine.response("x" * 200, done))
     return (time.perf_counter() - start) / rounds
 

@@ -60,7 +60,7 @@ def test_out_of_memory_at_one_prefill_fails_that_request_only_and_the_stream_dec
         first = handler({"id": "a", "input": {**JOB, "max_new_tokens": 40, "stream": True}})
         head = await first.__anext__()  # job a is decoding
         # The long prompt's prefill runs out of memory, alone or together with others.
-        long_ids = len(engine.prompt_ids(parse_request({"prompt": LONG_PROMPT}, 64)))
+        long_ids = len(engine.prepare(parse_request({"prompt": LONG_PROMPT}, 64)).ids)
         out_of_memory_for(engine.generator.model, calls=1, when=lambda ids: ids.shape[1] == long_ids)
         a_rest = asyncio.create_task(_drain(first))
         b = asyncio.create_task(_drain(handler({"id": "b", "input": {**JOB, "prompt": LONG_PROMPT}})))

@@ -165,6 +165,8 @@ def test_the_tests_cover_a_prompt_a_chat_a_stream_and_an_openai_route():
     assert any("messages" in i and not i.get("stream") for i in inputs)
     assert any(i.get("stream") for i in inputs)
     assert any("openai_route" in i for i in inputs)
+    assert any(i.get("openai_input", {}).get("tool_choice") == "required" for i in inputs)
+    assert any(i.get("response_format", {}).get("type") == "json_schema" for i in inputs)
     assert all(isinstance(t["timeout"], int) and t["timeout"] > 0 for t in TESTS["tests"])
 
 
@@ -184,6 +186,7 @@ def hub_test_handler(default_model_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("case", TESTS["tests"], ids=lambda t: t["name"])
 def test_a_hub_test_job_passes_the_schema_and_runs_through_the_handler(case, hub_test_handler):
+    import jsonschema
     from openai.types.chat import ChatCompletion
     from test_worker import sdk_run
 
@@ -205,11 +208,21 @@ def test_a_hub_test_job_passes_the_schema_and_runs_through_the_handler(case, hub
     outputs = result["output"]
     if "openai_route" in job:
         [completion] = outputs
-        text = ChatCompletion.model_validate(completion).choices[0].message.content
+        message = ChatCompletion.model_validate(completion).choices[0].message
+        if job["openai_input"].get("tools"):
+            [call] = message.tool_calls
+            assert call.function.name == "get_weather"
+            arguments = json.loads(call.function.arguments)
+            jsonschema.validate(arguments, job["openai_input"]["tools"][0]["function"]["parameters"])
+            text = arguments["city"]
+        else:
+            text = message.content
     elif job.get("stream"):
         assert len(outputs) > 1 and outputs[-1]["finish_reason"] in ("stop", "length")
         text = "".join(chunk["text"] for chunk in outputs)
     else:
         [answer] = outputs
         text = answer["text"]
+        if "response_format" in job:
+            jsonschema.validate(json.loads(text), job["response_format"]["json_schema"]["schema"])
     assert "Paris" in text, f"{case['name']}: {text!r}"

@@ -135,7 +135,7 @@ def test_a_request_that_could_never_fit_the_kv_budget_is_refused_with_its_size_a
         async def three_at_once():
             async def one():
                 request = parse_request({"prompt": "one, two, three", "max_new_tokens": 20, "temperature": 0}, 64)
-                return [event async for event in engine.stream(request, engine.prompt_ids(request))]
+                return [event async for event in engine.stream(request, engine.prepare(request))]
 
             return await asyncio.gather(one(), one(), one())
 

@@ -7,7 +7,16 @@ import pytest
 from transformers import AutoTokenizer
 
 from worker_transformers.serving.schema import GenerationRequest
-from worker_transformers.serving.tools import Call, CallReader, ToolCallFailed, ToolFormat, known_response_template
+from worker_transformers.serving.tools import (
+    Call,
+    CallReader,
+    ForcedCallReader,
+    ToolCallFailed,
+    ToolFormat,
+    call_reader,
+    forced_call_schema,
+    known_response_template,
+)
 
 TOOLS = [
     {
@@ -85,26 +94,47 @@ def test_unreadable_call_markup_is_an_error_naming_it(qwen_format):
     assert caught.value.code == "invalid_tool_call"
 
 
-def test_a_required_call_must_come_and_a_named_one_must_be_that_function(qwen_format):
-    with pytest.raises(ToolCallFailed) as missing:
-        read(qwen_format, "Paris is sunny.", 4, tool_choice="required")
-    assert missing.value.code == "tool_call_missing"
-    other = QWEN_ANSWER.replace("get_weather", "get_time")
-    tools = TOOLS + [{"type": "function", "function": {"name": "get_time"}}]
-    reader = CallReader(
-        qwen_format,
-        GenerationRequest.model_validate(
-            {
-                "messages": [{"role": "user", "content": "Weather?"}],
-                "tools": tools,
-                "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
-            }
-        ),
-        QWEN_PROMPT_END,
-    )
-    with pytest.raises(ToolCallFailed, match="called 'get_time' instead of 'get_weather'"):
-        reader.feed(other)
-        reader.finish("stop")
+NAMED = {"type": "function", "function": {"name": "get_weather"}}
+TWO_TOOLS = TOOLS + [{"type": "function", "function": {"name": "get_time"}}]
+
+
+def forced(tool_choice, tools=TOOLS) -> GenerationRequest:
+    fields = {"messages": [{"role": "user", "content": "Weather?"}], "tools": tools, "tool_choice": tool_choice}
+    return GenerationRequest.model_validate(fields)
+
+
+def test_a_named_call_is_the_functions_arguments_and_is_read_as_a_call_of_it():
+    request = forced(NAMED, TWO_TOOLS)
+    assert forced_call_schema(request) == TOOLS[0]["function"]["parameters"]
+    reader = call_reader(None, request, "")
+    assert isinstance(reader, ForcedCallReader)
+    assert reader.feed('{"city": "Par') == [] and reader.feed('is"}') == []
+    [call] = reader.finish("stop")
+    assert (call.name, json.loads(call.arguments)) == ("get_weather", {"city": "Paris"})
+
+
+def test_a_required_call_is_a_list_of_calls_of_the_tools_each_by_name():
+    request = forced("required", TWO_TOOLS)
+    schema = forced_call_schema(request)
+    assert schema["minItems"] == 1
+    assert [item["properties"]["name"] for item in schema["items"]["anyOf"]] == [
+        {"const": "get_weather"},
+        {"const": "get_time"},
+    ]
+    # a tool without parameters takes any object
+    assert schema["items"]["anyOf"][1]["properties"]["arguments"] == {"type": "object"}
+    reader = call_reader(None, request, "")
+    reader.feed('[{"name": "get_time", "arguments": {}}, {"name": "get_weather", "arguments": {"city": "Oslo"}}]')
+    assert [(c.name, json.loads(c.arguments)) for c in reader.finish("stop")] == [
+        ("get_time", {}),
+        ("get_weather", {"city": "Oslo"}),
+    ]
+
+
+def test_a_forced_call_cut_short_by_max_tokens_is_no_call():
+    reader = call_reader(None, forced("required"), "")
+    reader.feed('[{"name": "get_weath')
+    assert reader.finish("length") == []
 
 
 def test_a_template_that_ignores_tools_is_refused_by_name(tiny_model_dir):

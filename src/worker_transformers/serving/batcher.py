@@ -23,7 +23,8 @@ import torch
 from transformers import PreTrainedModel
 
 from worker_transformers.serving.events import EngineThread, Sequence
-from worker_transformers.serving.sampling import BatchSampler
+from worker_transformers.serving.grammar import allowed_tokens
+from worker_transformers.serving.sampling import BatchSampler, TokenLogprobs, logprobs_of
 from worker_transformers.serving.slot_cache import SlotCache, attention_masks
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,7 @@ class Batcher(EngineThread):
         self._cache = SlotCache(num_layers, 0, 0, self.device)
         self._last = self._positions = torch.zeros(0, dtype=torch.long, device=self.device)
         self._seen: torch.Tensor | None = None  # (rows, vocab): the repetition penalty's tokens, when one asks
+        self._counts: torch.Tensor | None = None  # (rows, vocab): generated tokens' counts, when a penalty asks
         self._sampler = BatchSampler(self.device)
         self.peak_batch = 0  # the most sequences decoded together so far (for tests and benchmarks)
         if start:  # not for choice.py's check, which drives the steps itself
@@ -189,25 +191,35 @@ class Batcher(EngineThread):
             raise
         sampler = BatchSampler(self.device)
         sampler.set_rows([s.sampling for s in joining], [s.generator for s in joining])
-        seen = None
+        vocab = logits.shape[-1]
+        seen = counts = None
         if self._seen is not None or any(s.sampling.repetition_penalty != 1.0 for s in joining):
-            seen = torch.zeros(len(joining), logits.shape[-1], dtype=torch.bool, device=self.device)
+            seen = torch.zeros(len(joining), vocab, dtype=torch.bool, device=self.device)
             for i, sequence in enumerate(joining):
                 seen[i, torch.tensor(sequence.prompt_ids, device=self.device)] = True
-        tokens = sampler.pick(logits, seen)
+        if self._counts is not None or any(s.sampling.counts_tokens for s in joining):
+            counts = torch.zeros(len(joining), vocab, device=self.device)
+        allowed = allowed_tokens([s.grammar for s in joining], vocab, self.device)
+        tokens = sampler.pick(logits, seen, counts, allowed)
+        reports = _logprobs(joining, logits, tokens)
         self._column = end
         self._last[new_rows] = tokens
         self._positions[new_rows] = torch.tensor([len(s.prompt_ids) for s in joining], device=self.device)
+        picked = torch.arange(len(joining), device=self.device)
         if seen is not None:
-            seen[torch.arange(len(joining), device=self.device), tokens] = True
-            self._ensure_seen(logits.shape[-1])
+            seen[picked, tokens] = True
+            self._seen = self._seen if self._seen is not None else self._row_state(vocab, torch.bool)
             self._seen[new_rows] = seen
+        if counts is not None:
+            counts[picked, tokens] += 1
+            self._counts = self._counts if self._counts is not None else self._row_state(vocab, torch.float32)
+            self._counts[new_rows] = counts
         self._active.extend(joining)
         self._starts.extend(end - len(s.prompt_ids) for s in joining)
         self._set_sampler_rows()
         self.peak_batch = max(self.peak_batch, len(self._active))
-        for sequence, token in zip(joining, tokens.tolist()):
-            sequence.accept(token, self.eos_ids)
+        for sequence, token, report in zip(joining, tokens.tolist(), reports):
+            sequence.accept(token, self.eos_ids, report)
 
     def _decode_step(self) -> None:
         rows = len(self._active)
@@ -219,15 +231,21 @@ class Batcher(EngineThread):
         positions = self._positions[live, None]
         logits = self._forward(self._last[live, None], positions, cache.positions[live, : column + 1])
         seen = self._seen[live] if self._seen is not None else None
-        tokens = self._sampler.pick(logits, seen)
+        counts = self._counts[live] if self._counts is not None else None
+        allowed = allowed_tokens([s.grammar for s in self._active], logits.shape[-1], self.device)
+        tokens = self._sampler.pick(logits, seen, counts, allowed)
+        reports = _logprobs(self._active, logits, tokens)
         self._column = column + 1
         self._last[live] = tokens
         self._positions[live] += 1
+        picked = torch.arange(rows, device=self.device)
         if seen is not None:
-            self._seen[torch.arange(rows, device=self.device), tokens] = True
-        for sequence, token in zip(self._active, tokens.tolist()):  # the step's one device-to-host copy
+            self._seen[picked, tokens] = True
+        if counts is not None:
+            self._counts[picked, tokens] += 1
+        for sequence, token, report in zip(self._active, tokens.tolist(), reports):  # the step's one copy to host
             if not sequence.finished:
-                sequence.accept(token, self.eos_ids)
+                sequence.accept(token, self.eos_ids, report)
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, kv_positions: torch.Tensor) -> torch.Tensor:
         cache = self._cache
@@ -264,10 +282,12 @@ class Batcher(EngineThread):
             self._positions = _grown(self._positions, row_capacity)
             if self._seen is not None:
                 self._seen = _grown(self._seen, row_capacity)
+            if self._counts is not None:
+                self._counts = _grown(self._counts, row_capacity)
 
-    def _ensure_seen(self, vocab: int) -> None:
-        if self._seen is None:
-            self._seen = torch.zeros(self._last.shape[0], vocab, dtype=torch.bool, device=self.device)
+    def _row_state(self, vocab: int, dtype: torch.dtype) -> torch.Tensor:
+        """A (rows, vocab) state for every row the cache has, made when the first request needs it."""
+        return torch.zeros(self._last.shape[0], vocab, dtype=dtype, device=self.device)
 
     def _retire(self) -> None:
         """Drop finished and cancelled sequences: the last row moves into each freed one."""
@@ -282,7 +302,7 @@ class Batcher(EngineThread):
             last = len(self._active) - 1
             if row != last:
                 self._cache.move_row(last, row, self._column)
-                for state in (self._last, self._positions, self._seen):
+                for state in (self._last, self._positions, self._seen, self._counts):
                     if state is not None:
                         state[row] = state[last]
                 self._active[row], self._starts[row] = self._active[last], self._starts[last]
@@ -303,6 +323,18 @@ class Batcher(EngineThread):
 
     def _set_sampler_rows(self) -> None:
         self._sampler.set_rows([s.sampling for s in self._active], [s.generator for s in self._active])
+
+
+def _logprobs(sequences: list[Sequence], logits: torch.Tensor, tokens: torch.Tensor) -> list[TokenLogprobs | None]:
+    """Each row's log-probabilities for the requests that ask for them (None for the others)."""
+    asking = [row for row, s in enumerate(sequences) if s.sampling.logprobs is not None]
+    reports: list[TokenLogprobs | None] = [None] * len(sequences)
+    if asking:
+        index = torch.tensor(asking, device=logits.device)
+        top = [sequences[row].sampling.logprobs for row in asking]
+        for row, report in zip(asking, logprobs_of(logits[index], tokens[index], top)):
+            reports[row] = report
+    return reports
 
 
 def _grown(state: torch.Tensor, rows: int) -> torch.Tensor:

@@ -2,8 +2,8 @@
 
 The engine owns the tokenizer and the generator that runs the model: the batcher for models it can batch, else
 `generate` one request at a time (choice.py decides, at startup). Rendering and tokenizing the input and its caps
-(prompt.py) and the check that a request can fit the KV budget happen before anything is queued, so a request
-that is refused is refused before its first chunk.
+(prompt.py), the check that a request can fit the KV budget and the compilation of its grammar (grammar.py)
+happen before anything is queued (`prepare`), so a request that is refused is refused before its first chunk.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import asyncio
 import logging
 import queue
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -20,11 +21,13 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from worker_transformers.serving import choice
 from worker_transformers.serving.batcher import Batcher, ShedForMemory
 from worker_transformers.serving.events import Delta, Done, Event, Failed, Sequence
+from worker_transformers.serving.grammar import Grammar, Grammars
 from worker_transformers.serving.prompt import Prompts
-from worker_transformers.serving.sampling import Sampling
+from worker_transformers.serving.sampling import Sampling, TokenLogprobs
 from worker_transformers.serving.schema import GenerationRequest, RequestError
 from worker_transformers.serving.serial import SerialGenerator
 from worker_transformers.serving.textstream import Detokenizer, TextStream
+from worker_transformers.serving.tools import forced_call_schema
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +70,19 @@ def _failure(failed: Failed) -> GenerationFailed:
     return GenerationFailed(f"generation failed: {type(error).__name__}")
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """A request ready to queue: its prompt's token ids and, when its answer has a form, the grammar of it."""
+
+    ids: list[int]
+    grammar_schema: tuple[dict[str, Any], str] | None = None  # (JSON Schema, the field it came from)
+    grammars: Grammars | None = None
+
+    def grammar(self) -> Grammar | None:
+        """A fresh matcher for one answer (each of a request's choices needs its own)."""
+        return None if self.grammar_schema is None else self.grammars.compile(*self.grammar_schema)
+
+
 class Engine:
     def __init__(
         self,
@@ -85,6 +101,8 @@ class Engine:
         self.generation_config = model.generation_config
         self.prompts = Prompts(tokenizer, model_name, max_input_tokens)
         eos = _eos_ids(model, tokenizer)
+        self.vocab_size = model.get_output_embeddings().weight.shape[0]
+        self.grammars = Grammars(tokenizer, max(self.vocab_size, len(tokenizer)), eos)
         self.kind, shape, why = choice.choose(model, self.detokenizer, engine)
         if self.kind == "batch":
             budget = choice.kv_token_budget(model, shape, _free_bytes(model.device))
@@ -105,8 +123,9 @@ class Engine:
         """Requests this engine runs at once: what the SDK should hand this worker."""
         return self.generator.max_batch
 
-    def prompt_ids(self, request: GenerationRequest) -> list[int]:
-        """Token ids of the request's input (prompt.py), refused when it could never fit the KV budget."""
+    def prepare(self, request: GenerationRequest) -> Prepared:
+        """The request's token ids (prompt.py) and grammar; RequestError when it could never fit the KV budget,
+        names a token outside the vocabulary, or has a schema that cannot be enforced."""
         ids = self.prompts.ids(request)
         limit = self.generator.max_request_tokens
         if limit is not None and len(ids) + request.max_new_tokens > limit:
@@ -115,26 +134,37 @@ class Engine:
                 f"cache than this worker has ({limit} tokens for one request); send a shorter prompt or ask for "
                 "fewer tokens"
             )
-        return ids
+        outside = [token for token in request.logit_bias or {} if int(token) >= self.vocab_size]
+        if outside:
+            raise RequestError(
+                f"logit_bias: token {outside[0]} is not in this model's vocabulary (0 to {self.vocab_size - 1})"
+            )
+        schema = request.json_schema()
+        if request.required_tool is not None:
+            schema = forced_call_schema(request), "tools"
+        prepared = Prepared(ids, schema, self.grammars)
+        prepared.grammar()  # compiled once here, so that a schema that cannot be enforced is refused now
+        return prepared
 
-    def submit(self, request: GenerationRequest, ids: list[int], emit: Callable[[Event], None]) -> Sequence:
+    def submit(self, request: GenerationRequest, prepared: Prepared, emit: Callable[[Event], None]) -> Sequence:
         sequence = Sequence(
-            prompt_ids=ids,
+            prompt_ids=prepared.ids,
             max_new_tokens=request.max_new_tokens,
             sampling=(sampling := Sampling.of(request)),
-            text=TextStream(self.detokenizer, ids, request.stop),
+            text=TextStream(self.detokenizer, prepared.ids, request.stop),
             emit=emit,
             generator=sampling.generator(self.generator.device),
+            grammar=prepared.grammar(),
         )
         self.generator.submit(sequence)
         return sequence
 
-    async def stream(self, request: GenerationRequest, ids: list[int]) -> AsyncIterator[Delta | Done]:
+    async def stream(self, request: GenerationRequest, prepared: Prepared) -> AsyncIterator[Delta | Done]:
         """Events for one request as the batcher produces them. Leaving early (the job was cancelled or
         timed out) takes the request out of the batch."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Event] = asyncio.Queue()
-        sequence = self.submit(request, ids, lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+        sequence = self.submit(request, prepared, lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
         try:
             while True:
                 event = await events.get()
@@ -149,29 +179,43 @@ class Engine:
 
     def generate(self, request: GenerationRequest) -> dict[str, Any]:
         """The whole answer, blocking: for scripts, tests and benchmarks outside an event loop."""
-        ids = self.prompt_ids(request)
         events: queue.Queue[Event] = queue.Queue()
-        self.submit(request, ids, events.put)
-        pieces = []
+        self.submit(request, self.prepare(request), events.put)
+        pieces, logprobs = [], []
         while True:
             event = events.get()
             if isinstance(event, Failed):
                 raise _failure(event) from event.error
             pieces.append(event.text)
+            logprobs.extend(event.logprobs)
             if isinstance(event, Done):
-                return self.response("".join(pieces), event)
+                return self.response("".join(pieces), event, logprobs if request.logprobs else None)
 
     def close(self) -> None:
         self.generator.close()
         self.prompts.close()
 
-    def response(self, text: str, done: Done) -> dict[str, Any]:
-        return {
-            "text": text,
-            "finish_reason": done.finish_reason,
-            "usage": usage(done),
-            "model": self.model_name,
-        }
+    def response(self, text: str, done: Done, logprobs: list[TokenLogprobs] | None = None) -> dict[str, Any]:
+        answer = {"text": text, "finish_reason": done.finish_reason, "usage": usage(done), "model": self.model_name}
+        if logprobs is not None:
+            answer["logprobs"] = self.logprobs_json(logprobs)
+        return answer
+
+    def token_text(self, token: int) -> str:
+        return self.tokenizer.decode([token])
+
+    def logprobs_json(self, logprobs: list[TokenLogprobs] | tuple[TokenLogprobs, ...]) -> list[dict[str, Any]]:
+        """Log-probabilities as OpenAI's chat completions give them: each token's text, its UTF-8 bytes, its
+        log-probability and the likeliest tokens' at its position."""
+
+        def entry(token: int, logprob: float) -> dict[str, Any]:
+            text = self.token_text(token)
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+        return [
+            {**entry(item.token, item.logprob), "top_logprobs": [entry(token, lp) for token, lp in item.top]}
+            for item in logprobs
+        ]
 
 
 def usage(done: Done) -> dict[str, int]:

@@ -54,10 +54,11 @@ def make_handler(engine, settings: Settings, on_unhealthy: Callable[[], None] = 
     from worker_transformers.serving.openai.routes import DONE, OpenAIRoutes, error_result, is_openai_job
     from worker_transformers.serving.tools import (
         Call,
-        CallReader,
+        Logprobs,
         Reasoning,
         ToolCallFailed,
         ToolFormat,
+        call_reader,
         finish_reason,
         read_calls,
     )
@@ -81,16 +82,21 @@ def make_handler(engine, settings: Settings, on_unhealthy: Callable[[], None] = 
         try:
             request = parse_request(job_input, settings.max_new_tokens, model_defaults)
             tool_format.check(request)
-            ids = await asyncio.to_thread(engine.prompt_ids, request)
+            prepared = await asyncio.to_thread(engine.prepare, request)
         except RequestError as error:
             yield {"error": str(error)}
             return
-        reader = CallReader(tool_format, request, engine.tokenizer.decode(ids)) if request.calls_tools else None
-        text, reasoning, calls = "", "", []  # a whole (non-streamed) answer is gathered here
+        reader = call_reader(tool_format, request, engine.tokenizer.decode(prepared.ids))
+        # A whole answer is gathered here; a stream's chunk of text carries the log-probabilities gathered so far.
+        text, reasoning, calls, logprobs = "", "", [], []
         try:
-            async for piece in read_calls(engine.stream(request, ids), reader):
-                if isinstance(piece, Done):
-                    response = engine.response("" if request.stream else text, piece)
+            async for piece in read_calls(engine.stream(request, prepared), reader):
+                if isinstance(piece, Logprobs):
+                    logprobs.extend(piece.items)
+                elif isinstance(piece, Done):
+                    response = engine.response(
+                        "" if request.stream else text, piece, logprobs if request.logprobs else None
+                    )
                     if reasoning:
                         response["reasoning_content"] = reasoning
                     if calls:  # a stream has sent its calls already
@@ -108,7 +114,8 @@ def make_handler(engine, settings: Settings, on_unhealthy: Callable[[], None] = 
                     else:
                         reasoning += piece.text
                 elif request.stream:
-                    yield {"text": piece}
+                    yield {"text": piece, **({"logprobs": engine.logprobs_json(logprobs)} if request.logprobs else {})}
+                    logprobs = []
                 else:
                     text += piece
         except ToolCallFailed as error:

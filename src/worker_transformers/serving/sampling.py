@@ -1,7 +1,7 @@
 """The next token of every sequence in a batch at once, each with its own settings and random stream.
 
-One (batch, vocab) pass per step, whatever the mix of settings: per-row repetition penalty, temperature and top-k
-as tensors, then a draw by the exponential race (the argmax of probability / Exp(1) noise samples exactly from
+One (batch, vocab) pass per step, whatever the mix of settings: per-row logit bias, repetition, presence and
+frequency penalties, a grammar's mask of the tokens it allows, temperature and top-k as tensors, then a draw by the exponential race (the argmax of probability / Exp(1) noise samples exactly from
 the distribution). Each request has its own random generator, seeded with its seed, that fills its row of noise:
 a seeded request draws the same numbers, and samples the same tokens, whatever else shares its batch and in
 whichever row it sits.
@@ -10,6 +10,9 @@ Top-p without sorting the vocabulary: a token drawn from the whole distribution 
 mass of the tokens likelier than it is below top-p, which is exactly when it is in the nucleus; a row whose draw
 falls outside is drawn again from its own generator (a rejection sampler, whose kept draws follow the nucleus
 distribution exactly). A row still outside after a few draws (a tiny top-p) takes the sorted path.
+
+Log-probabilities, for the requests that ask, are the model's own (a log-softmax of its logits, before any
+setting reshapes them), so they are what a forward pass of the same ids gives.
 """
 
 from __future__ import annotations
@@ -40,6 +43,15 @@ class Sampling:
     top_p: float
     repetition_penalty: float
     seed: int | None  # None: a random seed
+    presence_penalty: float = 0.0  # subtracted from the logit of every token generated so far
+    frequency_penalty: float = 0.0  # subtracted once per time a token was generated so far
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
+    logprobs: int | None = None  # None: none; k: the chosen token's log-probability and the k likeliest
+
+    @property
+    def counts_tokens(self) -> bool:
+        """Whether this request's penalties need how often each token was generated."""
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
     @classmethod
     def of(cls, request: GenerationRequest) -> Sampling:
@@ -52,6 +64,10 @@ class Sampling:
             # it stays a finite float32 (3.4e38, the schema's largest, rounds to inf and 0 x inf is nan).
             repetition_penalty=min(max(request.repetition_penalty, 1 / MAX_PENALTY), MAX_PENALTY),
             seed=request.seed,
+            presence_penalty=request.presence_penalty,
+            frequency_penalty=request.frequency_penalty,
+            logit_bias=tuple((int(token), bias) for token, bias in (request.logit_bias or {}).items()),
+            logprobs=request.top_logprobs if request.logprobs else None,
         )
 
     def generator(self, device: torch.device) -> torch.Generator | None:
@@ -71,14 +87,14 @@ class BatchSampler:
         self.device = device
         self.rows: list[Sampling] = []
         self.generators: list[torch.Generator | None] = []
-        self._tensors: dict[str, torch.Tensor] | None = None
+        self._tensors: dict[str, torch.Tensor | None] | None = None
 
     def set_rows(self, rows: list[Sampling], generators: list[torch.Generator | None]) -> None:
         """The batch's rows changed (a sequence joined, left or moved): rebuild the parameter tensors."""
         self.rows, self.generators = rows, generators
         self._tensors = None
 
-    def _params(self) -> dict[str, torch.Tensor]:
+    def _params(self) -> dict[str, torch.Tensor | None]:
         if self._tensors is None:
             rows, device = self.rows, self.device
             self._tensors = {
@@ -87,20 +103,50 @@ class BatchSampler:
                 "top_k": torch.tensor([r.top_k for r in rows], device=device)[:, None],
                 "top_p": torch.tensor([r.top_p for r in rows], device=device),
                 "penalty": torch.tensor([r.repetition_penalty for r in rows], device=device)[:, None],
+                "presence": torch.tensor([r.presence_penalty for r in rows], device=device)[:, None],
+                "frequency": torch.tensor([r.frequency_penalty for r in rows], device=device)[:, None],
             }
         return self._tensors
 
-    def pick(self, logits: torch.Tensor, seen: torch.Tensor | None) -> torch.Tensor:
+    def _bias(self, vocab: int) -> torch.Tensor | None:
+        """The rows' logit biases as one (rows, vocab) tensor; None when no row has one."""
+        p = self._params()
+        if "bias" not in p:
+            entries = [(row, token, bias) for row, r in enumerate(self.rows) for token, bias in r.logit_bias]
+            p["bias"] = None
+            if entries:
+                rows, tokens, values = zip(*entries)
+                bias = torch.zeros(len(self.rows), vocab)
+                bias[list(rows), list(tokens)] = torch.tensor(values)
+                p["bias"] = bias.to(self.device)
+        return p["bias"]
+
+    def pick(
+        self,
+        logits: torch.Tensor,
+        seen: torch.Tensor | None,
+        counts: torch.Tensor | None = None,
+        allowed: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """The next token of each row, on the device. `logits` (rows, vocab) are the last position's; `seen`
         (rows, vocab) marks the prompt's and the generated tokens, for the repetition penalty (None when no row
-        asks for one)."""
+        asks for one); `counts` (rows, vocab) how often each token was generated, for the presence and frequency
+        penalties (None when no row asks for them); `allowed` (rows, vocab) the tokens each row's grammar allows
+        (None when no row has a grammar)."""
         p = self._params()
         logits = logits.float()
+        bias = self._bias(logits.shape[-1])
+        if bias is not None:
+            logits = logits + bias
+        if counts is not None:
+            logits = logits - p["frequency"] * counts - p["presence"] * (counts > 0)
         if seen is not None:
             penalty = p["penalty"]
             penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
             # A tiny penalty divides logits towards inf; keep them finite so the softmax stays defined.
             logits = torch.where(seen, penalized, logits).clamp(min=-_FINITE, max=_FINITE)
+        if allowed is not None:
+            logits = logits.masked_fill(~allowed, float("-inf"))
         rows = self.rows
         if all(r.greedy for r in rows):
             return logits.argmax(-1)
@@ -144,6 +190,29 @@ class BatchSampler:
         cut = _truncate(probs[pending], top_p[pending, None])
         chosen[pending] = self._draw(cut, pending.tolist())
         return chosen
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """A generated token's log-probability under the model, and the likeliest tokens' at its position."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]  # (token, log-probability), likeliest first
+
+
+def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor, top: list[int]) -> list[TokenLogprobs]:
+    """The log-probabilities of each row's chosen token in `logits` (rows, vocab), the model's raw ones, and of the
+    `top[row]` likeliest tokens: one device-to-host copy for all rows."""
+    logprobs = logits.float().log_softmax(-1)
+    chosen = logprobs.gather(1, tokens[:, None])[:, 0]
+    k = max(top, default=0)
+    values, ids = torch.topk(logprobs, k, dim=-1) if k else (logprobs[:, :0], tokens[:, None][:, :0])
+    chosen, values, ids, tokens = (t.tolist() for t in (chosen, values, ids, tokens))
+    return [
+        TokenLogprobs(tokens[row], chosen[row], tuple(zip(ids[row][: top[row]], values[row][: top[row]])))
+        for row in range(len(top))
+    ]
 
 
 def _in_nucleus(probs: torch.Tensor, chosen: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:

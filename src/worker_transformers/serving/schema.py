@@ -102,9 +102,37 @@ class NamedToolChoice(BaseModel):
 
 ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
 
-# Without structured decoding a required call cannot be forced: the prompt asks for it, the answer is checked.
+# A required call is forced while decoding (tools.py); the prompt says so too, so the model expects to make it.
 REQUIRED_CALL = "Answer only with a call of one of the tools."
 NAMED_CALL = "Answer only with a call of the function `{name}`."
+
+
+class JsonSchema(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+
+    name: str = Field(pattern=FUNCTION_NAME)
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None  # the schema is always enforced
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's response_format: plain text, any JSON object, or JSON valid under a schema."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchema | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("send json_schema exactly when type is 'json_schema'")
+        return self
+
+
+LOGIT_BIAS = 100.0  # OpenAI's bound: -100 bans a token, 100 all but forces it
+MAX_TOP_LOGPROBS = 20
 
 
 class GenerationRequest(BaseModel):
@@ -133,6 +161,32 @@ class GenerationRequest(BaseModel):
     tool_choice: ToolChoice | None = Field(
         None, description="`auto` (the default with tools), `none`, `required`, or one function by name"
     )
+    presence_penalty: float = Field(
+        0.0, ge=-2.0, le=2.0, description="Lowers the logit of every token generated so far"
+    )
+    frequency_penalty: float = Field(
+        0.0, ge=-2.0, le=2.0, description="Lowers a token's logit by this much for each time it was generated"
+    )
+    logit_bias: dict[str, float] | None = Field(
+        None, max_length=1024, description="Token id (a string) to a number from -100 to 100 added to its logit"
+    )
+    logprobs: bool = Field(False, description="Return each generated token's log-probability")
+    top_logprobs: int = Field(
+        0, ge=0, le=MAX_TOP_LOGPROBS, description="With logprobs: the likeliest tokens at each position, up to 20"
+    )
+    response_format: ResponseFormat | None = Field(
+        None, description="`json_object` or `json_schema`: the answer is JSON, enforced while it is generated"
+    )
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_ids_and_bounds(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
+        for token, value in (bias or {}).items():
+            if not token.isdigit() or not token.isascii():
+                raise ValueError(f'{field_name(token)} is not a token id; the keys are token ids such as "1234"')
+            if not -LOGIT_BIAS <= value <= LOGIT_BIAS:
+                raise ValueError(f"token {token}: {value:g} is outside -100 to 100")
+        return bias
 
     @field_validator("stop")
     @classmethod
@@ -159,6 +213,10 @@ class GenerationRequest(BaseModel):
             raise ValueError("tools: only a chat (messages) can call tools")
         if self.tool_choice is not None and self.tools is None:
             raise ValueError("tool_choice: send tools to choose from")
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs: send logprobs true too")
+        if self.json_schema() is not None and self.required_tool is not None:
+            raise ValueError("response_format: a required tool call is JSON already; send one or the other")
         if isinstance(self.tool_choice, NamedToolChoice):
             names = [tool.function.name for tool in self.tools]
             if self.tool_choice.function.name not in names:
@@ -166,6 +224,15 @@ class GenerationRequest(BaseModel):
                     f"tool_choice: {self.tool_choice.function.name!r} is none of the tools ({', '.join(names)})"
                 )
         return self
+
+    def json_schema(self) -> tuple[dict[str, Any], str] | None:
+        """The JSON Schema the answer must follow and the field it came from; None for free text."""
+        fmt = self.response_format
+        if fmt is None or fmt.type == "text":
+            return None
+        if fmt.type == "json_object":
+            return {"type": "object"}, "response_format"
+        return fmt.json_schema.schema_, "response_format.json_schema.schema"
 
     @property
     def greedy(self) -> bool:
@@ -179,6 +246,8 @@ class GenerationRequest(BaseModel):
     @property
     def required_tool(self) -> str | None:
         """The function the answer must call; `*` for any of the tools; None when a call is optional."""
+        if not self.calls_tools:
+            return None
         if isinstance(self.tool_choice, NamedToolChoice):
             return self.tool_choice.function.name
         return "*" if self.tool_choice == "required" else None
@@ -194,7 +263,7 @@ class GenerationRequest(BaseModel):
         """The messages as the chat template reads them, with the instruction a required call adds to the system
         message."""
         messages = [m.model_dump(exclude_none=True) for m in self.messages]
-        required = self.required_tool if self.calls_tools else None
+        required = self.required_tool
         if required is not None:
             instruction = REQUIRED_CALL if required == "*" else NAMED_CALL.format(name=required)
             if messages[0]["role"] == "system":
@@ -262,6 +331,7 @@ def check_text(value: Any, where: tuple[str | int, ...] = ()) -> None:
             ) from None
 
 
+_NAMES_ITS_FIELD = re.compile(r"^[a-z_][a-z_.]*: ")
 _PLAIN_NAME = re.compile(r"^[A-Za-z_][\w-]{0,63}$")
 
 
@@ -277,7 +347,10 @@ def describe(error: ValidationError) -> str:
     """`field.sub: reason; other: reason`, with pydantic's own reasons and no input echoed back."""
     problems = []
     for item in error.errors(include_url=False, include_input=False):
-        where = ".".join(field_name(part) for part in item["loc"]) or "input"
         reason = item["msg"].removeprefix("Value error, ")
+        if not item["loc"] and _NAMES_ITS_FIELD.match(reason):  # a check across fields names the one at fault
+            problems.append(reason)
+            continue
+        where = ".".join(field_name(part) for part in item["loc"]) or "input"
         problems.append(f"{where}: {reason}")
     return "; ".join(problems)

@@ -17,7 +17,8 @@ import torch
 from transformers import LogitsProcessor, PreTrainedModel, StoppingCriteria
 
 from worker_transformers.serving.events import EngineThread, Sequence
-from worker_transformers.serving.sampling import BatchSampler
+from worker_transformers.serving.grammar import allowed_tokens
+from worker_transformers.serving.sampling import BatchSampler, TokenLogprobs, logprobs_of
 
 log = logging.getLogger(__name__)
 
@@ -25,33 +26,43 @@ _oom_events = itertools.count(1)
 
 
 class _Choose(LogitsProcessor):
-    """Picks the next token with the request's sampler; every other token gets -inf."""
+    """Picks the next token with the request's sampler; every other token gets -inf. Keeps the chosen token's
+    log-probabilities, when the request asks for them, for _Accept to hand over with the token."""
 
     def __init__(self, sequence: Sequence, device: torch.device) -> None:
         self.sequence = sequence
         self.sampler = BatchSampler(device)
         self.sampler.set_rows([sequence.sampling], [sequence.generator])
         self.penalized = sequence.sampling.repetition_penalty != 1.0
+        self.prompt_length = len(sequence.prompt_ids)
+        self.logprobs: TokenLogprobs | None = None
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        seen = None
+        seen = counts = None
         if self.penalized:
             seen = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, input_ids, True)
-        token = self.sampler.pick(scores, seen)
+        if self.sequence.sampling.counts_tokens:
+            generated = input_ids[:, self.prompt_length :]
+            counts = torch.zeros_like(scores).scatter_add_(1, generated, torch.ones_like(generated, dtype=scores.dtype))
+        allowed = allowed_tokens([self.sequence.grammar], scores.shape[-1], scores.device)
+        token = self.sampler.pick(scores, seen, counts, allowed)
+        if self.sequence.sampling.logprobs is not None:
+            [self.logprobs] = logprobs_of(scores, token, [self.sequence.sampling.logprobs])
         return torch.full_like(scores, float("-inf")).scatter_(1, token[:, None], 0.0)
 
 
 class _Accept(StoppingCriteria):
     """Hands each new token to the request, and stops `generate` once the request is done or cancelled."""
 
-    def __init__(self, sequence: Sequence, eos_ids: set[int]) -> None:
+    def __init__(self, sequence: Sequence, eos_ids: set[int], choose: _Choose) -> None:
         self.sequence = sequence
         self.eos_ids = eos_ids
+        self.choose = choose
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
         sequence = self.sequence
         if not sequence.finished:
-            sequence.accept(int(input_ids[0, -1]), self.eos_ids)
+            sequence.accept(int(input_ids[0, -1]), self.eos_ids, self.choose.logprobs)
         done = sequence.finished or sequence.cancelled
         return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
 
@@ -120,12 +131,13 @@ class SerialGenerator(EngineThread):
         ids = torch.tensor([sequence.prompt_ids], device=self.device)
         config = copy.copy(self.config)
         config.max_new_tokens = sequence.max_new_tokens
+        choose = _Choose(sequence, self.device)
         self.model.generate(
             input_ids=ids,
             attention_mask=torch.ones_like(ids),
             generation_config=config,
-            logits_processor=[_Choose(sequence, self.device)],
-            stopping_criteria=[_Accept(sequence, self.eos_ids)],
+            logits_processor=[choose],
+            stopping_criteria=[_Accept(sequence, self.eos_ids, choose)],
         )
         if not sequence.finished and not sequence.cancelled:  # generate stopped on a limit of its own
             sequence.finish("length")

@@ -4,8 +4,11 @@ The tools reach the model through its own chat template (`apply_chat_template(to
 with transformers' response parsing: a `response_template` (tokenizer_config.json's, else the one transformers'
 own server keeps for the model's family: Qwen 2 to 3.5, Gemma 4) says which markup opens and closes a call, and
 transformers' `ResponseParser` reads the text as it comes, holding back what may be the start of a call, so a
-call's markup never streams as text. Without structured decoding a required call cannot be forced: the prompt
-asks for it (schema.py) and the answer is checked here.
+call's markup never streams as text.
+
+A required call (tool_choice `required` or a function by name) is forced while decoding, as vLLM does: the answer
+is JSON under a schema made from the tools (`forced_call_schema`, enforced by grammar.py), the named function's
+arguments or a list of calls, so it needs no markup to read and comes whatever the model's own call format.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from transformers import PreTrainedTokenizerBase
 from transformers.utils.chat_parsing import ResponseParser
 
 from worker_transformers.serving.events import Delta, Done
+from worker_transformers.serving.sampling import TokenLogprobs
 from worker_transformers.serving.schema import GenerationRequest, RequestError
 
 # A tool the check below offers the template: its name shows in the prompt exactly when the template shows tools.
@@ -28,8 +32,8 @@ _REASONING_FIELDS = ("reasoning_content", "thinking")
 
 
 class ToolCallFailed(RuntimeError):
-    """The model's answer to a request with tools is not what the request asked for: a required call did not
-    come, or a call's markup could not be read. `code` names which, for the OpenAI error."""
+    """The model's answer to a request with tools could not be read as calls. `code` names why, for the OpenAI
+    error."""
 
     def __init__(self, message: str, code: str) -> None:
         super().__init__(message)
@@ -51,7 +55,14 @@ class Reasoning:
     text: str
 
 
-Piece = str | Reasoning | Call  # a str is answer text
+@dataclass(frozen=True)
+class Logprobs:
+    """The log-probabilities of the tokens behind the pieces that follow (when the request asked for them)."""
+
+    items: tuple[TokenLogprobs, ...]
+
+
+Piece = str | Reasoning | Call | Logprobs  # a str is answer text
 
 
 @dataclass(frozen=True)
@@ -77,10 +88,11 @@ class ToolFormat:
                 "tools: this model's chat template does not show tools to the model; use a model whose template "
                 "supports tools, or set CHAT_TEMPLATE to one that does"
             )
-        if self.response_template is None:
+        if self.response_template is None and request.required_tool is None:
             raise RequestError(
                 f"tools: transformers has no response_template to read this model's ({self.model_type}) tool calls; "
-                "add one to its tokenizer_config.json, or use a model that has one"
+                "add one to its tokenizer_config.json, send tool_choice 'required' or a function, or use a model "
+                "that has one"
             )
 
 
@@ -111,13 +123,67 @@ def known_response_template(tokenizer: PreTrainedTokenizerBase, model_type: str)
     return get_response_template(tokenizer, SimpleNamespace(config=SimpleNamespace(model_type=model_type)))
 
 
+def forced_call_schema(request: GenerationRequest) -> dict[str, Any]:
+    """The JSON Schema of a required call's answer: the named function's arguments, or a list of calls of any of
+    the tools (`{"name": ..., "arguments": {...}}` each)."""
+
+    def parameters(tool) -> dict[str, Any]:
+        return tool.function.parameters or {"type": "object"}
+
+    required = request.required_tool
+    if required != "*":
+        [tool] = [t for t in request.tools if t.function.name == required]
+        return parameters(tool)
+    calls = [
+        {
+            "type": "object",
+            "properties": {"name": {"const": t.function.name}, "arguments": parameters(t)},
+            "required": ["name", "arguments"],
+            "additionalProperties": False,
+        }
+        for t in request.tools
+    ]
+    return {"type": "array", "minItems": 1, "items": {"anyOf": calls}}
+
+
+class ForcedCallReader:
+    """Reads the answer to a required call: JSON under `forced_call_schema`, read once it is whole."""
+
+    def __init__(self, request: GenerationRequest) -> None:
+        self.required = request.required_tool
+        self._text: list[str] = []
+
+    def feed(self, text: str) -> list[Piece]:
+        self._text.append(text)
+        return []
+
+    def finish(self, finish_reason: str) -> list[Piece]:
+        if finish_reason == "length":  # cut short by max_tokens: no whole call came
+            return []
+        try:
+            value = json.loads("".join(self._text))
+        except json.JSONDecodeError as error:
+            raise _unreadable(error) from None
+        if self.required != "*":
+            return [_call(self.required, value)]
+        return [_call(call["name"], call["arguments"]) for call in value]
+
+
+def call_reader(fmt: ToolFormat, request: GenerationRequest, prompt: str) -> CallReader | ForcedCallReader | None:
+    """What reads this request's answer for tool calls; None when it calls none."""
+    if not request.calls_tools:
+        return None
+    if request.required_tool is not None:
+        return ForcedCallReader(request)
+    return CallReader(fmt, request, prompt)
+
+
 class CallReader:
-    """Reads one answer's text, as it streams, into answer text, reasoning and tool calls."""
+    """Reads one answer's text, as it streams, into answer text, reasoning and the tool calls the model chose to
+    make (tool_choice `auto`), by the model's own call markup."""
 
     def __init__(self, fmt: ToolFormat, request: GenerationRequest, prompt: str) -> None:
-        self.required = request.required_tool
         self.parser = ResponseParser(fmt.response_template, prefix=prompt, tools=request.template_tools())
-        self.calls = 0
 
     def feed(self, text: str) -> list[Piece]:
         try:
@@ -132,14 +198,7 @@ class CallReader:
             if finish_reason == "length":  # a call cut short by max_tokens: the answer is what came before it
                 return []
             raise _unreadable(error) from None
-        pieces = self._pieces(events)
-        if self.required is not None and self.calls == 0 and finish_reason != "length":
-            wanted = "a tool" if self.required == "*" else f"the function {self.required!r}"
-            raise ToolCallFailed(
-                f"tool_choice: the model answered without calling {wanted}; retry, or send tool_choice 'auto'",
-                "tool_call_missing",
-            )
-        return pieces
+        return self._pieces(events)
 
     def _pieces(self, events: list[dict[str, Any]]) -> list[Piece]:
         pieces: list[Piece] = []
@@ -158,14 +217,12 @@ class CallReader:
         function = value.get("function") if isinstance(value, dict) else None
         if not isinstance(function, dict) or not isinstance(function.get("name"), str):
             raise ToolCallFailed(f"the model's tool call has no function name: {value!r}"[:300], "invalid_tool_call")
-        name, arguments = function["name"], function.get("arguments", {})
-        if self.required not in (None, "*", name):
-            raise ToolCallFailed(
-                f"tool_choice: the model called {name!r} instead of {self.required!r}; retry", "tool_call_missing"
-            )
-        self.calls += 1
-        text = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
-        return Call(f"call_{uuid.uuid4().hex[:24]}", name, text)
+        return _call(function["name"], function.get("arguments", {}))
+
+
+def _call(name: str, arguments: Any) -> Call:
+    text = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
+    return Call(f"call_{uuid.uuid4().hex[:24]}", name, text)
 
 
 def _unreadable(error: ValueError) -> ToolCallFailed:
@@ -173,9 +230,14 @@ def _unreadable(error: ValueError) -> ToolCallFailed:
     return ToolCallFailed(f"the model's tool call could not be read ({first_line}); retry", "invalid_tool_call")
 
 
-async def read_calls(events: AsyncIterator[Delta | Done], reader: CallReader | None) -> AsyncIterator[Piece | Done]:
-    """The engine's events as pieces of the answer, then its Done. Without a reader all text is answer text."""
+async def read_calls(
+    events: AsyncIterator[Delta | Done], reader: CallReader | ForcedCallReader | None
+) -> AsyncIterator[Piece | Done]:
+    """The engine's events as pieces of the answer, then its Done. Without a reader all text is answer text. An
+    event's log-probabilities come first, as a Logprobs piece, then the pieces its text makes."""
     async for event in events:
+        if event.logprobs:
+            yield Logprobs(event.logprobs)
         pieces = reader.feed(event.text) if reader is not None else [event.text]
         if isinstance(event, Done) and reader is not None:
             pieces += reader.finish(event.finish_reason)

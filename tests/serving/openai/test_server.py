@@ -174,21 +174,11 @@ def test_errors_come_with_openais_status_codes_and_body(client, model):
     assert no_tools.value.param == "tool_choice"
 
 
-def test_a_required_call_that_does_not_come_is_an_error_not_a_plain_answer(client, model):
-    # After a tool's result this model answers in words: a second call, required, does not come.
-    answered = [
-        *ASK,
-        {"role": "assistant", "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
-        {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
-    ]  # fmt: skip
-    with pytest.raises(openai.InternalServerError) as whole:
-        client.chat.completions.create(model=model, messages=answered, tools=TOOLS, tool_choice="required")
-    assert whole.value.code == "tool_call_missing"
-    named = {"type": "function", "function": {"name": "get_weather"}}
-    stream = client.chat.completions.create(model=model, messages=answered, tools=TOOLS, tool_choice=named, stream=True)
-    with pytest.raises(openai.APIError) as streamed:
-        list(stream)
-    assert "without calling the function 'get_weather'" in streamed.value.message
+def test_a_forced_call_on_a_vocabulary_that_cannot_write_json_is_refused_by_name(client, model):
+    # This model's word-level vocabulary has no "[" or "{": a required call, forced as JSON, cannot be written.
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model=model, messages=ASK, tools=TOOLS, tool_choice="required")
+    assert refused.value.param == "tools" and "no token of this model's vocabulary" in refused.value.message
 
 
 def test_a_failure_mid_stream_ends_it_with_an_error_event_and_done(base_url, engine, model):

@@ -2,8 +2,8 @@
 
 The bodies follow OpenAI's API: its field names, defaults (temperature 1, 16 tokens for completions) and
 forms (`stop` as a string or a list, content as a string or text parts). A field whose value this worker
-cannot honour (n > 1, logprobs, penalties...) is refused by name rather than silently ignored; `user` is
-accepted and ignored, as it only labels the caller. `top_k` and `repetition_penalty` are accepted as
+cannot honour (echo, suffix, best_of, a list of prompts) is refused by name rather than silently ignored; `user`
+is accepted and ignored, as it only labels the caller. `top_k` and `repetition_penalty` are accepted as
 extensions, as vLLM does. A sampling field left out takes the model's own default when it has one
 (GENERATION_CONFIG_DEFAULTS), else OpenAI's.
 """
@@ -16,7 +16,17 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from worker_transformers.serving.schema import GenerationRequest, RequestError, check_text, parse_request
+from worker_transformers.serving.schema import (
+    MAX_TOP_LOGPROBS,
+    GenerationRequest,
+    RequestError,
+    ResponseFormat,
+    check_text,
+    parse_request,
+)
+
+MAX_CHOICES = 16  # n: each choice is a sequence in the batch
+MAX_COMPLETION_LOGPROBS = 5  # /v1/completions' logprobs, as OpenAI bounds it
 
 
 class TextPart(BaseModel):
@@ -97,34 +107,17 @@ class _Common(BaseModel):
     model: str
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    n: int = 1
+    n: int = Field(1, ge=1, le=MAX_CHOICES)
     stop: str | list[str] | None = None
     seed: int | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logit_bias: dict[str, float] | None = None
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = None  # checked by the worker's own request (schema.py)
     user: str | None = None
     top_k: int = Field(0, ge=-1)  # extension; -1 or 0 turn it off
     repetition_penalty: float = Field(1.0, gt=0.0)  # extension
-
-    @field_validator("n")
-    @classmethod
-    def _one_choice(cls, n: int) -> int:
-        return _only(n, (1,), "n")
-
-    @field_validator("presence_penalty", "frequency_penalty")
-    @classmethod
-    def _no_penalties(cls, value: float, info) -> float:
-        return _only(value, (0.0,), info.field_name)
-
-    @field_validator("logit_bias")
-    @classmethod
-    def _no_logit_bias(cls, value: dict | None) -> dict | None:
-        if value:
-            raise ValueError("logit_bias is not supported by this worker")
-        return value
 
     def stop_list(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -145,7 +138,15 @@ class _Common(BaseModel):
             name: model_defaults[name] if name in model_defaults and name not in self.model_fields_set else value
             for name, value in sent.items()
         }
-        fields |= {"stop": self.stop_list(), "seed": self.seed, "stream": self.stream}
+        fields |= {
+            "stop": self.stop_list(),
+            "seed": self.seed,
+            "stream": self.stream,
+            "presence_penalty": self.presence_penalty,
+            "frequency_penalty": self.frequency_penalty,
+        }
+        if self.logit_bias:
+            fields["logit_bias"] = self.logit_bias
         if max_tokens is not None:
             fields["max_new_tokens"] = max_tokens
         return fields
@@ -156,28 +157,11 @@ class ChatCompletionBody(_Common):
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = None
-    top_logprobs: int | None = None
-    response_format: dict[str, Any] | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    response_format: ResponseFormat | None = None
     tools: list[Any] | None = None  # checked by the worker's own request (schema.py)
     tool_choice: Any = None
     parallel_tool_calls: bool | None = None
-
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, value: bool | None) -> bool | None:
-        return _only(value, (None, False), "logprobs")
-
-    @field_validator("top_logprobs")
-    @classmethod
-    def _no_top_logprobs(cls, value: int | None) -> int | None:
-        return _only(value, (None, 0), "top_logprobs")
-
-    @field_validator("response_format")
-    @classmethod
-    def _text_only(cls, value: dict | None) -> dict | None:
-        if value not in (None, {"type": "text"}):
-            raise ValueError("only response_format {'type': 'text'} is supported by this worker")
-        return value
 
     @field_validator("parallel_tool_calls")
     @classmethod
@@ -188,6 +172,9 @@ class ChatCompletionBody(_Common):
         check_text(self.model_dump())
         messages = [m.native(f"messages.{i}") for i, m in enumerate(self.messages)]
         fields = self.sampling(self.max_completion_tokens or self.max_tokens, model_defaults)
+        fields |= {"logprobs": bool(self.logprobs), "top_logprobs": self.top_logprobs or 0}
+        if self.response_format is not None:
+            fields["response_format"] = self.response_format.model_dump(by_alias=True, exclude_none=True)
         # OpenAI's own forms of "no tools"; the worker's request has no empty list.
         if self.tools:
             fields["tools"] = self.tools
@@ -202,7 +189,7 @@ class CompletionBody(_Common):
     prompt: str | list[str]
     max_tokens: int = Field(16, ge=1)  # OpenAI's default for this route
     echo: bool = False
-    logprobs: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)  # the likeliest tokens to show with each
     suffix: str | None = None
     best_of: int | None = None
 
@@ -218,7 +205,7 @@ class CompletionBody(_Common):
     def _no_echo(cls, value: bool) -> bool:
         return _only(value, (False,), "echo")
 
-    @field_validator("logprobs", "suffix")
+    @field_validator("suffix")
     @classmethod
     def _unset(cls, value: Any, info) -> Any:
         return _only(value, (None,), info.field_name)
@@ -232,6 +219,8 @@ class CompletionBody(_Common):
         check_text(self.model_dump())
         prompt = self.prompt if isinstance(self.prompt, str) else self.prompt[0]
         fields = self.sampling(self.max_tokens, model_defaults)
+        if self.logprobs is not None:
+            fields |= {"logprobs": True, "top_logprobs": self.logprobs}
         return _convert({"prompt": prompt, **fields}, max_new_tokens_cap, "max_tokens")
 
 

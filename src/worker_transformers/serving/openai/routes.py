@@ -14,21 +14,23 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import ValidationError
 
-from worker_transformers.serving.engine import DeviceFailed, Engine, GenerationFailed, OutOfMemory, usage
+from worker_transformers.serving.engine import DeviceFailed, Engine, GenerationFailed, OutOfMemory
 from worker_transformers.serving.events import Done
 from worker_transformers.serving.openai.bodies import ChatCompletionBody, CompletionBody
-from worker_transformers.serving.schema import RequestError, describe
+from worker_transformers.serving.schema import GenerationRequest, RequestError, describe
 from worker_transformers.serving.tools import (
     Call,
-    CallReader,
+    Logprobs,
     Piece,
     Reasoning,
     ToolCallFailed,
     ToolFormat,
+    call_reader,
     finish_reason,
     read_calls,
 )
@@ -92,29 +94,28 @@ class OpenAIRoutes:
                 return
             request = parsed.to_request(self.max_new_tokens, self.sampling_defaults)
             self.tool_format.check(request)
-            ids = await asyncio.to_thread(self.engine.prompt_ids, request)
+            prepared = await asyncio.to_thread(self.engine.prepare, request)
         except ValidationError as error:
             yield error_result(describe(error), _first_param(error))
             return
         except RequestError as error:
             yield error_result(str(error), str(error).split(":", 1)[0].split(".", 1)[0])
             return
-        reader = (
-            CallReader(self.tool_format, request, self.engine.tokenizer.decode(ids)) if request.calls_tools else None
-        )
+        prompt = self.engine.tokenizer.decode(prepared.ids) if request.calls_tools else ""
+        choices = [
+            read_calls(self.engine.stream(choice, prepared), call_reader(self.tool_format, choice, prompt))
+            for choice in _choices(request, parsed.n)
+        ]
         shape = _Chat if route == "/v1/chat/completions" else _Completion
-        formatter = shape(self.engine.model_name, parsed.include_usage())
-        pieces = read_calls(self.engine.stream(request, ids), reader)
+        formatter = shape(self.engine, parsed.include_usage(), request.logprobs)
         if request.stream:
-            async for chunk in _sse(formatter, pieces):
+            async for chunk in _sse(formatter, choices):
                 yield chunk
             return
         try:
-            yield await _whole(formatter, pieces)
+            yield await _whole(formatter, choices)
         except ToolCallFailed as error:
-            yield error_result(
-                str(error), "tool_choice" if error.code == "tool_call_missing" else None, error.code, "server_error"
-            )
+            yield error_result(str(error), None, error.code, "server_error")
 
     def models(self) -> dict[str, Any]:
         model = {"id": self.engine.model_name, "object": "model", "created": self.created, "owned_by": OWNER}
@@ -126,45 +127,86 @@ def _first_param(error: ValidationError) -> str | None:
     return str(loc[0]) if loc else None
 
 
+def _choices(request: GenerationRequest, n: int) -> list[GenerationRequest]:
+    """The request of each of n choices: a seeded request's choice i draws from seed + i, so that each differs
+    and the first is what the same request with n = 1 answers."""
+    if n == 1 or request.seed is None:
+        return [request] * n
+    return [request] + [request.model_copy(update={"seed": (request.seed + i) % 2**64}) for i in range(1, n)]
+
+
+@dataclass
+class _Answer:
+    """One choice's answer, gathered."""
+
+    text: list[str] = field(default_factory=list)
+    reasoning: list[str] = field(default_factory=list)
+    calls: list[Call] = field(default_factory=list)
+    logprobs: list = field(default_factory=list)
+    done: Done | None = None
+
+
 class _Chat:
     """Shapes of /v1/chat/completions: chat.completion and chat.completion.chunk. With `include_usage`, every
-    chunk has `usage: null` and one more chunk, with no choices, carries the usage."""
-
-    def __init__(self, model: str, include_usage: bool) -> None:
-        self.model, self.id, self.created = model, f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        self.include_usage = include_usage
-
-    def whole(self, text: str, reasoning: str, calls: list[Call], done: Done) -> dict[str, Any]:
-        message: dict[str, Any] = {"role": "assistant", "content": None if calls and not text.strip() else text}
-        if reasoning:
-            message["reasoning_content"] = reasoning
-        if calls:
-            message["tool_calls"] = [call.openai() for call in calls]
-        choice = {"index": 0, "message": message, "finish_reason": finish_reason(done, len(calls))}
-        return self._envelope("chat.completion", [choice], usage=usage(done))
-
-    def preamble(self) -> list[dict[str, Any]]:
-        """Chunks sent before any text: the chat stream names the speaker first."""
-        return [self._chunk({"role": "assistant", "content": ""})]
-
-    def piece(self, piece: Piece, index: int) -> dict[str, Any]:
-        """The chunk of one piece of the answer; `index` counts the tool calls before this one."""
-        if isinstance(piece, Call):
-            return self._chunk({"tool_calls": [{"index": index, **piece.openai()}]})
-        if isinstance(piece, Reasoning):
-            return self._chunk({"reasoning_content": piece.text})
-        return self._chunk({"content": piece})
-
-    def last(self, done: Done, calls: int) -> dict[str, Any]:
-        return self._chunk({}, finish_reason(done, calls))
-
-    def usage_chunk(self, done: Done) -> dict[str, Any]:
-        return self._envelope(self.chunk_kind, [], usage=usage(done))
+    chunk has `usage: null` and one more chunk, with no choices, carries the usage of all choices."""
 
     chunk_kind = "chat.completion.chunk"
 
-    def _chunk(self, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
-        return self._stream_envelope([{"index": 0, "delta": delta, "finish_reason": finish}])
+    def __init__(self, engine: Engine, include_usage: bool, logprobs: bool) -> None:
+        self.engine = engine
+        self.model, self.id, self.created = engine.model_name, f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        self.include_usage = include_usage
+        self.logprobs = logprobs
+
+    def whole(self, answers: list[_Answer]) -> dict[str, Any]:
+        choices = []
+        for index, answer in enumerate(answers):
+            text = "".join(answer.text)
+            message: dict[str, Any] = {
+                "role": "assistant",
+                "content": None if answer.calls and not text.strip() else text,
+            }
+            if answer.reasoning:
+                message["reasoning_content"] = "".join(answer.reasoning)
+            if answer.calls:
+                message["tool_calls"] = [call.openai() for call in answer.calls]
+            finish = finish_reason(answer.done, len(answer.calls))
+            choices.append(
+                {
+                    "index": index,
+                    "message": message,
+                    "logprobs": self._logprobs(answer.logprobs),
+                    "finish_reason": finish,
+                }
+            )
+        return self._envelope("chat.completion", choices, usage=_usage([a.done for a in answers]))
+
+    def preamble(self, index: int) -> list[dict[str, Any]]:
+        """Chunks sent before any text: the chat stream names the speaker first."""
+        return [self._chunk(index, {"role": "assistant", "content": ""})]
+
+    def piece(self, index: int, piece: Piece, calls: int, logprobs: list) -> dict[str, Any]:
+        """The chunk of one piece of the answer; `calls` counts the tool calls before this one."""
+        if isinstance(piece, Call):
+            return self._chunk(index, {"tool_calls": [{"index": calls, **piece.openai()}]})
+        if isinstance(piece, Reasoning):
+            return self._chunk(index, {"reasoning_content": piece.text})
+        return self._chunk(index, {"content": piece}, logprobs=logprobs)
+
+    def last(self, index: int, done: Done, calls: int, logprobs: list) -> dict[str, Any]:
+        return self._chunk(index, {}, finish_reason(done, calls), logprobs)
+
+    def usage_chunk(self, dones: list[Done]) -> dict[str, Any]:
+        return self._envelope(self.chunk_kind, [], usage=_usage(dones))
+
+    def _logprobs(self, logprobs: list) -> dict[str, Any] | None:
+        return {"content": self.engine.logprobs_json(logprobs), "refusal": None} if self.logprobs else None
+
+    def _chunk(self, index: int, delta: dict[str, Any], finish: str | None = None, logprobs: list = ()) -> dict:
+        choice = {"index": index, "delta": delta, "finish_reason": finish}
+        if self.logprobs and (logprobs or finish):
+            choice["logprobs"] = self._logprobs(logprobs)
+        return self._stream_envelope([choice])
 
     def _stream_envelope(self, choices: list) -> dict[str, Any]:
         return self._envelope(self.chunk_kind, choices, **({"usage": None} if self.include_usage else {}))
@@ -181,60 +223,142 @@ class _Chat:
 
 
 class _Completion(_Chat):
-    """Shapes of /v1/completions: text_completion, streamed as text_completion objects too."""
+    """Shapes of /v1/completions: text_completion, streamed as text_completion objects too, with the legacy
+    log-probabilities (tokens, token_logprobs, top_logprobs, text_offset)."""
 
     chunk_kind = "text_completion"
 
-    def __init__(self, model: str, include_usage: bool) -> None:
-        super().__init__(model, include_usage)
+    def __init__(self, engine: Engine, include_usage: bool, logprobs: bool) -> None:
+        super().__init__(engine, include_usage, logprobs)
         self.id = f"cmpl-{uuid.uuid4().hex}"
 
-    def whole(self, text: str, reasoning: str, calls: list[Call], done: Done) -> dict[str, Any]:
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": done.finish_reason}
-        return self._envelope("text_completion", [choice], usage=usage(done))
+    def whole(self, answers: list[_Answer]) -> dict[str, Any]:
+        choices = [
+            {
+                "index": index,
+                "text": "".join(answer.text),
+                "logprobs": self._logprobs(answer.logprobs),
+                "finish_reason": answer.done.finish_reason,
+            }
+            for index, answer in enumerate(answers)
+        ]
+        return self._envelope("text_completion", choices, usage=_usage([a.done for a in answers]))
 
-    def preamble(self) -> list[dict[str, Any]]:
+    def preamble(self, index: int) -> list[dict[str, Any]]:
         return []
 
-    def piece(self, piece: Piece, index: int) -> dict[str, Any]:
-        return self._text(piece)
+    def piece(self, index: int, piece: Piece, calls: int, logprobs: list) -> dict[str, Any]:
+        return self._text(index, piece, logprobs=logprobs)
 
-    def last(self, done: Done, calls: int) -> dict[str, Any]:
-        return self._text("", done.finish_reason)
+    def last(self, index: int, done: Done, calls: int, logprobs: list) -> dict[str, Any]:
+        return self._text(index, "", done.finish_reason, logprobs)
 
-    def _text(self, text: str, finish: str | None = None) -> dict[str, Any]:
-        return self._stream_envelope([{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}])
+    def _logprobs(self, logprobs: list) -> dict[str, Any] | None:
+        if not self.logprobs:
+            return None
+        entries = self.engine.logprobs_json(logprobs)
+        offsets, offset = [], 0
+        for entry in entries:
+            offsets.append(offset)
+            offset += len(entry["token"])
+        return {
+            "tokens": [e["token"] for e in entries],
+            "token_logprobs": [e["logprob"] for e in entries],
+            "top_logprobs": [{top["token"]: top["logprob"] for top in e["top_logprobs"]} for e in entries],
+            "text_offset": offsets,
+        }
+
+    def _text(self, index: int, text: str, finish: str | None = None, logprobs: list = ()) -> dict[str, Any]:
+        choice = {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
+        if self.logprobs:
+            choice["logprobs"] = self._logprobs(logprobs)
+        return self._stream_envelope([choice])
 
 
-async def _whole(formatter: _Chat, pieces: AsyncIterator[Piece | Done]) -> dict[str, Any]:
-    text, reasoning, calls = [], [], []
+def _usage(dones: list[Done]) -> dict[str, int]:
+    """The usage of all of a request's choices: its prompt once, every choice's tokens."""
+    prompt, completion = dones[0].prompt_tokens, sum(done.completion_tokens for done in dones)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+async def _gather(pieces: AsyncIterator[Piece | Done]) -> _Answer:
+    answer = _Answer()
     async for piece in pieces:
         if isinstance(piece, Done):
-            return formatter.whole("".join(text), "".join(reasoning), calls, piece)
+            answer.done = piece
+            return answer
         if isinstance(piece, Call):
-            calls.append(piece)
+            answer.calls.append(piece)
         elif isinstance(piece, Reasoning):
-            reasoning.append(piece.text)
+            answer.reasoning.append(piece.text)
+        elif isinstance(piece, Logprobs):
+            answer.logprobs.extend(piece.items)
         else:
-            text.append(piece)
+            answer.text.append(piece)
     raise RuntimeError("the generation ended without a final event")
 
 
-async def _sse(formatter: _Chat, pieces: AsyncIterator[Piece | Done]) -> AsyncIterator[str]:
+async def _whole(formatter: _Chat, choices: list[AsyncIterator[Piece | Done]]) -> dict[str, Any]:
+    tasks = [asyncio.ensure_future(_gather(pieces)) for pieces in choices]
+    try:
+        return formatter.whole(list(await asyncio.gather(*tasks)))
+    finally:
+        for task in tasks:  # one choice failed: the others are not wanted any more
+            task.cancel()
+
+
+async def _merged(choices: list[AsyncIterator[Piece | Done]]) -> AsyncIterator[tuple[int, Piece | Done]]:
+    """The pieces of every choice as they come, each with its choice's index; a failure of one ends them all."""
+    if len(choices) == 1:
+        async for piece in choices[0]:
+            yield 0, piece
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, pieces: AsyncIterator[Piece | Done]) -> None:
+        try:
+            async for piece in pieces:
+                queue.put_nowait((index, piece))
+        except Exception as error:  # noqa: BLE001 - handed to the consumer, which raises it
+            queue.put_nowait((index, error))
+
+    tasks = [asyncio.ensure_future(pump(i, pieces)) for i, pieces in enumerate(choices)]
+    try:
+        for _ in range(len(choices)):
+            while True:
+                index, item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield index, item
+                if isinstance(item, Done):
+                    break
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+async def _sse(formatter: _Chat, choices: list[AsyncIterator[Piece | Done]]) -> AsyncIterator[str]:
     """The answer as Server-Sent Events, ending with `data: [DONE]` even when it fails midway: then an error
     event comes first, and a failure of the model is raised after it, for the handler to count."""
-    for chunk in formatter.preamble():
-        yield _data(chunk)
-    calls = 0
+    for index in range(len(choices)):
+        for chunk in formatter.preamble(index):
+            yield _data(chunk)
+    calls = [0] * len(choices)
+    logprobs: list[list] = [[] for _ in choices]  # each choice's, since its last chunk
+    dones = []
     try:
-        async for piece in pieces:
-            if isinstance(piece, Done):
-                yield _data(formatter.last(piece, calls))
-                if formatter.include_usage:
-                    yield _data(formatter.usage_chunk(piece))
+        async for index, piece in _merged(choices):
+            if isinstance(piece, Logprobs):
+                logprobs[index].extend(piece.items)
+            elif isinstance(piece, Done):
+                yield _data(formatter.last(index, piece, calls[index], logprobs[index]))
+                dones.append(piece)
             else:
-                yield _data(formatter.piece(piece, calls))
-                calls += isinstance(piece, Call)
+                yield _data(formatter.piece(index, piece, calls[index], logprobs[index]))
+                calls[index] += isinstance(piece, Call)
+                logprobs[index] = [] if isinstance(piece, str) else logprobs[index]
+        if formatter.include_usage:
+            yield _data(formatter.usage_chunk(dones))
     except ToolCallFailed as error:
         yield _data(_error_body(str(error), None, error.code, "server_error"))
         yield DONE
