@@ -161,3 +161,94 @@ def test_a_seeded_sampled_job_gives_the_same_text_alone_and_in_a_batch(served):
     [alone] = jobs(handler, [seeded])
     crowd = jobs(handler, [greedy(PROMPTS[1]), {**seeded, "seed": 99}, seeded, greedy(PROMPTS[2])])
     assert crowd[2] == alone
+
+
+# Bounded schemas: a random model's JSON under them ends within a few tokens, so the answers are whole.
+FLAG = {
+    "type": "object",
+    "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": 0, "maximum": 9}},
+    "required": ["ok", "n"],
+    "additionalProperties": False,
+}
+COLOR = {
+    "type": "object",
+    "properties": {"color": {"enum": ["red", "green"]}},
+    "required": ["color"],
+    "additionalProperties": False,
+}
+
+
+def as_json(schema: dict) -> dict:
+    return {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}
+
+
+def test_requests_with_different_schemas_in_one_batch_each_get_json_valid_for_their_own(served):
+    import json
+
+    import jsonschema
+
+    _, engine, settings, *_ = served
+    handler = make_handler(engine, settings)
+    inputs = [
+        {**greedy(PROMPTS[0]), "max_new_tokens": 32, "response_format": as_json(FLAG)},
+        {**greedy(PROMPTS[1]), "max_new_tokens": 32, "response_format": as_json(COLOR), "stream": True},
+        {"prompt": PROMPTS[2], "max_new_tokens": 32, "temperature": 1.0, "seed": 7, "response_format": as_json(FLAG)},
+        greedy(PROMPTS[2]),  # free text beside them
+    ]
+    together = jobs(handler, inputs)
+    assert together == [jobs(handler, [job_input])[0] for job_input in inputs]
+    for job_input, chunks in zip(inputs[:3], together):
+        text = "".join(chunk["text"] for chunk in chunks)
+        assert chunks[-1]["finish_reason"] == "stop", text
+        jsonschema.validate(json.loads(text), job_input["response_format"]["json_schema"]["schema"])
+
+
+def reference_logprobs(reference, ids: list[int]) -> torch.Tensor:
+    """The model's own log-probabilities of each next token, from one forward pass over all of `ids`."""
+    with torch.no_grad():
+        return reference(torch.tensor([ids])).logits[0].float().log_softmax(-1)
+
+
+def test_logprobs_are_the_models_own_for_the_tokens_returned(served):
+    _, engine, settings, tokenizer, reference = served
+    handler = make_handler(engine, settings)
+    ids = tokenizer(PROMPTS[1])["input_ids"]
+    sampled = {"prompt": PROMPTS[1], "temperature": 1.0, "seed": 3, "max_new_tokens": 8, "logprobs": True}
+    [[answer]] = jobs(handler, [{**sampled, "top_logprobs": 3}])
+    [[alone]] = jobs(handler, [{**sampled, "top_logprobs": 3}])
+    assert answer == alone  # seeded: the same draw every time
+    entries = answer["logprobs"]
+    assert len(entries) == answer["usage"]["completion_tokens"] - (answer["finish_reason"] == "stop")
+    generated = [tokenizer.convert_tokens_to_ids(tokenizer.tokenize(e["token"])) for e in entries]
+    generated = [tokens[0] if len(tokens) == 1 else None for tokens in generated]
+    logprobs = reference_logprobs(reference, ids + [t for t in generated if t is not None])
+    for position, (entry, token) in enumerate(zip(entries, generated)):
+        if token is None:  # a token whose text does not tokenize back to itself alone: not comparable this way
+            break
+        expected = logprobs[len(ids) - 1 + position]
+        assert entry["logprob"] == pytest.approx(expected[token].item(), abs=1e-3)
+        top = [item["logprob"] for item in entry["top_logprobs"]]
+        assert top == pytest.approx(expected.topk(3).values.tolist(), abs=1e-3)
+        assert top == sorted(top, reverse=True) and entry["logprob"] <= top[0] + 1e-6
+
+
+def test_penalties_and_logit_bias_choose_what_a_reference_loop_chooses(served):
+    _, engine, settings, tokenizer, reference = served
+    handler = make_handler(engine, settings)
+    prompt_ids = tokenizer(PROMPTS[2])["input_ids"]
+    favoured = tokenizer("two", add_special_tokens=False)["input_ids"][0]
+    penalties = {"frequency_penalty": 1.5, "presence_penalty": 0.5, "logit_bias": {str(favoured): 3.0}}
+    [[answer]] = jobs(handler, [greedy(PROMPTS[2], **penalties)])
+    ids, counts = list(prompt_ids), torch.zeros(reference.config.get_text_config().vocab_size)
+    eos = reference.config.eos_token_id
+    for _ in range(16):
+        with torch.no_grad():
+            logits = reference(torch.tensor([ids])).logits[0, -1].float()
+        logits[favoured] += 3.0
+        token = int((logits - 1.5 * counts - 0.5 * (counts > 0)).argmax())
+        ids.append(token)
+        if token == eos:
+            break
+        counts[token] += 1
+    generated = [t for t in ids[len(prompt_ids) :] if t != eos]
+    assert PROMPTS[2] + answer["text"] == tokenizer.decode(prompt_ids + generated, skip_special_tokens=True)
