@@ -1,8 +1,8 @@
 """The next token of every sequence in a batch at once, each with its own settings and random stream.
 
 One (batch, vocab) pass per step, whatever the mix of settings: per-row logit bias, repetition, presence and
-frequency penalties, a grammar's mask of the tokens it allows, temperature and top-k as tensors, then a draw by the exponential race (the argmax of probability / Exp(1) noise samples exactly from
-the distribution). Each request has its own random generator, seeded with its seed, that fills its row of noise:
+frequency penalties, a grammar's mask of the tokens it allows, temperature and top-k as tensors, then a draw by
+the exponential race (the argmax of probability / Exp(1) noise samples exactly from the distribution). Each request has its own random generator, seeded with its seed, that fills its row of noise:
 a seeded request draws the same numbers, and samples the same tokens, whatever else shares its batch and in
 whichever row it sits.
 
@@ -203,15 +203,16 @@ class TokenLogprobs:
 
 def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor, top: list[int]) -> list[TokenLogprobs]:
     """The log-probabilities of each row's chosen token in `logits` (rows, vocab), the model's raw ones, and of the
-    `top[row]` likeliest tokens: one device-to-host copy for all rows."""
+    `top[row]` likeliest tokens, read back in one device-to-host copy for all rows."""
     logprobs = logits.float().log_softmax(-1)
-    chosen = logprobs.gather(1, tokens[:, None])[:, 0]
-    k = max(top, default=0)
-    values, ids = torch.topk(logprobs, k, dim=-1) if k else (logprobs[:, :0], tokens[:, None][:, :0])
-    chosen, values, ids, tokens = (t.tolist() for t in (chosen, values, ids, tokens))
+    values, ids = torch.topk(logprobs, max(top, default=0), dim=-1)
+    chosen = logprobs.gather(1, tokens[:, None])
+    # float64 holds every token id exactly, so one tensor can carry ids and values together
+    rows = torch.cat([chosen.double(), tokens[:, None].double(), values.double(), ids.double()], 1).tolist()
+    k = values.shape[1]
     return [
-        TokenLogprobs(tokens[row], chosen[row], tuple(zip(ids[row][: top[row]], values[row][: top[row]])))
-        for row in range(len(top))
+        TokenLogprobs(int(row[1]), row[0], tuple((int(i), v) for v, i in zip(row[2 : 2 + n], row[2 + k : 2 + k + n])))
+        for row, n in zip(rows, top)
     ]
 
 
