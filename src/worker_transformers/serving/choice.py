@@ -115,7 +115,7 @@ def batcher_matches_model(model: PreTrainedModel, detokenizer, shape: CacheShape
 def choose(model: PreTrainedModel, detokenizer, forced: str) -> tuple[str, CacheShape, str]:
     """(engine, cache shape, why): the batcher where the model allows it (or ENGINE says so), else serial.
     Transformers' continuous batching serves only when ENGINE=continuous asks for it: on the CPU benchmark it
-    does not serve better than the batcher (README, Concurrency and batching)."""
+    is no faster than the batcher (README, Concurrency and batching)."""
     shape = probe(model)
     if forced == "serial":
         return "serial", shape, "ENGINE=serial"

@@ -1,8 +1,8 @@
 """Transformers' own continuous batching (`ContinuousBatchingManager`) as an engine: its paged KV cache, scheduler
 and chunked prefill, with the worker's sampler and text handling.
 
-The manager runs the model on a thread of its own; this engine's thread hands it the waiting requests and turns
-the tokens it streams back into each request's text (`Sequence.accept`, as every engine does). The tokens are
+The manager runs the model on a thread of its own; requests go straight into its queue, and this engine's thread
+turns the tokens it streams back into each request's text (`Sequence.accept`, as every engine does). The tokens are
 chosen by the worker's own sampler (sampling.py), run as the manager's per-request logits step: it leaves only
 its choice standing and the manager, running greedy, keeps it. So temperature, top-k, top-p, repetition penalty
 and each request's seed behave exactly as under the other engines, and a seeded request samples the same tokens
@@ -19,6 +19,7 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
+from typing import ClassVar
 
 import torch
 from transformers import GenerationConfig, LogitsProcessorList, PreTrainedModel
@@ -35,7 +36,7 @@ from worker_transformers.serving.sampling import BatchSampler, Sampling
 log = logging.getLogger(__name__)
 
 PAGE_TOKENS = 32  # tokens per cache page: small pages waste little on short requests
-_POLL_S = 0.05  # how often the thread looks for new requests while the manager streams nothing
+_POLL_S = 0.05  # how often the thread checks on the manager while it streams nothing
 _GREEDY = Sampling(greedy=True, temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0, seed=None)
 _oom_events = itertools.count(1)
 
@@ -44,8 +45,8 @@ class _WorkerSampler(ContinuousBatchingLogitsProcessor):
     """The worker's BatchSampler as the manager's logits step: for each row, every token but the sampler's
     choice gets -inf."""
 
-    supported_kwargs: dict[str, type] = {}
-    ignored_kwargs: tuple[str, ...] = ()
+    supported_kwargs: ClassVar[dict[str, type]] = {}
+    ignored_kwargs: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, sequences: dict[str, Sequence], device: torch.device) -> None:
         self._sequences = sequences
@@ -170,29 +171,19 @@ class ContinuousGenerator(EngineThread):
         if held is not None:
             self._manager.cancel_request(request_id)
 
-    # The engine's thread
-
-    def _run(self) -> None:
-        while True:
-            with self._wake:
-                if self._closed and not self._waiting and not self._sequences:
-                    break
-                waiting = list(self._waiting)
-                self._waiting.clear()
-            for sequence in waiting:
-                if not sequence.cancelled:
-                    self._hand_over(sequence)
-            output = self._manager.get_result(timeout=_POLL_S)
-            if output is not None:
-                self._deliver(output)
-            elif self._manager.background_thread_status.fatal_error is not None:
-                self._recover()
-        self._manager.stop(block=True)
-
-    def _hand_over(self, sequence: Sequence) -> None:
-        request_id = _request_id(sequence)
+    def submit(self, sequence: Sequence) -> None:
+        """Hand the request to the manager at once (its queue is thread-safe); the engine's thread keeps it only
+        while no manager is running."""
         with self._lock:
-            self._sequences[request_id] = sequence
+            if self._hand_over(sequence):
+                return
+        super().submit(sequence)
+
+    def _hand_over(self, sequence: Sequence) -> bool:
+        """Whether the manager took the request. Called with the lock held, so that no manager is replaced
+        between the request's registration and its arrival."""
+        request_id = _request_id(sequence)
+        self._sequences[request_id] = sequence
         added = self._manager.add_request(
             sequence.prompt_ids,
             request_id=request_id,
@@ -200,11 +191,29 @@ class ContinuousGenerator(EngineThread):
             streaming=True,
             eos_token_id=sorted(self.eos_ids) or -1,
         )
-        if added is None:  # the manager's loop died before it took this request: the next one will
-            with self._lock:
-                del self._sequences[request_id]
+        if added is None:  # the manager's loop has ended: the next one takes it
+            del self._sequences[request_id]
+        return added is not None
+
+    # The engine's thread
+
+    def _run(self) -> None:
+        while True:
             with self._wake:
-                self._waiting.appendleft(sequence)
+                if self._closed and not self._waiting and not self._sequences:
+                    break
+                waiting = [s for s in self._waiting if not s.cancelled]
+                self._waiting.clear()
+            with self._lock:
+                refused = [sequence for sequence in waiting if not self._hand_over(sequence)]
+            with self._wake:
+                self._waiting.extendleft(reversed(refused))
+            output = self._manager.get_result(timeout=_POLL_S)
+            if output is not None:
+                self._deliver(output)
+            elif self._manager.background_thread_status.fatal_error is not None:
+                self._recover()
+        self._manager.stop(block=True)
 
     def _deliver(self, output: GenerationOutput) -> None:
         with self._lock:
@@ -244,16 +253,16 @@ class ContinuousGenerator(EngineThread):
         while (output := self._manager.get_result(timeout=0)) is not None:
             if output.status == RequestStatus.FAILED:
                 self._fail(output)
-        with self._lock:
+        with self._lock:  # no request joins the failed manager meanwhile
             stranded = list(self._sequences.values())
             self._sequences.clear()
-        for sequence in stranded:
-            sequence.fail(error, self._event_of(error))
-        self._manager.stop(block=True)
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-        self._manager = self._start_manager()
-        self._oom_event = None
+            for sequence in stranded:
+                sequence.fail(error, self._event_of(error))
+            self._manager.stop(block=True)
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            self._manager = self._start_manager()
+            self._oom_event = None
 
     def _event_of(self, error: BaseException) -> int | None:
         """The out-of-memory event `error` belongs to: every request one manager fails counts once."""
