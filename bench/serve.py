@@ -3,10 +3,10 @@
     python bench/serve.py [--json PATH] [--png PATH] [--requests N] [--levels 1,8,16,32] [--dtypes bfloat16,float32]
 
 For each dtype, side by side:
-- the worker with each engine (ENGINE=batch, ENGINE=serial), through its real handler in this process (the async
-  generator the runpod SDK calls), streaming, so that the time to the first token and between tokens can be seen,
-  at each concurrency level; the SDK's local API server cannot show either, as its /stream route answers only once
-  a job is done;
+- the worker with each engine (ENGINE=batch, ENGINE=continuous over transformers' ContinuousBatchingManager,
+  ENGINE=serial), through its real handler in this process (the async generator the runpod SDK calls), streaming,
+  so that the time to the first token and between tokens can be seen, at each concurrency level; the SDK's local
+  API server cannot show either, as its /stream route answers only once a job is done;
 - transformers' continuous batching, `generate_batch`, all requests at once, with a few ContinuousBatchingConfig
   settings (the best is the one to beat);
 - serial `generate`, one request at a time.
@@ -331,7 +331,7 @@ def main() -> int:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--levels", default="1,8,16,32")
     parser.add_argument("--dtypes", default="bfloat16,float32")
-    parser.add_argument("--engines", default="batch,serial")
+    parser.add_argument("--engines", default="batch,continuous,serial")
     parser.add_argument("--cb-configs", type=int, default=len(CB_CONFIGS), help="how many of CB_CONFIGS to run")
     parser.add_argument("--no-step-overhead", action="store_true")
     args = parser.parse_args()
@@ -343,7 +343,7 @@ def main() -> int:
         worker, extra = {}, {}
         for kind in args.engines.split(","):
             # The serial engine runs one request at a time whatever the concurrency: one level says it all.
-            worker[kind], extra[kind] = worker_sweep(dtype, kind, jobs, levels if kind == "batch" else [1])
+            worker[kind], extra[kind] = worker_sweep(dtype, kind, jobs, [1] if kind == "serial" else levels)
         baselines = transformers_baselines(dtype, jobs, CB_CONFIGS[: args.cb_configs])
         runs.append({"dtype": dtype, "worker": worker, "worker_details": extra, "transformers": baselines})
 

@@ -51,8 +51,14 @@ def test_serve_benchmark_writes_its_table_json_and_plot(tiny_model_dir, tmp_path
         assert level["output_tokens"] > 0
     assert report["serial_throughput_tok_s"] == report["levels"][0]["throughput_tok_s"]
     [run] = report["runs"]
-    assert set(run["worker"]) == {"batch", "serial"} and run["worker_details"]["serial"]["engine"] == "serial"
+    assert set(run["worker"]) == {"batch", "continuous", "serial"}
+    assert {kind: details["engine"] for kind, details in run["worker_details"].items()} == {
+        "batch": "batch",
+        "continuous": "continuous",
+        "serial": "serial",
+    }
     assert [level["concurrency"] for level in run["worker"]["serial"]] == [1]
+    assert [level["concurrency"] for level in run["worker"]["continuous"]] == [1, 2]
     [generate_batch] = run["transformers"]["generate_batch"]
     assert generate_batch["output_tokens"] > 0 and run["transformers"]["generate_serial"]["output_tokens"] > 0
     assert out.with_suffix(".png").read_bytes().startswith(b"\x89PNG")

@@ -21,7 +21,7 @@ MODEL_SOURCES = ("auto", "baked", "cached", "volume", "hub")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 DEVICES = ("auto", "cuda", "cpu")
 SDK_LOG_LEVELS = ("error", "warn", "info", "debug")
-ENGINES = ("auto", "batch", "serial")
+ENGINES = ("auto", "batch", "continuous", "serial")
 
 _TRUE = ("true", "1", "yes", "on")
 _FALSE = ("false", "0", "no", "off")
@@ -169,8 +169,9 @@ class Settings:
         "ENGINE",
         "auto",
         _choice(*ENGINES),
-        "`batch`: continuous batching over the worker's own KV cache; `serial`: one job at a time through "
-        "`generate` (recurrent and hybrid models); `auto` batches wherever the model allows it",
+        "`batch`: continuous batching over the worker's own KV cache; `continuous`: transformers' own continuous "
+        "batching (a paged KV cache); `serial`: one job at a time through `generate` (recurrent and hybrid "
+        "models); `auto` batches (`batch`) wherever the model allows it",
     )
     served_model_name: str | None = setting(
         "SERVED_MODEL_NAME",

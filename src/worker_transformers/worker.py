@@ -78,6 +78,7 @@ def setup(settings: Settings, budget: InitBudget | None = None):
                 settings.served_model_name or location.model_id,
                 settings.max_input_tokens,
                 settings.max_concurrency,
+                settings.max_new_tokens,
                 settings.engine,
             )
             try:

@@ -5,7 +5,9 @@ startup: plain attention (Llama), sliding-window attention with a SentencePiece-
 and full layers together (Gemma 3), a mixture of experts (Qwen3-MoE), a hybrid of attention and state-space layers
 (Jamba) and a recurrent model (Mamba). For each: greedy answers equal `generate`, concurrent jobs equal serial
 ones, and streamed text equals the whole text and the tokenizer's decoding of the prompt's and answer's ids.
-Llama runs twice, once on each engine (ENGINE=serial forced), so the behaviour is checked for both.
+Llama also runs with each other engine forced (ENGINE=serial, ENGINE=continuous), and the sliding-window Mistral
+with ENGINE=continuous, so the behaviour is checked for every engine: the same suite, with stop strings and
+cancellation too.
 """
 
 import asyncio
@@ -33,7 +35,14 @@ ARCHITECTURES = {
     "llama": (transformers.LlamaConfig, SMALL, byte_level_tokenizer, "batch"),
     # the same model forced onto the other engine: the behaviour must not depend on which serves it
     "llama-serial": (transformers.LlamaConfig, SMALL, byte_level_tokenizer, "serial"),
+    "llama-continuous": (transformers.LlamaConfig, SMALL, byte_level_tokenizer, "continuous"),
     "mistral-sliding": (transformers.MistralConfig, {**SMALL, "sliding_window": 4}, metaspace_tokenizer, "batch"),
+    "mistral-sliding-continuous": (
+        transformers.MistralConfig,
+        {**SMALL, "sliding_window": 4},
+        metaspace_tokenizer,
+        "continuous",
+    ),
     "gemma3_text": (
         transformers.Gemma3TextConfig,
         {**SMALL, "head_dim": 16, "sliding_window": 4, "layer_types": ["sliding_attention"] * 2 + ["full_attention"]},
@@ -91,8 +100,9 @@ def served(request, tmp_path_factory):
     AutoModelForCausalLM.from_config(config).to(torch.float32).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     env = {"MODEL_NAME": str(folder), "MAX_CONCURRENCY": "4", "MAX_NEW_TOKENS": "64"}
-    if name.endswith("-serial"):
-        env["ENGINE"] = "serial"
+    forced = name.rpartition("-")[2]
+    if forced in ("serial", "continuous"):
+        env["ENGINE"] = forced
     settings = Settings.from_env(env)
     engine = setup(settings)
     reference = AutoModelForCausalLM.from_pretrained(folder).eval()
@@ -117,7 +127,7 @@ def greedy(prompt: str, **extra) -> dict:
 def test_the_expected_engine_serves_it(served):
     name, engine, *_ = served
     assert engine.kind == ARCHITECTURES[name][3]
-    assert engine.concurrency == (4 if engine.kind == "batch" else 1)
+    assert engine.concurrency == (1 if engine.kind == "serial" else 4)
 
 
 def test_greedy_answers_equal_generate_and_the_decoding_of_all_ids(served):
@@ -148,6 +158,7 @@ def test_concurrent_jobs_equal_serial_ones_and_streams_equal_whole_answers(serve
     one_by_one = [jobs(handler, [job_input])[0] for job_input in inputs]
     together = jobs(handler, inputs)
     assert together == one_by_one
+    assert engine.generator.peak_batch == (1 if engine.kind == "serial" else 4)  # they really ran together
     whole, streamed = together[: len(PROMPTS)], together[len(PROMPTS) : 2 * len(PROMPTS)]
     for [answer], chunks in zip(whole, streamed):
         assert "".join(chunk["text"] for chunk in chunks) == answer["text"]
@@ -161,6 +172,39 @@ def test_a_seeded_sampled_job_gives_the_same_text_alone_and_in_a_batch(served):
     [alone] = jobs(handler, [seeded])
     crowd = jobs(handler, [greedy(PROMPTS[1]), {**seeded, "seed": 99}, seeded, greedy(PROMPTS[2])])
     assert crowd[2] == alone
+
+
+def test_a_stop_string_ends_the_text_before_it(served):
+    _, engine, settings, *_ = served
+    handler = make_handler(engine, settings)
+    # A random model also emits bytes that are no character: take the stop string from an answer's clean start.
+    answers = {prompt: jobs(handler, [greedy(prompt)])[0][0]["text"] for prompt in PROMPTS}
+    prompt, text = max(answers.items(), key=lambda answer: len(answer[1].split("\ufffd")[0]))
+    clean = text.split("\ufffd")[0]
+    stop = clean[len(clean) // 2 :][:2]
+    assert len(stop) == 2, answers
+    [[cut], streamed] = jobs(handler, [greedy(prompt, stop=[stop]), greedy(prompt, stop=[stop], stream=True)])
+    assert (cut["text"], cut["finish_reason"]) == (text[: text.find(stop)], "stop")
+    assert "".join(chunk["text"] for chunk in streamed) == cut["text"]
+
+
+def test_a_job_abandoned_mid_stream_leaves_the_engine(served):
+    _, engine, settings, *_ = served
+    handler = make_handler(engine, settings)
+
+    async def abandon():
+        stream = handler({"id": "long", "input": {**greedy(PROMPTS[0]), "max_new_tokens": 64, "stream": True}})
+        await stream.__anext__()
+        await stream.aclose()  # what happens to a generator abandoned mid-stream
+        for _ in range(500):
+            if engine.generator.in_flight() == 0:
+                break
+            await asyncio.sleep(0.01)
+        return engine.generator.in_flight()
+
+    assert asyncio.run(abandon()) == 0
+    [[after]] = jobs(handler, [greedy(PROMPTS[2])])
+    assert after["usage"]["completion_tokens"] > 0
 
 
 # Bounded schemas: a random model's JSON under them ends within a few tokens, so the answers are whole.

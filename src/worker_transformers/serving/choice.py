@@ -5,7 +5,8 @@ sdpa or eager attention: it builds its own cache and masks for them. To be sure 
 (the architecture honours the masks it is given, its layers cache what they say), the batcher is first run on
 two short prompts, one joining while the other decodes, and its logits are compared with the model's own
 forward passes. Anything else (recurrent or hybrid state, a cache of another kind, a mismatch) is served by
-`generate`, one request at a time (serial.py), and the log says why.
+`generate`, one request at a time (serial.py), and the log says why. ENGINE=continuous serves the same models
+through transformers' own continuous batching instead (continuous.py).
 """
 
 from __future__ import annotations
@@ -112,14 +113,18 @@ def batcher_matches_model(model: PreTrainedModel, detokenizer, shape: CacheShape
 
 
 def choose(model: PreTrainedModel, detokenizer, forced: str) -> tuple[str, CacheShape, str]:
-    """(engine, cache shape, why): the batcher where the model allows it (or ENGINE says so), else serial."""
+    """(engine, cache shape, why): the batcher where the model allows it (or ENGINE says so), else serial.
+    Transformers' continuous batching serves only when ENGINE=continuous asks for it: on the CPU benchmark it
+    is no faster than the batcher (README, Concurrency and batching)."""
     shape = probe(model)
     if forced == "serial":
         return "serial", shape, "ENGINE=serial"
     if not shape.batchable:
-        if forced == "batch":
-            raise ConfigError(f"ENGINE=batch, but this model cannot be batched: {shape.why_not}; use ENGINE=auto")
+        if forced in ("batch", "continuous"):
+            raise ConfigError(f"ENGINE={forced}, but this model cannot be batched: {shape.why_not}; use ENGINE=auto")
         return "serial", shape, f"this model cannot be batched: {shape.why_not}"
+    if forced == "continuous":
+        return "continuous", shape, "ENGINE=continuous"
     mismatch = batcher_matches_model(model, detokenizer, shape)
     if mismatch is not None:
         if forced == "batch":

@@ -1,9 +1,10 @@
 """Generation: a validated request in, text with its finish reason and token counts out, whole or streamed.
 
 The engine owns the tokenizer and the generator that runs the model: the batcher for models it can batch, else
-`generate` one request at a time (choice.py decides, at startup). Rendering and tokenizing the input and its caps
-(prompt.py), the check that a request can fit the KV budget and the compilation of its grammar (grammar.py)
-happen before anything is queued (`prepare`), so a request that is refused is refused before its first chunk.
+`generate` one request at a time (choice.py decides, at startup), or transformers' continuous batching when
+ENGINE=continuous asks for it. Rendering and tokenizing the input and its caps (prompt.py), the check that a
+request can fit the KV budget and the compilation of its grammar (grammar.py) happen before anything is queued
+(`prepare`), so a request that is refused is refused before its first chunk.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from worker_transformers.serving import choice
 from worker_transformers.serving.batcher import Batcher, ShedForMemory
+from worker_transformers.serving.continuous import ContinuousGenerator
 from worker_transformers.serving.events import Delta, Done, Event, Failed, Sequence
 from worker_transformers.serving.grammar import Grammar, Grammars
 from worker_transformers.serving.prompt import Prompts
@@ -91,6 +93,7 @@ class Engine:
         model_name: str,
         max_input_tokens: int,
         max_batch: int,
+        max_new_tokens: int,
         engine: str = "auto",
     ) -> None:
         self.tokenizer = tokenizer
@@ -113,6 +116,16 @@ class Engine:
                 max_batch,
                 budget,
                 budget * shape.kv_bytes_per_token / 1e9,
+            )
+        elif self.kind == "continuous":
+            budget = choice.kv_token_budget(model, shape, _free_bytes(model.device))
+            self.generator = ContinuousGenerator(model, max_batch, eos, budget, max_input_tokens + max_new_tokens)
+            log.info(
+                "engine: continuous (%s), up to %d sequences per step, a paged KV cache of %d tokens (%.2f GB)",
+                why,
+                self.generator.max_batch,
+                self.generator.cache_tokens,
+                self.generator.cache_tokens * shape.kv_bytes_per_token / 1e9,
             )
         else:
             self.generator = SerialGenerator(model, eos, tokenizer.pad_token_id)

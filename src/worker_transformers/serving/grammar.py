@@ -35,6 +35,10 @@ class Grammar:
     def __init__(self, matcher: llguidance.LLMatcher) -> None:
         self._matcher = matcher
 
+    def copy(self) -> Grammar:
+        """An independent matcher in the same state (for an engine that runs ahead of the request)."""
+        return Grammar(self._matcher.deep_copy())
+
     def fill(self, bitmask: torch.Tensor, row: int) -> None:
         """Write the tokens allowed next into `bitmask[row]` (int32, 32 tokens a word, on the host)."""
         words = bitmask[row]
