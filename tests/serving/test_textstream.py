@@ -48,3 +48,25 @@ def test_a_stop_string_ends_the_text_and_no_part_of_it_is_streamed(name):
     chunks, text = stream(TOKENIZERS[name], "Hi", ANSWER, stop=["café"])
     assert "".join(chunks) == " lived in 北海道 with a "
     assert text.stopped and not any("caf" in chunk for chunk in chunks)
+
+
+@pytest.mark.parametrize("name", TOKENIZERS)
+def test_bytes_that_are_no_character_do_not_hold_back_the_text_after_them(name):
+    """A model can emit any bytes: a lone lead byte followed by words is U+FFFD and those words, streamed as they
+    come, so a stop string after it is found mid-stream, not only at the end."""
+    tokenizer = TOKENIZERS[name]
+    lead_byte = "<0xE5>" if name == "metaspace" else "å"  # byte-level BPE writes the byte 0xE5 as this symbol
+    broken = tokenizer.convert_tokens_to_ids(lead_byte)
+    words = tokenizer(" then go on: one, two", add_special_tokens=False)["input_ids"]
+    prompt_ids = tokenizer("Hi")["input_ids"]
+    text = TextStream(Detokenizer(tokenizer), prompt_ids, stop=["two"])
+    released = []
+    for token in [broken, *words]:
+        text.push(token)
+        released.append(text.release())
+        if text.stopped:
+            break
+    assert text.stopped, "the stop string was not seen while streaming"
+    whole = tokenizer.decode(prompt_ids + [broken, *words], skip_special_tokens=True)
+    assert "".join(released) == whole[len(tokenizer.decode(prompt_ids, skip_special_tokens=True)) :].split("two")[0]
+    assert "\ufffd" in "".join(released)

@@ -10,8 +10,10 @@ re-decoding the answer each step.
 Tokenizers with byte fallback (<0xE5>-style tokens for characters outside the vocabulary) decode a run of byte
 tokens as one group, so a byte token's text is known only once its run ends; and a model can emit any bytes,
 valid UTF-8 or not. For those, a window decoder releases text only at clean boundaries: after a token that is
-not a byte token, and with no U+FFFD in what it releases. Text is never released as U+FFFD mid-stream, and at the
-end whatever is held is settled against the whole decoding.
+not a byte token, and not ending in U+FFFD (a character that later bytes may complete). A character split across
+tokens is never released as U+FFFD mid-stream; bytes that can never be one (followed by a character of their own)
+come out as the tokenizer decodes them, U+FFFD, as soon as that is settled; at the end whatever is held is settled
+against the whole decoding.
 
 Text that could still become the start of a stop string is held back until it cannot, so a stream never shows
 part of a stop string that is then cut.
@@ -68,8 +70,11 @@ class _WindowDecoder:
         settled = self._decode(self._ids[self._prefix : self._read])
         window = self._decode(self._ids[self._prefix :])
         new = window[len(settled) :]
-        if not new or not window.startswith(settled) or "\ufffd" in new:
-            return None  # an incomplete or invalid character: later tokens (or the end) settle it
+        # Only the end of a decoding can still change: bytes already followed by a character of their own are
+        # settled, even when they are no character (U+FFFD), while a character cut short at the end may be
+        # completed by the next tokens (or settled by the end).
+        if not new or not window.startswith(settled) or new.endswith("\ufffd"):
+            return None
         self._prefix, self._read = self._read, len(self._ids)
         return new
 
