@@ -24,7 +24,7 @@ from transformers import PreTrainedModel
 
 from worker_transformers.serving.events import EngineThread, Sequence
 from worker_transformers.serving.sampling import BatchSampler
-from worker_transformers.serving.slot_cache import SlotCache, attention_masks
+from worker_transformers.serving.slot_cache import SlotCache, attention_masks, decode_masks
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +183,9 @@ class Batcher(EngineThread):
         cache.positions[new_rows, start:end] = positions
         cache.rows, cache.write_start, cache.write_end = new_rows, start, end
         try:
-            logits = self._forward(ids, positions, cache.positions[new_rows, :end])
+            kv_positions = cache.positions[new_rows, :end]
+            masks = attention_masks(kv_positions, positions, self.windows, self.model.dtype, self.additive_masks)
+            logits = self._forward(ids, positions.clamp(min=0), masks)
         except BaseException:
             cache.positions[new_rows] = -1
             raise
@@ -217,7 +219,9 @@ class Batcher(EngineThread):
         cache.positions[live, column] = self._positions[live]
         cache.rows, cache.write_start, cache.write_end = live, column, column + 1
         positions = self._positions[live, None]
-        logits = self._forward(self._last[live, None], positions, cache.positions[live, : column + 1])
+        kv_positions = cache.positions[live, : column + 1]
+        masks = decode_masks(kv_positions, positions, self.windows, self.model.dtype, self.additive_masks)
+        logits = self._forward(self._last[live, None], positions, masks)
         seen = self._seen[live] if self._seen is not None else None
         tokens = self._sampler.pick(logits, seen)
         self._column = column + 1
@@ -229,13 +233,16 @@ class Batcher(EngineThread):
             if not sequence.finished:
                 sequence.accept(token, self.eos_ids)
 
-    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, kv_positions: torch.Tensor) -> torch.Tensor:
+    def _forward(
+        self, ids: torch.Tensor, positions: torch.Tensor, masks: dict[str, torch.Tensor] | torch.Tensor
+    ) -> torch.Tensor:
+        """The last position's logits, for `ids` at `positions` (none negative) written into the rows and columns
+        of the cache that the caller chose."""
         cache = self._cache
-        masks = attention_masks(kv_positions, positions, self.windows, self.model.dtype, self.additive_masks)
         out = self.model(
             input_ids=ids,
             attention_mask=masks,
-            position_ids=positions.clamp(min=0),
+            position_ids=positions,
             past_key_values=cache,
             cache_position=torch.arange(cache.write_start, cache.write_end, device=self.device),
             use_cache=True,
