@@ -103,7 +103,7 @@ class BatchSampler:
             logits = torch.where(seen, penalized, logits).clamp(min=-_FINITE, max=_FINITE)
         rows = self.rows
         if all(r.greedy for r in rows):
-            return logits.argmax(-1)
+            return argmax(logits)
         scaled = logits / p["temperature"]
         top_k = [r.top_k for r in rows if 0 < r.top_k < logits.shape[-1]]
         if top_k:
@@ -115,7 +115,7 @@ class BatchSampler:
         chosen = self._draw(probs, range(len(rows)))
         if any(r.top_p < 1.0 and not r.greedy for r in rows):
             chosen = self._within_nucleus(probs, chosen, p["top_p"])
-        return torch.where(p["greedy"], logits.argmax(-1), chosen)
+        return torch.where(p["greedy"], argmax(logits), chosen)
 
     def _draw(self, probs: torch.Tensor, rows) -> torch.Tensor:
         """One draw from `probs` (rows, vocab) for each of `rows`, each from its row's own generator."""
@@ -127,7 +127,7 @@ class BatchSampler:
             else:
                 uniform[i].uniform_(generator=generator)
         race = probs / -torch.log(uniform.clamp(min=1e-12))  # zero-probability tokens never win
-        return race.argmax(-1)
+        return argmax(race)
 
     def _within_nucleus(self, probs: torch.Tensor, chosen: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
         """`chosen`, with the rows whose draw fell outside their top-p nucleus drawn again until it is inside."""
@@ -144,6 +144,28 @@ class BatchSampler:
         cut = _truncate(probs[pending], top_p[pending, None])
         chosen[pending] = self._draw(cut, pending.tolist())
         return chosen
+
+
+ARGMAX_BLOCK = 1024  # vocabulary entries per block of the CPU's argmax
+
+
+def argmax(scores: torch.Tensor) -> torch.Tensor:
+    """`scores.argmax(-1)` of (rows, vocab) scores; on a CPU, where argmax runs one element at a time but amax is
+    vectorized, in a tenth of the time: the block that holds each row's maximum, then the maximum within it.
+    Ties go to the lowest index, as argmax's do."""
+    rows, vocab = scores.shape
+    whole = vocab - vocab % ARGMAX_BLOCK
+    if scores.device.type != "cpu" or whole < 2 * ARGMAX_BLOCK:
+        return scores.argmax(-1)
+    blocks = scores[:, :whole].unflatten(-1, (-1, ARGMAX_BLOCK))
+    block_max = blocks.amax(-1)
+    block = block_max.argmax(-1)
+    index = block * ARGMAX_BLOCK + blocks[torch.arange(rows), block].argmax(-1)
+    if whole == vocab:
+        return index
+    tail = scores[:, whole:]
+    in_tail = tail.amax(-1) > block_max.amax(-1)
+    return torch.where(in_tail, whole + tail.argmax(-1), index)
 
 
 def _in_nucleus(probs: torch.Tensor, chosen: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
