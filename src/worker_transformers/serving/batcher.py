@@ -8,7 +8,7 @@ chosen tokens, once per step.
 
 Requests are admitted while their worst-case cache (prompt plus every token they may generate, in the slot
 layout's rows and columns) fits the KV budget worked out at startup, and at most `max_batch` at once; a prefill
-takes at most PREFILL_TOKENS prompt tokens per turn, so that arrivals delay the running streams by one bounded
+takes at most PREFILL_TOKENS tokens per turn, left padding included, so that arrivals delay the running streams by one bounded
 forward. An out-of-memory error stays with the requests that caused it: a prefill that runs out is retried one
 request at a time and fails only the one that does not fit; a decode step that runs out sheds the newest
 requests, each told why, until the step fits.
@@ -28,7 +28,7 @@ from worker_transformers.serving.slot_cache import SlotCache, attention_masks, d
 
 log = logging.getLogger(__name__)
 
-PREFILL_TOKENS = 4096  # prompt tokens prefilled in one turn (a longer prompt goes alone)
+PREFILL_TOKENS = 4096  # tokens of one turn's prefill, padding included (a longer prompt goes alone)
 # The slot layout gives every row as many columns as the longest sequence spans, and reclaims columns only once
 # half of them are free: this many times the longest reservation per row bounds what it allocates.
 LAYOUT_SLACK = 2
@@ -109,18 +109,18 @@ class Batcher(EngineThread):
                     return None
                 self._wake.wait()
             admitted: list[Sequence] = []
-            tokens = 0
+            longest = 0  # the prefill's rows are padded to its longest prompt
             while self._waiting and len(self._active) + len(admitted) < self.max_batch:
                 sequence = self._waiting[0]
                 if sequence.cancelled:
                     self._waiting.popleft()
                     continue
-                if admitted and tokens + len(sequence.prompt_ids) > PREFILL_TOKENS:
+                if admitted and (len(admitted) + 1) * max(longest, len(sequence.prompt_ids)) > PREFILL_TOKENS:
                     break
                 if not self._within_budget([*self._active, *admitted, sequence]):
                     break
                 admitted.append(self._waiting.popleft())
-                tokens += len(sequence.prompt_ids)
+                longest = max(longest, len(sequence.prompt_ids))
             return admitted
 
     def _within_budget(self, sequences: list[Sequence]) -> bool:
