@@ -8,10 +8,10 @@ chosen tokens, once per step.
 
 Requests are admitted while their worst-case cache (prompt plus every token they may generate, in the slot
 layout's rows and columns) fits the KV budget worked out at startup, and at most `max_batch` at once; a prefill
-takes at most PREFILL_TOKENS tokens per turn, left padding included, so that arrivals delay the running streams by one bounded
-forward. An out-of-memory error stays with the requests that caused it: a prefill that runs out is retried one
-request at a time and fails only the one that does not fit; a decode step that runs out sheds the newest
-requests, each told why, until the step fits.
+takes at most PREFILL_TOKENS tokens per turn, left padding included, so that arrivals delay the running streams
+by one bounded forward. An out-of-memory error stays with the requests that caused it: a prefill that runs out is
+retried one request at a time and fails only the one that does not fit; a decode step that runs out sheds the
+newest requests, each told why, until the step fits.
 """
 
 from __future__ import annotations
