@@ -52,6 +52,8 @@ class Batcher(EngineThread):
     ) -> None:
         super().__init__("batcher")
         self.model = model
+        # Read once: the model's own properties look through its parameters each time, a cost in every step.
+        self.device, self.dtype = model.device, model.dtype
         self.max_batch = max_batch
         self.eos_ids = eos_ids
         self.windows = windows
@@ -67,10 +69,6 @@ class Batcher(EngineThread):
         self.peak_batch = 0  # the most sequences decoded together so far (for tests and benchmarks)
         if start:  # not for choice.py's check, which drives the steps itself
             self._thread.start()
-
-    @property
-    def device(self) -> torch.device:
-        return self.model.device
 
     def cancel(self, sequence: Sequence) -> None:
         sequence.cancelled = True
@@ -184,7 +182,7 @@ class Batcher(EngineThread):
         cache.rows, cache.write_start, cache.write_end = new_rows, start, end
         try:
             kv_positions = cache.positions[new_rows, :end]
-            masks = attention_masks(kv_positions, positions, self.windows, self.model.dtype, self.additive_masks)
+            masks = attention_masks(kv_positions, positions, self.windows, self.dtype, self.additive_masks)
             logits = self._forward(ids, positions.clamp(min=0), masks)
         except BaseException:
             cache.positions[new_rows] = -1
@@ -220,7 +218,7 @@ class Batcher(EngineThread):
         cache.rows, cache.write_start, cache.write_end = live, column, column + 1
         positions = self._positions[live, None]
         kv_positions = cache.positions[live, : column + 1]
-        masks = decode_masks(kv_positions, positions, self.windows, self.model.dtype, self.additive_masks)
+        masks = decode_masks(kv_positions, positions, self.windows, self.dtype, self.additive_masks)
         logits = self._forward(self._last[live, None], positions, masks)
         seen = self._seen[live] if self._seen is not None else None
         tokens = self._sampler.pick(logits, seen)
