@@ -1,4 +1,4 @@
-"""A request in flight and what it reports, the same for every engine (batcher.py, serial.py)."""
+"""A request in flight, what it reports, and the thread that runs it, alike for every engine (batcher.py, serial.py)."""
 
 from __future__ import annotations
 
