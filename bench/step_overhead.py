@@ -95,6 +95,9 @@ class StepTimer:
 def run_batch(batcher, timer: StepTimer, sequence_for) -> dict:
     """Queue `batch` requests at once, so they join in one prefill (`sequence_for(i, ids, emit)` makes each, in
     the batcher's own types), wait until all are done, and close the batcher."""
+    from worker_transformers.serving.events import release_openmp_team
+
+    release_openmp_team()  # as a real submit does: this thread's idle team would slow the batcher's (events.py)
     done = threading.Semaphore(0)
 
     def emit(event) -> None:

@@ -4,7 +4,7 @@ settings, draws that follow the softmax, and a seeded row that picks the same to
 import pytest
 import torch
 
-from worker_transformers.serving.sampling import BatchSampler, Sampling
+from worker_transformers.serving.sampling import ARGMAX_BLOCK, BatchSampler, Sampling, argmax
 from worker_transformers.serving.schema import parse_request
 
 VOCAB = 1000
@@ -120,3 +120,15 @@ def test_repetition_penalty_pushes_seen_tokens_down():
     seen[0, 7] = True
     assert pick([sampling(temperature=0, repetition_penalty=2.0)], logits, seen=seen) == [8]
     assert pick([sampling(temperature=0)], logits) == [7]
+
+
+@pytest.mark.parametrize("vocab", [ARGMAX_BLOCK * 3, ARGMAX_BLOCK * 3 + 17, ARGMAX_BLOCK - 1])
+def test_the_blockwise_argmax_is_torchs_including_ties_across_blocks_and_in_the_tail(vocab):
+    torch.manual_seed(0)
+    scores = torch.randn(6, vocab)
+    scores[1, [vocab // 2, 5, vocab - 1]] = 10.0  # a tie across blocks and the tail: the first wins
+    scores[2, vocab - 1] = 10.0  # the maximum in the tail
+    scores[3] = float("-inf")
+    scores[4, [vocab // 2 + 1, vocab // 2]] = float("inf")
+    scores[5] = scores[5].round()  # many ties within a block
+    assert argmax(scores).tolist() == scores.argmax(-1).tolist()

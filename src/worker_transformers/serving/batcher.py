@@ -8,10 +8,10 @@ chosen tokens, once per step.
 
 Requests are admitted while their worst-case cache (prompt plus every token they may generate, in the slot
 layout's rows and columns) fits the KV budget worked out at startup, and at most `max_batch` at once; a prefill
-takes at most PREFILL_TOKENS prompt tokens per turn, so that arrivals delay the running streams by one bounded
-forward. An out-of-memory error stays with the requests that caused it: a prefill that runs out is retried one
-request at a time and fails only the one that does not fit; a decode step that runs out sheds the newest
-requests, each told why, until the step fits.
+takes at most PREFILL_TOKENS tokens per turn, left padding included, so that arrivals delay the running streams
+by one bounded forward. An out-of-memory error stays with the requests that caused it: a prefill that runs out is
+retried one request at a time and fails only the one that does not fit; a decode step that runs out sheds the
+newest requests, each told why, until the step fits.
 """
 
 from __future__ import annotations
@@ -25,11 +25,11 @@ from transformers import PreTrainedModel
 from worker_transformers.serving.events import EngineThread, Sequence
 from worker_transformers.serving.grammar import allowed_tokens
 from worker_transformers.serving.sampling import BatchSampler, TokenLogprobs, logprobs_of
-from worker_transformers.serving.slot_cache import SlotCache, attention_masks
+from worker_transformers.serving.slot_cache import SlotCache, attention_masks, decode_masks
 
 log = logging.getLogger(__name__)
 
-PREFILL_TOKENS = 4096  # prompt tokens prefilled in one turn (a longer prompt goes alone)
+PREFILL_TOKENS = 4096  # tokens of one turn's prefill, padding included (a longer prompt goes alone)
 # The slot layout gives every row as many columns as the longest sequence spans, and reclaims columns only once
 # half of them are free: this many times the longest reservation per row bounds what it allocates.
 LAYOUT_SLACK = 2
@@ -53,6 +53,8 @@ class Batcher(EngineThread):
     ) -> None:
         super().__init__("batcher")
         self.model = model
+        # Read once: the model's own properties look through its parameters each time, a cost in every step.
+        self.device, self.dtype = model.device, model.dtype
         self.max_batch = max_batch
         self.eos_ids = eos_ids
         self.windows = windows
@@ -69,10 +71,6 @@ class Batcher(EngineThread):
         self.peak_batch = 0  # the most sequences decoded together so far (for tests and benchmarks)
         if start:  # not for choice.py's check, which drives the steps itself
             self._thread.start()
-
-    @property
-    def device(self) -> torch.device:
-        return self.model.device
 
     def cancel(self, sequence: Sequence) -> None:
         sequence.cancelled = True
@@ -111,18 +109,18 @@ class Batcher(EngineThread):
                     return None
                 self._wake.wait()
             admitted: list[Sequence] = []
-            tokens = 0
+            longest = 0  # the prefill's rows are padded to its longest prompt
             while self._waiting and len(self._active) + len(admitted) < self.max_batch:
                 sequence = self._waiting[0]
                 if sequence.cancelled:
                     self._waiting.popleft()
                     continue
-                if admitted and tokens + len(sequence.prompt_ids) > PREFILL_TOKENS:
+                if admitted and (len(admitted) + 1) * max(longest, len(sequence.prompt_ids)) > PREFILL_TOKENS:
                     break
                 if not self._within_budget([*self._active, *admitted, sequence]):
                     break
                 admitted.append(self._waiting.popleft())
-                tokens += len(sequence.prompt_ids)
+                longest = max(longest, len(sequence.prompt_ids))
             return admitted
 
     def _within_budget(self, sequences: list[Sequence]) -> bool:
@@ -185,7 +183,9 @@ class Batcher(EngineThread):
         cache.positions[new_rows, start:end] = positions
         cache.rows, cache.write_start, cache.write_end = new_rows, start, end
         try:
-            logits = self._forward(ids, positions, cache.positions[new_rows, :end])
+            kv_positions = cache.positions[new_rows, :end]
+            masks = attention_masks(kv_positions, positions, self.windows, self.dtype, self.additive_masks)
+            logits = self._forward(ids, positions.clamp(min=0), masks)
         except BaseException:
             cache.positions[new_rows] = -1
             raise
@@ -229,7 +229,9 @@ class Batcher(EngineThread):
         cache.positions[live, column] = self._positions[live]
         cache.rows, cache.write_start, cache.write_end = live, column, column + 1
         positions = self._positions[live, None]
-        logits = self._forward(self._last[live, None], positions, cache.positions[live, : column + 1])
+        kv_positions = cache.positions[live, : column + 1]
+        masks = decode_masks(kv_positions, positions, self.windows, self.dtype, self.additive_masks)
+        logits = self._forward(self._last[live, None], positions, masks)
         seen = self._seen[live] if self._seen is not None else None
         counts = self._counts[live] if self._counts is not None else None
         allowed = allowed_tokens([s.grammar for s in self._active], logits.shape[-1], self.device)
@@ -247,13 +249,16 @@ class Batcher(EngineThread):
             if not sequence.finished:
                 sequence.accept(token, self.eos_ids, report)
 
-    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, kv_positions: torch.Tensor) -> torch.Tensor:
+    def _forward(
+        self, ids: torch.Tensor, positions: torch.Tensor, masks: dict[str, torch.Tensor] | torch.Tensor
+    ) -> torch.Tensor:
+        """The last position's logits, for `ids` at `positions` (none negative) written into the rows and columns
+        of the cache that the caller chose."""
         cache = self._cache
-        masks = attention_masks(kv_positions, positions, self.windows, self.model.dtype, self.additive_masks)
         out = self.model(
             input_ids=ids,
             attention_mask=masks,
-            position_ids=positions.clamp(min=0),
+            position_ids=positions,
             past_key_values=cache,
             cache_position=torch.arange(cache.write_start, cache.write_end, device=self.device),
             use_cache=True,

@@ -2,9 +2,9 @@
 
 One (batch, vocab) pass per step, whatever the mix of settings: per-row logit bias, repetition, presence and
 frequency penalties, a grammar's mask of the tokens it allows, temperature and top-k as tensors, then a draw by
-the exponential race (the argmax of probability / Exp(1) noise samples exactly from the distribution). Each request has its own random generator, seeded with its seed, that fills its row of noise:
-a seeded request draws the same numbers, and samples the same tokens, whatever else shares its batch and in
-whichever row it sits.
+the exponential race (the argmax of probability / Exp(1) noise samples exactly from the distribution). Each
+request has its own random generator, seeded with its seed, that fills its row of noise: a seeded request draws
+the same numbers, and samples the same tokens, whatever else shares its batch and in whichever row it sits.
 
 Top-p without sorting the vocabulary: a token drawn from the whole distribution is kept when the probability
 mass of the tokens likelier than it is below top-p, which is exactly when it is in the nucleus; a row whose draw
@@ -149,7 +149,7 @@ class BatchSampler:
             logits = logits.masked_fill(~allowed, float("-inf"))
         rows = self.rows
         if all(r.greedy for r in rows):
-            return logits.argmax(-1)
+            return argmax(logits)
         scaled = logits / p["temperature"]
         top_k = [r.top_k for r in rows if 0 < r.top_k < logits.shape[-1]]
         if top_k:
@@ -161,7 +161,7 @@ class BatchSampler:
         chosen = self._draw(probs, range(len(rows)))
         if any(r.top_p < 1.0 and not r.greedy for r in rows):
             chosen = self._within_nucleus(probs, chosen, p["top_p"])
-        return torch.where(p["greedy"], logits.argmax(-1), chosen)
+        return torch.where(p["greedy"], argmax(logits), chosen)
 
     def _draw(self, probs: torch.Tensor, rows) -> torch.Tensor:
         """One draw from `probs` (rows, vocab) for each of `rows`, each from its row's own generator."""
@@ -173,7 +173,7 @@ class BatchSampler:
             else:
                 uniform[i].uniform_(generator=generator)
         race = probs / -torch.log(uniform.clamp(min=1e-12))  # zero-probability tokens never win
-        return race.argmax(-1)
+        return argmax(race)
 
     def _within_nucleus(self, probs: torch.Tensor, chosen: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
         """`chosen`, with the rows whose draw fell outside their top-p nucleus drawn again until it is inside."""
@@ -214,6 +214,28 @@ def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor, top: list[int]) -> l
         TokenLogprobs(int(row[1]), row[0], tuple((int(i), v) for v, i in zip(row[2 : 2 + n], row[2 + k : 2 + k + n])))
         for row, n in zip(rows, top)
     ]
+
+
+ARGMAX_BLOCK = 1024  # vocabulary entries per block of the CPU's argmax
+
+
+def argmax(scores: torch.Tensor) -> torch.Tensor:
+    """`scores.argmax(-1)` of (rows, vocab) scores; on a CPU, where argmax runs one element at a time but amax is
+    vectorized, in a tenth of the time: the block that holds each row's maximum, then the maximum within it.
+    Ties go to the lowest index, as argmax's do."""
+    rows, vocab = scores.shape
+    whole = vocab - vocab % ARGMAX_BLOCK
+    if scores.device.type != "cpu" or whole < 2 * ARGMAX_BLOCK:
+        return scores.argmax(-1)
+    blocks = scores[:, :whole].unflatten(-1, (-1, ARGMAX_BLOCK))
+    block_max = blocks.amax(-1)
+    block = block_max.argmax(-1)
+    index = block * ARGMAX_BLOCK + blocks[torch.arange(rows), block].argmax(-1)
+    if whole == vocab:
+        return index
+    tail = scores[:, whole:]
+    in_tail = tail.amax(-1) > block_max.amax(-1)
+    return torch.where(in_tail, whole + tail.argmax(-1), index)
 
 
 def _in_nucleus(probs: torch.Tensor, chosen: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:

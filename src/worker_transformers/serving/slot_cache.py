@@ -118,11 +118,37 @@ def attention_masks(
     kv = kv_positions[:, None, None, :]
     query = query_positions[:, None, :, None]
     seen = (kv >= 0) & (kv <= query)
-    masks = {}
-    for kind, window in windows.items():
-        mask = seen if window is None else seen & (query - kv < window)
-        masks[kind] = _form(_padding_sees_itself(mask, query_positions), dtype, additive)
-    return next(iter(masks.values())) if len(masks) == 1 else masks
+    masks = {
+        kind: _padding_sees_itself(seen if window is None else seen & (query - kv < window), query_positions)
+        for kind, window in windows.items()
+    }
+    return _by_kind(masks, dtype, additive)
+
+
+def decode_masks(
+    kv_positions: torch.Tensor,
+    query_positions: torch.Tensor,
+    windows: dict[str, int | None],
+    dtype: torch.dtype,
+    additive: bool,
+) -> dict[str, torch.Tensor] | torch.Tensor:
+    """`attention_masks` for a decode step, in a few operations instead of a dozen: each row's one query is its
+    newest token, at a later position than every other token the row holds, and no row is padding, so a query
+    sees exactly the columns that hold a token (within the window)."""
+    kv = kv_positions[:, None, None, :]
+    held = kv >= 0
+    masks = {
+        kind: held if window is None else held & (kv > query_positions[:, None, :, None] - window)
+        for kind, window in windows.items()
+    }
+    return _by_kind(masks, dtype, additive)
+
+
+def _by_kind(
+    masks: dict[str, torch.Tensor], dtype: torch.dtype, additive: bool
+) -> dict[str, torch.Tensor] | torch.Tensor:
+    formed = {kind: _form(mask, dtype, additive) for kind, mask in masks.items()}
+    return next(iter(formed.values())) if len(formed) == 1 else formed
 
 
 def _padding_sees_itself(mask: torch.Tensor, query_positions: torch.Tensor) -> torch.Tensor:

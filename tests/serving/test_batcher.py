@@ -1,0 +1,42 @@
+"""The batcher's turns on a tiny random Llama: what one turn's prefill takes in."""
+
+import queue
+
+from worker_transformers.serving import batcher as batcher_module
+from worker_transformers.serving.events import Done
+from worker_transformers.serving.schema import parse_request
+
+
+def test_a_turns_prefill_stays_within_prefill_tokens_counting_the_padding_and_answers_are_unchanged(
+    tiny_engine, monkeypatch
+):
+    prompts = ["one two three four five six seven eight nine ten eleven twelve", "hi", "a b", "yes", "no"]
+    requests = [parse_request({"prompt": p, "max_new_tokens": 6, "temperature": 0}, 64) for p in prompts]
+    alone = [tiny_engine.generate(r)["text"] for r in requests]
+    lengths = [len(tiny_engine.prepare(r).ids) for r in requests]
+    # Room for the long prompt and one short one side by side, unpadded; padded, the long one goes alone.
+    monkeypatch.setattr(batcher_module, "PREFILL_TOKENS", lengths[0] + max(lengths[1:]))
+    generator = tiny_engine.generator
+    prefills = []
+    forward = generator._forward
+
+    def recording(ids, positions, masks):
+        if ids.shape[1] > 1:
+            prefills.append(tuple(ids.shape))
+        return forward(ids, positions, masks)
+
+    monkeypatch.setattr(generator, "_forward", recording)
+    events: list[queue.Queue] = [queue.Queue() for _ in requests]
+    with generator._wake:  # every request waits before the batcher takes the first
+        for request, box in zip(requests, events):
+            tiny_engine.submit(request, tiny_engine.prepare(request), box.put)
+    texts = []
+    for box in events:
+        pieces = [box.get()]
+        while not isinstance(pieces[-1], Done):
+            pieces.append(box.get())
+        texts.append("".join(piece.text for piece in pieces))
+    assert texts == alone
+    assert prefills[0] == (1, lengths[0])  # with a short one beside it, it would be padded past the limit
+    assert all(rows * columns <= batcher_module.PREFILL_TOKENS for rows, columns in prefills[1:])
+    assert sum(rows for rows, _ in prefills) == len(requests)
