@@ -40,3 +40,38 @@ def test_a_turns_prefill_stays_within_prefill_tokens_counting_the_padding_and_an
     assert prefills[0] == (1, lengths[0])  # with a short one beside it, it would be padded past the limit
     assert all(rows * columns <= batcher_module.PREFILL_TOKENS for rows, columns in prefills[1:])
     assert sum(rows for rows, _ in prefills) == len(requests)
+
+
+def test_requests_with_one_prompt_share_its_prefill_and_answer_as_they_would_alone(tiny_engine, monkeypatch):
+    prompt = "one two three four five six"
+    jobs = [
+        {"prompt": prompt, "max_new_tokens": 6, "temperature": 0},
+        {"prompt": prompt, "max_new_tokens": 6, "temperature": 1.0, "seed": 1},
+        {"prompt": "a b", "max_new_tokens": 6, "temperature": 0},
+        {"prompt": prompt, "max_new_tokens": 6, "temperature": 1.0, "seed": 2},
+    ]
+    requests = [parse_request(job, 64) for job in jobs]
+    alone = [tiny_engine.generate(r)["text"] for r in requests]
+    generator = tiny_engine.generator
+    prefill_rows = []
+    forward = generator._forward
+
+    def recording(ids, positions, masks):
+        if ids.shape[1] > 1:
+            prefill_rows.append(ids.shape[0])
+        return forward(ids, positions, masks)
+
+    monkeypatch.setattr(generator, "_forward", recording)
+    events: list[queue.Queue] = [queue.Queue() for _ in requests]
+    with generator._wake:  # all four join in one turn
+        for request, box in zip(requests, events):
+            tiny_engine.submit(request, tiny_engine.prepare(request), box.put)
+    texts = []
+    for box in events:
+        pieces = [box.get()]
+        while not isinstance(pieces[-1], Done):
+            pieces.append(box.get())
+        texts.append("".join(piece.text for piece in pieces))
+    assert prefill_rows == [2], "each distinct prompt is prefilled once"
+    assert texts == alone
+    assert len(set(texts[i] for i in (0, 1, 3))) > 1  # the copies sample on their own

@@ -1,7 +1,8 @@
 """Continuous batching: one thread runs the model for every request in flight, over a slot cache (slot_cache.py).
 
 Each turn of the loop prefills the requests that arrived, all in one forward (left-padded, written straight into
-their cache rows), then decodes one token for every sequence in the batch at once. A sequence leaves the batch
+their cache rows; requests with the same prompt, such as one request's n choices, share one row's prefill, copied
+to the others), then decodes one token for every sequence in the batch at once. A sequence leaves the batch
 the step it finishes or is cancelled, and a waiting one takes its row. The step's inputs stay on the device: the
 tokens just chosen are the next step's input and positions advance in place, so the host reads back only the
 chosen tokens, once per step.
@@ -165,30 +166,36 @@ class Batcher(EngineThread):
             torch.cuda.empty_cache()
 
     def _prefill(self, joining: list[Sequence]) -> None:
+        joining, sources = _sharing_prompts(joining)
+        computed = len(joining) - len(sources)  # the rows the forward fills; the others copy one of them
         rows = len(self._active)
         longest = max(len(s.prompt_ids) for s in joining)
         self._make_room(rows + len(joining), longest)
         end = max(self._column, longest)  # the prompts end at the column the batch writes next
         start = end - longest
-        ids = torch.zeros(len(joining), longest, dtype=torch.long)
-        positions = torch.full((len(joining), longest), -1, dtype=torch.long)
-        for i, sequence in enumerate(joining):
+        ids = torch.zeros(computed, longest, dtype=torch.long)
+        positions = torch.full((computed, longest), -1, dtype=torch.long)
+        for i, sequence in enumerate(joining[:computed]):
             length = len(sequence.prompt_ids)
             ids[i, longest - length :] = torch.tensor(sequence.prompt_ids)
             positions[i, longest - length :] = torch.arange(length)
         ids, positions = ids.to(self.device), positions.to(self.device)
         cache = self._cache
-        new_rows = slice(rows, rows + len(joining))
+        new_rows, computed_rows = slice(rows, rows + len(joining)), slice(rows, rows + computed)
         cache.positions[new_rows] = -1
-        cache.positions[new_rows, start:end] = positions
-        cache.rows, cache.write_start, cache.write_end = new_rows, start, end
+        cache.positions[computed_rows, start:end] = positions
+        cache.rows, cache.write_start, cache.write_end = computed_rows, start, end
         try:
-            kv_positions = cache.positions[new_rows, :end]
+            kv_positions = cache.positions[computed_rows, :end]
             masks = attention_masks(kv_positions, positions, self.windows, self.dtype, self.additive_masks)
             logits = self._forward(ids, positions.clamp(min=0), masks)
         except BaseException:
             cache.positions[new_rows] = -1
             raise
+        for copy, source in enumerate(sources, start=rows + computed):
+            cache.copy_row(rows + source, copy, end)
+        if sources:
+            logits = logits[torch.tensor([*range(computed), *sources], device=self.device)]
         sampler = BatchSampler(self.device)
         sampler.set_rows([s.sampling for s in joining], [s.generator for s in joining])
         vocab = logits.shape[-1]
@@ -328,6 +335,23 @@ class Batcher(EngineThread):
 
     def _set_sampler_rows(self) -> None:
         self._sampler.set_rows([s.sampling for s in self._active], [s.generator for s in self._active])
+
+
+def _sharing_prompts(joining: list[Sequence]) -> tuple[list[Sequence], list[int]]:
+    """The joining requests with one of each prompt first, then the requests whose prompt is among those (a
+    request's n choices), and for each of the latter the index of the first with its prompt: their prefill is
+    computed once and copied."""
+    first: dict[tuple[int, ...], int] = {}
+    distinct, sharing, sources = [], [], []
+    for sequence in joining:
+        key = tuple(sequence.prompt_ids)
+        if key in first:
+            sharing.append(sequence)
+            sources.append(first[key])
+        else:
+            first[key] = len(distinct)
+            distinct.append(sequence)
+    return distinct + sharing, sources
 
 
 def _logprobs(sequences: list[Sequence], logits: torch.Tensor, tokens: torch.Tensor) -> list[TokenLogprobs | None]:

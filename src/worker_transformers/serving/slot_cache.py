@@ -68,7 +68,7 @@ class SlotLayer(CacheLayerMixin):
             new[:keep_rows, :, :width] = old[:keep_rows, :, keep]
             setattr(self, name, new)
 
-    def move_row(self, source: int, target: int, width: int) -> None:
+    def copy_row(self, source: int, target: int, width: int) -> None:
         if self.is_initialized:
             self.keys[target, :, :width] = self.keys[source, :, :width]
             self.values[target, :, :width] = self.values[source, :, :width]
@@ -96,10 +96,14 @@ class SlotCache(Cache):
         self.positions = positions
         self.row_capacity, self.column_capacity = rows, columns
 
-    def move_row(self, source: int, target: int, width: int) -> None:
+    def copy_row(self, source: int, target: int, width: int) -> None:
+        """Row `target` holds what row `source` holds, in its first `width` columns."""
         for layer in self.layers:
-            layer.move_row(source, target, width)
+            layer.copy_row(source, target, width)
         self.positions[target, :width] = self.positions[source, :width]
+
+    def move_row(self, source: int, target: int, width: int) -> None:
+        self.copy_row(source, target, width)
         self.positions[source] = -1
 
 
