@@ -21,6 +21,7 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
+import time
 from typing import ClassVar
 
 import torch
@@ -32,6 +33,7 @@ from transformers.generation.continuous_batching.cb_logits_processors import (
 )
 from transformers.generation.continuous_batching.requests import GenerationOutput, RequestStatus
 
+from worker_transformers.config import ConfigError
 from worker_transformers.serving.events import EngineThread, Sequence
 from worker_transformers.serving.grammar import Grammar, allowed_tokens
 from worker_transformers.serving.sampling import BatchSampler, Sampling, TokenLogprobs, logprobs_of
@@ -39,6 +41,8 @@ from worker_transformers.serving.sampling import BatchSampler, Sampling, TokenLo
 log = logging.getLogger(__name__)
 
 PAGE_TOKENS = 32  # tokens per cache page: small pages waste little on short requests
+# Tokens one forward takes at most (prompts are prefilled in chunks of it): its attention masks span the whole cache.
+MAX_BATCH_TOKENS = 1024
 _POLL_S = 0.05  # how often the thread checks on the manager while it streams nothing
 _GREEDY = Sampling(greedy=True, temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0, seed=None)
 _oom_events = itertools.count(1)
@@ -154,16 +158,31 @@ class ContinuousGenerator(EngineThread):
         super().__init__("continuous-batching")
         self.model = model
         self.eos_ids = eos_ids
-        # The cache is allocated up front: as much as `max_batch` of the longest requests can use, within the
-        # budget, and never less than one longest request.
-        pages = -(-min(token_budget, max_batch * longest_request) // PAGE_TOKENS)
-        self.cache_tokens = max(pages, -(-longest_request // PAGE_TOKENS)) * PAGE_TOKENS
-        # What it can always decode together, however long each request gets: what the SDK is told.
-        self.max_batch = max(1, min(max_batch, self.cache_tokens // longest_request))
         self._sequences: dict[str, Sequence] = {}  # by request id, while the manager holds them
         self._lock = threading.Lock()
         self._oom_event: int | None = None  # the out-of-memory event of the manager running now, once it has one
-        self._manager = self._start_manager()
+        # The cache is allocated up front: as much as `max_batch` of the longest requests can use, within the
+        # budget, and never less than one longest request. The manager counts more than the cache against the
+        # device's memory (its attention masks grow with the cache): while it finds the cache too large, half of it
+        # is tried.
+        shortest = -(-longest_request // PAGE_TOKENS) * PAGE_TOKENS
+        tokens = max(shortest, -(-min(token_budget, max_batch * longest_request) // PAGE_TOKENS) * PAGE_TOKENS)
+        while True:
+            self.cache_tokens = tokens
+            # What it can always decode together, however long each request gets: what the SDK is told.
+            self.max_batch = max(1, min(max_batch, tokens // longest_request))
+            self._manager = self._start_manager()
+            if not isinstance(error := self._manager_ready(), MemoryError):
+                break
+            self._manager.stop(block=True)
+            if tokens == shortest:
+                raise ConfigError(
+                    f"ENGINE=continuous: transformers' continuous batching cannot fit one request of {longest_request} "
+                    f"tokens (MAX_INPUT_TOKENS + MAX_NEW_TOKENS) in this device's memory ({error}); lower them, or "
+                    "use ENGINE=batch"
+                )
+            log.info("continuous batching: a cache of %d tokens does not fit (%s); trying half", tokens, error)
+            tokens = max(shortest, tokens // 2 // PAGE_TOKENS * PAGE_TOKENS)
         self._thread.start()
 
     @property
@@ -179,6 +198,13 @@ class ContinuousGenerator(EngineThread):
     def peak_batch(self) -> int:
         return self._sampler.peak_batch
 
+    def _manager_ready(self) -> BaseException | None:
+        """Wait until the manager has allocated its cache; the error that stopped it, if one did."""
+        status = self._manager.background_thread_status
+        while self._manager.batch_processor is None and status.fatal_error is None:
+            time.sleep(_POLL_S)
+        return status.fatal_error
+
     def _start_manager(self):
         generation = GenerationConfig(
             do_sample=False,  # the sampler's choice is the only token left standing
@@ -189,6 +215,7 @@ class ContinuousGenerator(EngineThread):
             page_size=PAGE_TOKENS,
             num_blocks=self.cache_tokens // PAGE_TOKENS,
             max_requests_per_batch=self.max_batch,
+            max_batch_tokens=MAX_BATCH_TOKENS,
             use_cuda_graph=False,  # the sampler runs on the host each step
             use_async_batching=False,  # the sampler reads each request's tokens as of the step it samples
             allow_block_sharing=False,
