@@ -7,16 +7,8 @@ from worker_transformers.serving.events import Done
 from worker_transformers.serving.schema import parse_request
 
 
-def test_a_turns_prefill_stays_within_prefill_tokens_counting_the_padding_and_answers_are_unchanged(
-    tiny_engine, monkeypatch
-):
-    prompts = ["one two three four five six seven eight nine ten eleven twelve", "hi", "a b", "yes", "no"]
-    requests = [parse_request({"prompt": p, "max_new_tokens": 6, "temperature": 0}, 64) for p in prompts]
-    alone = [tiny_engine.generate(r)["text"] for r in requests]
-    lengths = [len(tiny_engine.prepare(r).ids) for r in requests]
-    # Room for the long prompt and one short one side by side, unpadded; padded, the long one goes alone.
-    monkeypatch.setattr(batcher_module, "PREFILL_TOKENS", lengths[0] + max(lengths[1:]))
-    generator = tiny_engine.generator
+def recorded_prefills(generator, monkeypatch) -> list[tuple[int, int]]:
+    """The (rows, columns) of each prefill forward the batcher runs from now on."""
     prefills = []
     forward = generator._forward
 
@@ -26,17 +18,35 @@ def test_a_turns_prefill_stays_within_prefill_tokens_counting_the_padding_and_an
         return forward(ids, positions, masks)
 
     monkeypatch.setattr(generator, "_forward", recording)
-    events: list[queue.Queue] = [queue.Queue() for _ in requests]
-    with generator._wake:  # every request waits before the batcher takes the first
-        for request, box in zip(requests, events):
-            tiny_engine.submit(request, tiny_engine.prepare(request), box.put)
+    return prefills
+
+
+def answers_in_one_turn(engine, requests) -> list[str]:
+    """Every request submitted before the batcher takes the first, and each one's whole text."""
+    boxes: list[queue.Queue] = [queue.Queue() for _ in requests]
+    with engine.generator._wake:
+        for request, box in zip(requests, boxes):
+            engine.submit(request, engine.prepare(request), box.put)
     texts = []
-    for box in events:
+    for box in boxes:
         pieces = [box.get()]
         while not isinstance(pieces[-1], Done):
             pieces.append(box.get())
         texts.append("".join(piece.text for piece in pieces))
-    assert texts == alone
+    return texts
+
+
+def test_a_turns_prefill_stays_within_prefill_tokens_counting_the_padding_and_answers_are_unchanged(
+    tiny_engine, monkeypatch
+):
+    prompts = ["one two three four five six seven eight nine ten eleven twelve", "hi", "a b", "yes", "no"]
+    requests = [parse_request({"prompt": p, "max_new_tokens": 6, "temperature": 0}, 64) for p in prompts]
+    alone = [tiny_engine.generate(r)["text"] for r in requests]
+    lengths = [len(tiny_engine.prepare(r).ids) for r in requests]
+    # Room for the long prompt and one short one side by side, unpadded; padded, the long one goes alone.
+    monkeypatch.setattr(batcher_module, "PREFILL_TOKENS", lengths[0] + max(lengths[1:]))
+    prefills = recorded_prefills(tiny_engine.generator, monkeypatch)
+    assert answers_in_one_turn(tiny_engine, requests) == alone
     assert prefills[0] == (1, lengths[0])  # with a short one beside it, it would be padded past the limit
     assert all(rows * columns <= batcher_module.PREFILL_TOKENS for rows, columns in prefills[1:])
     assert sum(rows for rows, _ in prefills) == len(requests)
@@ -52,26 +62,8 @@ def test_requests_with_one_prompt_share_its_prefill_and_answer_as_they_would_alo
     ]
     requests = [parse_request(job, 64) for job in jobs]
     alone = [tiny_engine.generate(r)["text"] for r in requests]
-    generator = tiny_engine.generator
-    prefill_rows = []
-    forward = generator._forward
-
-    def recording(ids, positions, masks):
-        if ids.shape[1] > 1:
-            prefill_rows.append(ids.shape[0])
-        return forward(ids, positions, masks)
-
-    monkeypatch.setattr(generator, "_forward", recording)
-    events: list[queue.Queue] = [queue.Queue() for _ in requests]
-    with generator._wake:  # all four join in one turn
-        for request, box in zip(requests, events):
-            tiny_engine.submit(request, tiny_engine.prepare(request), box.put)
-    texts = []
-    for box in events:
-        pieces = [box.get()]
-        while not isinstance(pieces[-1], Done):
-            pieces.append(box.get())
-        texts.append("".join(piece.text for piece in pieces))
-    assert prefill_rows == [2], "each distinct prompt is prefilled once"
+    prefills = recorded_prefills(tiny_engine.generator, monkeypatch)
+    texts = answers_in_one_turn(tiny_engine, requests)
+    assert [rows for rows, _ in prefills] == [2], "each distinct prompt is prefilled once"
     assert texts == alone
-    assert len(set(texts[i] for i in (0, 1, 3))) > 1  # the copies sample on their own
+    assert len({texts[i] for i in (0, 1, 3)}) > 1  # the copies sample on their own
