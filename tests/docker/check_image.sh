@@ -106,7 +106,9 @@ build volume volume
 build baked baked --model "$MODEL" --from-folder "$SNAPSHOT"
 
 # 2. Each image answers the job, with the model where its mode says.
-answer baked wt-check:baked --network=none
+# The baked run also takes the Hub tests' CHAT_TEMPLATE, a path relative to /app: the template must be in the image
+# (without tools it renders what the model's own does, so the answer is the same).
+answer baked wt-check:baked --network=none -e CHAT_TEMPLATE=builder/chat_templates/chatml_tools.jinja
 answer cached wt-check:cached --network=none -v "$HF_CACHE:/runpod-volume/huggingface-cache/hub:ro"
 lower="$WORK/lowercase-cache"  # RunPod has been seen to store repo folders lowercased
 mkdir -p "$lower"
