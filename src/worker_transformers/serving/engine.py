@@ -74,15 +74,11 @@ def _failure(failed: Failed) -> GenerationFailed:
 
 @dataclass(frozen=True)
 class Prepared:
-    """A request ready to queue: its prompt's token ids and, when its answer has a form, the grammar of it."""
+    """A request ready to queue: its prompt's token ids and, when its answer has a form, the grammar of it,
+    compiled once and never advanced itself (each answer, one per choice, takes a copy)."""
 
     ids: list[int]
-    grammar_schema: tuple[dict[str, Any], str] | None = None  # (JSON Schema, the field it came from)
-    grammars: Grammars | None = None
-
-    def grammar(self) -> Grammar | None:
-        """A fresh matcher for one answer (each of a request's choices needs its own)."""
-        return None if self.grammar_schema is None else self.grammars.compile(*self.grammar_schema)
+    grammar: Grammar | None = None
 
 
 class Engine:
@@ -155,9 +151,7 @@ class Engine:
         schema = request.json_schema()
         if request.required_tool is not None:
             schema = forced_call_schema(request), "tools"
-        prepared = Prepared(ids, schema, self.grammars)
-        prepared.grammar()  # compiled once here, so that a schema that cannot be enforced is refused now
-        return prepared
+        return Prepared(ids, None if schema is None else self.grammars.compile(*schema))
 
     def submit(self, request: GenerationRequest, prepared: Prepared, emit: Callable[[Event], None]) -> Sequence:
         sequence = Sequence(
@@ -167,7 +161,7 @@ class Engine:
             text=TextStream(self.detokenizer, prepared.ids, request.stop),
             emit=emit,
             generator=sampling.generator(self.generator.device),
-            grammar=prepared.grammar(),
+            grammar=None if prepared.grammar is None else prepared.grammar.copy(),
         )
         self.generator.submit(sequence)
         return sequence

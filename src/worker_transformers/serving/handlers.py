@@ -86,7 +86,8 @@ def make_handler(engine, settings: Settings, on_unhealthy: Callable[[], None] = 
         except RequestError as error:
             yield {"error": str(error)}
             return
-        reader = call_reader(tool_format, request, engine.tokenizer.decode(prepared.ids))
+        prompt = engine.tokenizer.decode(prepared.ids) if request.calls_tools else ""
+        reader = call_reader(tool_format, request, prompt)
         # A whole answer is gathered here; a stream's chunk of text carries the log-probabilities gathered so far.
         text, reasoning, calls, logprobs = "", "", [], []
         try:
