@@ -216,7 +216,10 @@ def test_the_readahead_started_by_the_entry_point_joins_the_startup_timeline(tin
         time.sleep(0.1)
     reading = readahead.start(tmp_path / "readahead.txt")
     with caplog.at_level(logging.INFO):
-        started = start_worker({"MODEL_NAME": str(tiny_model_dir)}, reading_ahead=reading)
+        # A day of init budget: the budget counts from the process's start, and a long test run is old.
+        started = start_worker(
+            {"MODEL_NAME": str(tiny_model_dir), "RUNPOD_INIT_TIMEOUT": "86400"}, reading_ahead=reading
+        )
     started.close()
     assert "read ahead 8.2 kB of library pages for the imports" in caplog.text
     timeline = caplog.text[caplog.text.index("startup timeline") :].splitlines()[2:]

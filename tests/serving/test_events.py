@@ -12,7 +12,7 @@ SRC = Path(__file__).resolve().parents[2] / "src"
 
 # In a fresh process, so that no other test's threads come and go while the process's threads are counted.
 SUBMITTING_THREAD = """
-import os, torch
+import os, time, torch
 from worker_transformers.serving.events import EngineThread, Sequence
 
 def threads():
@@ -23,6 +23,10 @@ alone = threads()
 torch.ones(1 << 22).add_(1)  # parallel work: this thread now keeps a team of OpenMP threads, idle
 with_team = threads()
 EngineThread("engine").submit(Sequence([1], 1, sampling=None, text=None, emit=print))
+for _ in range(500):  # the team's threads are told to end; on a loaded machine they take a moment to go
+    if threads() == alone:
+        break
+    time.sleep(0.01)
 print(alone, with_team, threads())
 """
 
