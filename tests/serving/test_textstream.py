@@ -70,3 +70,24 @@ def test_bytes_that_are_no_character_do_not_hold_back_the_text_after_them(name):
     whole = tokenizer.decode(prompt_ids + [broken, *words], skip_special_tokens=True)
     assert "".join(released) == whole[len(tokenizer.decode(prompt_ids, skip_special_tokens=True)) :].split("two")[0]
     assert "\ufffd" in "".join(released)
+
+
+def test_a_prompt_ending_in_a_byte_token_followed_by_bytes_that_are_no_character_loses_none_of_the_answer():
+    """A chat prompt ends with "\n", a byte token in Llama 2-style vocabularies; a model's first tokens may be
+    bytes that are no character. Decoded with the prompt, they would turn its "\n" to U+FFFD too."""
+    tokenizer = TOKENIZERS["metaspace"]
+    newline = tokenizer.convert_tokens_to_ids("<0x0A>")
+    prompt_ids = tokenizer("Hi", add_special_tokens=False)["input_ids"] + [newline]
+    broken = [tokenizer.convert_tokens_to_ids(b) for b in ("<0xE5>", "<0xFF>")]
+    words = tokenizer(" then go on", add_special_tokens=False)["input_ids"]
+    text = TextStream(Detokenizer(tokenizer), prompt_ids)
+    released = []
+    for token in [*broken, *words]:
+        text.push(token)
+        released.append(text.release())
+    text.finish()
+    released.append(text.release(final=True))
+    answer = "".join(released)
+    assert answer == tokenizer.decode([*broken, *words], skip_special_tokens=True)
+    assert answer.endswith(" then go on") and answer.startswith("\ufffd")
+    assert released[-1] != answer, "the words after the bytes were held back to the end"

@@ -84,6 +84,12 @@ class TextStream:
         """`prompt_ids` are the ids the generated ones follow."""
         self._detokenizer = detokenizer
         self._seed = list(prompt_ids[-SEED_TOKENS:])
+        # A run of byte tokens decodes as one group, so the prompt's trailing byte tokens (Llama 2's and Gemma's
+        # "\n" is <0x0A>, which ends most chat prompts) would run on into the answer's first ones: followed by
+        # bytes that are no character, the prompt's own text would change ("\n" turns to U+FFFD), and nothing
+        # of the answer would line up with it. The seed stops at the prompt's last other token.
+        while self._seed and self._seed[-1] in detokenizer.byte_tokens:
+            self._seed.pop()
         if detokenizer.use_decode_stream:
             stream, backend = DecodeStream(ids=self._seed, skip_special_tokens=True), detokenizer.backend
             self._step = lambda token_id: stream.step(backend, token_id)
