@@ -165,6 +165,48 @@ def test_concurrent_jobs_equal_serial_ones_and_streams_equal_whole_answers(serve
         assert chunks[-1]["finish_reason"] == answer["finish_reason"]
 
 
+def reference_greedy(reference, tokenizer, ids: list[int], new_tokens: int) -> list[int]:
+    """`generate`'s greedy answer to `ids`, without the end-of-sequence token."""
+    out = reference.generate(
+        torch.tensor([ids]),
+        attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+        max_new_tokens=new_tokens,
+        do_sample=False,
+        eos_token_id=reference.config.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )[0].tolist()
+    return [t for t in out[len(ids) :] if t != reference.config.eos_token_id]
+
+
+def test_chats_with_one_system_prompt_joining_together_answer_as_generate_would(served):
+    """Their shared start is computed once and copied (batcher.py); past a sliding window too."""
+    import queue
+
+    from worker_transformers.serving.events import Done
+    from worker_transformers.serving.schema import parse_request
+
+    _, engine, _, tokenizer, reference = served
+    system = {"role": "system", "content": "You are a careful assistant: answer in a few plain words."}
+    requests = [
+        parse_request(
+            {"messages": [system, {"role": "user", "content": p}], "temperature": 0, "max_new_tokens": 12}, 64
+        )
+        for p in PROMPTS
+    ]
+    alone = [engine.generate(request)["text"] for request in requests]
+    boxes = [queue.Queue() for _ in requests]
+    prepared = [engine.prepare(r) for r in requests]
+    with engine.generator._wake:  # all of them queued before the engine takes any: one turn's prefill
+        sequences = [engine.submit(r, ready, box.put) for r, ready, box in zip(requests, prepared, boxes)]
+    for ready, box, sequence, text in zip(prepared, boxes, sequences, alone):
+        events = [box.get()]
+        while not isinstance(events[-1], Done):
+            events.append(box.get())
+        assert "".join(event.text for event in events) == text
+        eos = reference.config.eos_token_id
+        assert [t for t in sequence.generated if t != eos] == reference_greedy(reference, tokenizer, ready.ids, 12)
+
+
 def test_a_seeded_sampled_job_gives_the_same_text_alone_and_in_a_batch(served):
     _, engine, settings, *_ = served
     handler = make_handler(engine, settings)

@@ -67,3 +67,29 @@ def test_requests_with_one_prompt_share_its_prefill_and_answer_as_they_would_alo
     assert [rows for rows, _ in prefills] == [2], "each distinct prompt is prefilled once"
     assert texts == alone
     assert len({texts[i] for i in (0, 1, 3)}) > 1  # the copies sample on their own
+
+
+def test_prompts_that_start_alike_compute_the_shared_start_once_and_answer_as_they_would_alone(
+    tiny_engine, monkeypatch
+):
+    preamble = "What is the capital of France? A small model says hello to the world. "
+    prompts = [preamble + "one two", preamble + "Stop here, then go on: one, two, three", preamble + "yes"]
+    requests = [parse_request({"prompt": p, "max_new_tokens": 8, "temperature": 0}, 64) for p in prompts]
+    requests.append(requests[1])  # the same prompt again: a copy of its row, prefix and all
+    alone = [tiny_engine.generate(r)["text"] for r in requests]
+    ids = [tiny_engine.prepare(r).ids for r in requests[:3]]
+    shared = next(i for i, column in enumerate(zip(*ids)) if len(set(column)) > 1)
+    assert shared >= batcher_module.SHARED_PREFIX_MIN
+    prefills = recorded_prefills(tiny_engine.generator, monkeypatch)
+    assert answers_in_one_turn(tiny_engine, requests) == alone
+    # the shared start once, in a row of its own; then each distinct prompt's own tokens, padded to the longest
+    assert prefills == [(1, shared), (3, max(map(len, ids)) - shared)]
+
+
+def test_prompts_that_share_less_than_the_minimum_are_prefilled_together_in_one_forward(tiny_engine, monkeypatch):
+    prompts = ["What is the capital of France?", "What is the capital of Paris and France?"]
+    requests = [parse_request({"prompt": p, "max_new_tokens": 4, "temperature": 0}, 64) for p in prompts]
+    ids = [tiny_engine.prepare(r).ids for r in requests]
+    prefills = recorded_prefills(tiny_engine.generator, monkeypatch)
+    answers_in_one_turn(tiny_engine, requests)
+    assert prefills == [(2, max(map(len, ids)))]

@@ -2,7 +2,8 @@
 
 Each turn of the loop prefills the requests that arrived, all in one forward (left-padded, written straight into
 their cache rows; requests with the same prompt, such as one request's n choices, share one row's prefill, copied
-to the others), then decodes one token for every sequence in the batch at once. A sequence leaves the batch
+to the others; prompts that start alike, as a chat template's system prompt makes them, compute that prefix once
+in a forward of its own and copy it), then decodes one token for every sequence in the batch at once. A sequence leaves the batch
 the step it finishes or is cancelled, and a waiting one takes its row. The step's inputs stay on the device: the
 tokens just chosen are the next step's input and positions advance in place, so the host reads back only the
 chosen tokens, once per step.
@@ -34,6 +35,9 @@ PREFILL_TOKENS = 4096  # tokens of one turn's prefill, padding included (a longe
 # The slot layout gives every row as many columns as the longest sequence spans, and reclaims columns only once
 # half of them are free: this many times the longest reservation per row bounds what it allocates.
 LAYOUT_SLACK = 2
+# Requests that join together and start with this many tokens alike or more (a chat template's system prompt,
+# one request's n choices) compute those once, in a forward of their own, and copy their keys and values.
+SHARED_PREFIX_MIN = 16
 _oom_events = itertools.count(1)
 
 
@@ -173,22 +177,14 @@ class Batcher(EngineThread):
         self._make_room(rows + len(joining), longest)
         end = max(self._column, longest)  # the prompts end at the column the batch writes next
         start = end - longest
-        ids = torch.zeros(computed, longest, dtype=torch.long)
-        positions = torch.full((computed, longest), -1, dtype=torch.long)
-        for i, sequence in enumerate(joining[:computed]):
-            length = len(sequence.prompt_ids)
-            ids[i, longest - length :] = torch.tensor(sequence.prompt_ids)
-            positions[i, longest - length :] = torch.arange(length)
-        ids, positions = ids.to(self.device), positions.to(self.device)
         cache = self._cache
         new_rows, computed_rows = slice(rows, rows + len(joining)), slice(rows, rows + computed)
         cache.positions[new_rows] = -1
-        cache.positions[computed_rows, start:end] = positions
-        cache.rows, cache.write_start, cache.write_end = computed_rows, start, end
+        shared = _shared_prefix(joining[:computed])
         try:
-            kv_positions = cache.positions[computed_rows, :end]
-            masks = attention_masks(kv_positions, positions, self.windows, self.dtype, self.additive_masks)
-            logits = self._forward(ids, positions.clamp(min=0), masks)
+            if shared:
+                self._prefill_prefix(joining[0].prompt_ids[:shared], computed_rows, start)
+            logits = self._prefill_rows(joining[:computed], computed_rows, shared, end)
         except BaseException:
             cache.positions[new_rows] = -1
             raise
@@ -222,11 +218,43 @@ class Batcher(EngineThread):
             self._counts = self._counts if self._counts is not None else self._row_state(vocab, torch.float32)
             self._counts[new_rows] = counts
         self._active.extend(joining)
-        self._starts.extend(end - len(s.prompt_ids) for s in joining)
+        # each row's first column: where its prompt, or the prefix it shares, begins
+        self._starts.extend(start if shared else end - len(s.prompt_ids) for s in joining)
         self._set_sampler_rows()
         self.peak_batch = max(self.peak_batch, len(self._active))
         for sequence, token, report in zip(joining, tokens.tolist(), reports):
             sequence.accept(token, self.eos_ids, report)
+
+    def _prefill_prefix(self, prefix: list[int], rows: slice, start: int) -> None:
+        """The prompt tokens every one of `rows` starts with, computed once in the first of them at columns from
+        `start`, and its keys and values copied to the others' same columns."""
+        cache = self._cache
+        first, columns = slice(rows.start, rows.start + 1), slice(start, start + len(prefix))
+        positions = torch.arange(len(prefix), device=self.device)[None]
+        cache.positions[first, columns] = positions
+        cache.rows, cache.write_start, cache.write_end = first, columns.start, columns.stop
+        kv_positions = cache.positions[first, : columns.stop]
+        masks = attention_masks(kv_positions, positions, self.windows, self.dtype, self.additive_masks)
+        self._forward(torch.tensor([prefix], device=self.device), positions, masks)
+        cache.share_columns(rows.start, slice(rows.start + 1, rows.stop), columns)
+
+    def _prefill_rows(self, sequences: list[Sequence], rows: slice, offset: int, end: int) -> torch.Tensor:
+        """The last logits of each sequence's prompt from token `offset` on (the tokens before it are in the
+        cache already), prefilled into `rows`, left-padded to end at column `end`."""
+        width = max(len(s.prompt_ids) for s in sequences) - offset
+        ids = torch.zeros(len(sequences), width, dtype=torch.long)
+        positions = torch.full((len(sequences), width), -1, dtype=torch.long)
+        for i, sequence in enumerate(sequences):
+            length = len(sequence.prompt_ids)
+            ids[i, width - length + offset :] = torch.tensor(sequence.prompt_ids[offset:])
+            positions[i, width - length + offset :] = torch.arange(offset, length)
+        ids, positions = ids.to(self.device), positions.to(self.device)
+        cache = self._cache
+        cache.positions[rows, end - width : end] = positions
+        cache.rows, cache.write_start, cache.write_end = rows, end - width, end
+        kv_positions = cache.positions[rows, :end]
+        masks = attention_masks(kv_positions, positions, self.windows, self.dtype, self.additive_masks)
+        return self._forward(ids, positions.clamp(min=0), masks)
 
     def _decode_step(self) -> None:
         rows = len(self._active)
@@ -352,6 +380,21 @@ def _sharing_prompts(joining: list[Sequence]) -> tuple[list[Sequence], list[int]
             first[key] = len(distinct)
             distinct.append(sequence)
     return distinct + sharing, sources
+
+
+def _shared_prefix(sequences: list[Sequence]) -> int:
+    """How many leading prompt tokens all of `sequences` share, when computing them once is worth a forward of
+    its own (SHARED_PREFIX_MIN tokens or more, as a chat template's system prompt gives); else 0. Every prompt
+    keeps one token of its own at least: its last position's logits give its first token."""
+    if len(sequences) < 2:
+        return 0
+    prompts = [s.prompt_ids for s in sequences]
+    limit = min(len(p) for p in prompts) - 1
+    shared = 0
+    first = prompts[0]
+    while shared < limit and all(p[shared] == first[shared] for p in prompts[1:]):
+        shared += 1
+    return shared if shared >= SHARED_PREFIX_MIN else 0
 
 
 def _logprobs(sequences: list[Sequence], logits: torch.Tensor, tokens: torch.Tensor) -> list[TokenLogprobs | None]:

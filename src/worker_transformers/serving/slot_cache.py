@@ -68,10 +68,10 @@ class SlotLayer(CacheLayerMixin):
             new[:keep_rows, :, :width] = old[:keep_rows, :, keep]
             setattr(self, name, new)
 
-    def copy_row(self, source: int, target: int, width: int) -> None:
+    def share_columns(self, source: int, targets: slice, columns: slice) -> None:
         if self.is_initialized:
-            self.keys[target, :, :width] = self.keys[source, :, :width]
-            self.values[target, :, :width] = self.values[source, :, :width]
+            self.keys[targets, :, columns] = self.keys[source, :, columns]
+            self.values[targets, :, columns] = self.values[source, :, columns]
 
 
 class SlotCache(Cache):
@@ -98,9 +98,13 @@ class SlotCache(Cache):
 
     def copy_row(self, source: int, target: int, width: int) -> None:
         """Row `target` holds what row `source` holds, in its first `width` columns."""
+        self.share_columns(source, slice(target, target + 1), slice(0, width))
+
+    def share_columns(self, source: int, targets: slice, columns: slice) -> None:
+        """Rows `targets` hold what row `source` holds in `columns` (a prompt's prefix they all start with)."""
         for layer in self.layers:
-            layer.copy_row(source, target, width)
-        self.positions[target, :width] = self.positions[source, :width]
+            layer.share_columns(source, targets, columns)
+        self.positions[targets, columns] = self.positions[source, columns]
 
     def move_row(self, source: int, target: int, width: int) -> None:
         self.copy_row(source, target, width)
