@@ -10,9 +10,12 @@ For each dtype, side by side:
 - transformers' continuous batching, `generate_batch`, all requests at once, with a few ContinuousBatchingConfig
   settings (the best is the one to beat);
 - serial `generate`, one request at a time.
-Then the host's time per decode step outside the model's forward at batch 32, on a tiny model, for the batcher
-and, where git can show it, the batcher this project had before (bench/step_overhead.py). Prints tables, writes
-JSON and a PNG.
+Then, for the issue's goals, a head-to-head of a few rounds (--rounds), each running the worker's default engine at
+concurrency 16 and at 1, the best generate_batch setting and serial generate one after another, so that a slow
+spell of a shared machine falls on every side: medians, and the medians of each round's ratios. Then the host's
+time per decode step outside the model's forward at batch 32, on a tiny model, for the batcher and, where git can
+show it, the batcher this project had before (bench/step_overhead.py), in rounds too. Prints tables, writes JSON
+and a PNG.
 """
 
 from __future__ import annotations
@@ -198,61 +201,129 @@ def worker_sweep(dtype: str, engine_kind: str, jobs: list[dict], levels: list[in
     return results, extra
 
 
-def transformers_baselines(dtype: str, jobs: list[dict], configs: list[dict]) -> dict:
-    """The same prompts through transformers alone: `generate_batch` (all at once) with each config, and
-    `generate` one request at a time."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, ContinuousBatchingConfig, GenerationConfig
+class Transformers:
+    """The same prompts through transformers alone: `generate_batch` (all at once) with a ContinuousBatchingConfig,
+    and `generate` one request at a time."""
 
-    from worker_transformers.model.sources import resolve
+    def __init__(self, dtype: str, jobs: list[dict]) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    location = resolve(Settings.from_env(os.environ))
-    tokenizer = AutoTokenizer.from_pretrained(location.path)
-    model = AutoModelForCausalLM.from_pretrained(location.path, dtype=getattr(torch, dtype)).eval()
-    prompts = [
-        tokenizer.apply_chat_template(job["messages"], add_generation_prompt=True, tokenize=True, return_dict=True)[
-            "input_ids"
+        from worker_transformers.model.sources import resolve
+
+        location = resolve(Settings.from_env(os.environ))
+        tokenizer = AutoTokenizer.from_pretrained(location.path)
+        self.model = AutoModelForCausalLM.from_pretrained(location.path, dtype=getattr(torch, dtype)).eval()
+        self.prompts = [
+            tokenizer.apply_chat_template(job["messages"], add_generation_prompt=True, tokenize=True, return_dict=True)[
+                "input_ids"
+            ]
+            for job in jobs
         ]
-        for job in jobs
-    ]
-    new_tokens = jobs[0]["max_new_tokens"]
-    config = GenerationConfig(
-        max_new_tokens=new_tokens,
-        do_sample=False,
-        eos_token_id=model.generation_config.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
-    )
-    out: dict = {"generate_batch": []}
-    for settings in configs:
+        self.config = GenerationConfig(
+            max_new_tokens=jobs[0]["max_new_tokens"],
+            do_sample=False,
+            eos_token_id=self.model.generation_config.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+        )
+        self._warm: set[str] = set()
+
+    def generate_batch(self, settings: dict) -> dict:
+        from transformers import ContinuousBatchingConfig
+
         cb = ContinuousBatchingConfig(**settings)
-        model.generate_batch(prompts[:2], generation_config=config, continuous_batching_config=cb)  # warm-up
+        if json.dumps(settings) not in self._warm:  # the first call of a config pays its one-off setup
+            self.model.generate_batch(self.prompts[:2], generation_config=self.config, continuous_batching_config=cb)
+            self._warm.add(json.dumps(settings))
         start = time.perf_counter()
-        results = model.generate_batch(
-            prompts, generation_config=config, continuous_batching_config=cb, record_timestamps=True
+        results = self.model.generate_batch(
+            self.prompts, generation_config=self.config, continuous_batching_config=cb, record_timestamps=True
         )
         wall = time.perf_counter() - start
         tokens = sum(len(r.generated_tokens) for r in results.values())
         stamps = [r.timestamps for r in results.values() if r.timestamps]
-        out["generate_batch"].append(
-            {
-                "config": settings,
-                "requests": len(prompts),
-                "output_tokens": tokens,
-                "wall_s": wall,
-                "throughput_tok_s": tokens / wall,
-                **percentiles("ttft", [s[0] - start for s in stamps]),
-                **percentiles("itl", [b - a for s in stamps for a, b in zip(s, s[1:])]),
-            }
-        )
-    tokens, start = 0, time.perf_counter()
-    with torch.inference_mode():
-        for ids in prompts:
-            result = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                    generation_config=config)  # fmt: skip
-            tokens += result.shape[1] - len(ids)
-    wall = time.perf_counter() - start
-    out["generate_serial"] = {"output_tokens": tokens, "wall_s": wall, "throughput_tok_s": tokens / wall}
-    return out
+        return {
+            "config": settings,
+            "requests": len(self.prompts),
+            "output_tokens": tokens,
+            "wall_s": wall,
+            "throughput_tok_s": tokens / wall,
+            **percentiles("ttft", [s[0] - start for s in stamps]),
+            **percentiles("itl", [b - a for s in stamps for a, b in zip(s, s[1:])]),
+        }
+
+    def generate_serial(self, count: int | None = None) -> dict:
+        """`generate` on the first `count` prompts (all by default), one after another."""
+        import torch
+
+        tokens, start = 0, time.perf_counter()
+        with torch.inference_mode():
+            for ids in self.prompts[:count]:
+                mask = torch.ones(1, len(ids), dtype=torch.long)
+                result = self.model.generate(torch.tensor([ids]), attention_mask=mask, generation_config=self.config)
+                tokens += result.shape[1] - len(ids)
+        wall = time.perf_counter() - start
+        return {"requests": len(self.prompts[:count]), "output_tokens": tokens, "wall_s": wall,
+                "throughput_tok_s": tokens / wall}  # fmt: skip
+
+
+def transformers_baselines(dtype: str, jobs: list[dict], configs: list[dict]) -> dict:
+    baselines = Transformers(dtype, jobs)
+    return {
+        "generate_batch": [baselines.generate_batch(settings) for settings in configs],
+        "generate_serial": baselines.generate_serial(),
+    }
+
+
+def head_to_head(dtype: str, jobs: list[dict], best: dict, rounds: int, concurrency: int = 16) -> dict:
+    """The issue's goals, measured `rounds` times over with each side in every round, one after another, so that a
+    slow spell of this shared machine falls on both: the worker's default engine at `concurrency` and at 1, the
+    best generate_batch setting of the sweep, and serial generate. Medians of each, and of each round's ratios.
+    Concurrency 1 and serial generate run on the first distinct requests only (the requests repeat the same
+    questions), which keeps a round short; they give tokens/s and latencies, which do not depend on the count."""
+    import statistics
+
+    from worker_transformers.serving.handlers import make_handler
+    from worker_transformers.worker import setup
+
+    distinct = jobs[: len(QUESTIONS)]
+    settings = Settings.from_env({**os.environ, "MAX_CONCURRENCY": str(concurrency), "DTYPE": dtype})
+    engine = setup(settings)
+    handler = make_handler(engine, settings)
+    baselines = Transformers(dtype, jobs)
+    samples: list[dict] = []
+    try:
+        asyncio.run(one(handler, {**jobs[0], "max_new_tokens": 4}))  # warm-up
+        for _ in range(rounds):
+            batched = asyncio.run(level(handler, jobs, concurrency))
+            alone = asyncio.run(level(handler, distinct[:4], 1))
+            generate_batch = baselines.generate_batch(best)
+            serial = baselines.generate_serial(len(distinct))
+            samples.append(
+                {
+                    "worker_tok_s": batched["throughput_tok_s"],
+                    "worker_itl_p99_s": batched["itl_p99_s"],
+                    "worker_c1_itl_p50_s": alone["itl_p50_s"],
+                    "generate_batch_tok_s": generate_batch["throughput_tok_s"],
+                    "generate_tok_s": serial["throughput_tok_s"],
+                }
+            )
+    finally:
+        engine.close()
+    ratios = {
+        "x_generate_batch": [s["worker_tok_s"] / s["generate_batch_tok_s"] for s in samples],
+        "x_generate": [s["worker_tok_s"] / s["generate_tok_s"] for s in samples],
+        "itl_p99_over_c1_p50": [s["worker_itl_p99_s"] / s["worker_c1_itl_p50_s"] for s in samples],
+    }
+    return {
+        "engine": engine.kind,
+        "concurrency": concurrency,
+        "rounds": rounds,
+        "generate_batch_config": best,
+        "samples": samples,
+        "median": {key: statistics.median(s[key] for s in samples) for key in samples[0]},
+        "median_ratio": {key: statistics.median(values) for key, values in ratios.items()},
+    }
 
 
 def cpu_flags() -> list[str]:
@@ -314,6 +385,20 @@ def print_run(run: dict) -> None:
     print(f"{'generate, serial':24} {1:>4} {serial:>8.1f} {serial / best['throughput_tok_s']:>8.2f} {1:>8.2f}")
 
 
+def print_goals(dtype: str, h2h: dict) -> None:
+    m, r = h2h["median"], h2h["median_ratio"]
+    c = h2h["concurrency"]
+    print(
+        f"\n{dtype}, head to head, {h2h['rounds']} rounds (medians; ratios are the medians of each round's): worker "
+        f"ENGINE={h2h['engine']} at concurrency {c} {m['worker_tok_s']:.1f} tok/s, best generate_batch "
+        f"{m['generate_batch_tok_s']:.1f}, serial generate {m['generate_tok_s']:.1f}"
+    )
+    print(
+        f"  x best generate_batch {r['x_generate_batch']:.2f} (goal >= 1.3)   x serial generate {r['x_generate']:.2f} "
+        f"(goal >= 5)   ITL p99 at {c} / median ITL at 1 {r['itl_p99_over_c1_p50']:.2f} (goal <= 3)"
+    )
+
+
 # transformers' continuous batching settings to try (num_blocks x block_size tokens, max_batch_tokens): the
 # first two are what this machine's notes saw best and worst, the third a larger cache.
 CB_CONFIGS = [
@@ -334,6 +419,8 @@ def main() -> int:
     parser.add_argument("--engines", default="batch,continuous,serial")
     parser.add_argument("--cb-configs", type=int, default=len(CB_CONFIGS), help="how many of CB_CONFIGS to run")
     parser.add_argument("--no-step-overhead", action="store_true")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of the goals' head-to-head (0: none)")
+    parser.add_argument("--goal-concurrency", type=int, default=16)
     args = parser.parse_args()
     levels = sorted({int(x) for x in args.levels.split(",")} | {1})
     jobs = make_requests(args.requests, args.new_tokens)
@@ -345,7 +432,11 @@ def main() -> int:
             # The serial engine runs one request at a time whatever the concurrency: one level says it all.
             worker[kind], extra[kind] = worker_sweep(dtype, kind, jobs, [1] if kind == "serial" else levels)
         baselines = transformers_baselines(dtype, jobs, CB_CONFIGS[: args.cb_configs])
-        runs.append({"dtype": dtype, "worker": worker, "worker_details": extra, "transformers": baselines})
+        run = {"dtype": dtype, "worker": worker, "worker_details": extra, "transformers": baselines}
+        if args.rounds:
+            best = max(baselines["generate_batch"], key=lambda r: r["throughput_tok_s"])["config"]
+            run["head_to_head"] = head_to_head(dtype, jobs, best, args.rounds, args.goal_concurrency)
+        runs.append(run)
 
     first = next(iter(runs[0]["worker_details"].values()))
     report = {
@@ -362,7 +453,7 @@ def main() -> int:
     if not args.no_step_overhead:
         from step_overhead import measure
 
-        report["step_overhead"] = measure()
+        report["step_overhead"] = measure(rounds=max(args.rounds, 1))
 
     print(
         f"{report['model']} on {report['machine']['device']}, {report['machine']['cores']} cores "
@@ -378,6 +469,9 @@ def main() -> int:
                 f"\n{run['dtype']}: handler overhead per request {details['handler_overhead_s'] * 1e3:.2f} ms; "
                 f"batch-1 decode read the weights at {details['batch_1_decode']['decode_gb_s']:.1f} GB/s"
             )
+    for run in runs:
+        if "head_to_head" in run:
+            print_goals(run["dtype"], run["head_to_head"])
     if "step_overhead" in report:
         so = report["step_overhead"]
         print(f"\nhost time per decode step outside the forward, batch {so['batch']}, {so['model']}:")
@@ -385,6 +479,12 @@ def main() -> int:
             print(
                 f"  {name:28} greedy {row['greedy_host_ms']:7.2f} ms   sampled {row['sampled_host_ms']:7.2f} ms   "
                 f"(forward {row['forward_ms']:.2f} ms)"
+            )
+        if "ratio_to_before" in so:
+            ratio = so["ratio_to_before"]
+            print(
+                f"  against before, median of {so['rounds']} rounds' ratios: greedy {ratio['greedy_host_ms']:.2f}x, "
+                f"sampled {ratio['sampled_host_ms']:.2f}x (goal <= 0.33)"
             )
 
     args.json.parent.mkdir(parents=True, exist_ok=True)

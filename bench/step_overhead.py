@@ -175,12 +175,14 @@ def measure_baseline(modules, model, tok, batch: int, steps: int, sampled: bool)
     return run_batch(batcher, timer, sequence_for)
 
 
-def measure(batch: int = 32, steps: int = 40) -> dict:
+def measure(batch: int = 32, steps: int = 40, rounds: int = 3) -> dict:
+    """Each engine greedy and sampled, `rounds` times over, one after another within each round (so a slow spell
+    of a shared machine falls on both); the medians of the rounds' medians, and of each round's ratio."""
     import torch
 
     tok = tokenizer()
     model = tiny_model(len(tok))
-    engines = {}
+    samples: dict[str, list[dict]] = {}
     with torch.inference_mode():
         runs = {"batcher": lambda sampled: measure_current(model, tok, batch, steps, sampled)}
         baseline = load_baseline()
@@ -188,27 +190,43 @@ def measure(batch: int = 32, steps: int = 40) -> dict:
             runs[f"batcher before ({BASELINE})"] = lambda sampled: measure_baseline(
                 baseline, model, tok, batch, steps, sampled
             )
-        for name, run in runs.items():
-            greedy, sampled = run(False), run(True)
-            engines[name] = {
-                "greedy_host_ms": greedy["host_ms"],
-                "sampled_host_ms": sampled["host_ms"],
-                "forward_ms": greedy["forward_ms"],
-            }
-    return {
+        for _ in range(rounds):
+            for name, run in runs.items():
+                greedy, sampled = run(False), run(True)
+                samples.setdefault(name, []).append(
+                    {
+                        "greedy_host_ms": greedy["host_ms"],
+                        "sampled_host_ms": sampled["host_ms"],
+                        "forward_ms": greedy["forward_ms"],
+                    }
+                )
+    engines = {
+        name: {key: statistics.median(s[key] for s in rows) for key in rows[0]} for name, rows in samples.items()
+    }
+    report = {
         "batch": batch,
         "steps": steps,
+        "rounds": rounds,
         "model": f"tiny Llama (2 layers, hidden 64, vocab {len(tok)})",
         "engines": engines,
+        "samples": samples,
     }
+    if baseline is not None:
+        now, before = samples["batcher"], samples[f"batcher before ({BASELINE})"]
+        report["ratio_to_before"] = {
+            key: statistics.median(a[key] / b[key] for a, b in zip(now, before))
+            for key in ("greedy_host_ms", "sampled_host_ms")
+        }
+    return report
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    print(json.dumps(measure(args.batch, args.steps), indent=1))
+    print(json.dumps(measure(args.batch, args.steps, args.rounds), indent=1))
     return 0
 
 

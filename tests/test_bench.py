@@ -36,6 +36,10 @@ def test_serve_benchmark_writes_its_table_json_and_plot(tiny_model_dir, tmp_path
             "--cb-configs",
             "1",
             "--no-step-overhead",
+            "--rounds",
+            "2",
+            "--goal-concurrency",
+            "2",
         ],  # fmt: skip
         cwd=ROOT,
         env={**os.environ, "MODEL_NAME": str(tiny_model_dir)},
@@ -61,6 +65,11 @@ def test_serve_benchmark_writes_its_table_json_and_plot(tiny_model_dir, tmp_path
     assert [level["concurrency"] for level in run["worker"]["continuous"]] == [1, 2]
     [generate_batch] = run["transformers"]["generate_batch"]
     assert generate_batch["output_tokens"] > 0 and run["transformers"]["generate_serial"]["output_tokens"] > 0
+    h2h = run["head_to_head"]
+    assert (h2h["engine"], h2h["concurrency"], len(h2h["samples"])) == ("batch", 2, 2)
+    assert h2h["generate_batch_config"] == generate_batch["config"]
+    assert set(h2h["median_ratio"]) == {"x_generate_batch", "x_generate", "itl_p99_over_c1_p50"}
+    assert all(h2h["median"][key] > 0 for key in ("worker_tok_s", "generate_batch_tok_s", "generate_tok_s"))
     assert out.with_suffix(".png").read_bytes().startswith(b"\x89PNG")
     assert "serial baseline" in proc.stdout
 
