@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedModel
@@ -39,6 +40,14 @@ LAYOUT_SLACK = 2
 # one request's n choices) compute those once, in a forward of their own, and copy their keys and values.
 SHARED_PREFIX_MIN = 16
 _oom_events = itertools.count(1)
+
+
+@dataclass(frozen=True)
+class _Asks:
+    """Whether any request in the batch has a grammar, and whether any asks for log-probabilities."""
+
+    grammar: bool
+    logprobs: bool
 
 
 class ShedForMemory(torch.OutOfMemoryError):
@@ -73,6 +82,7 @@ class Batcher(EngineThread):
         self._seen: torch.Tensor | None = None  # (rows, vocab): the repetition penalty's tokens, when one asks
         self._counts: torch.Tensor | None = None  # (rows, vocab): generated tokens' counts, when a penalty asks
         self._sampler = BatchSampler(self.device)
+        self._batch_asks = _Asks(grammar=False, logprobs=False)  # what the rows in the batch ask for
         self.peak_batch = 0  # the most sequences decoded together so far (for tests and benchmarks)
         if start:  # not for choice.py's check, which drives the steps itself
             self._thread.start()
@@ -269,17 +279,20 @@ class Batcher(EngineThread):
         logits = self._forward(self._last[live, None], positions, masks)
         seen = self._seen[live] if self._seen is not None else None
         counts = self._counts[live] if self._counts is not None else None
-        allowed = allowed_tokens([s.grammar for s in self._active], logits.shape[-1], self.device)
+        # Grammars and log-probabilities cost a pass each only in batches with a request that asks for them.
+        grammars = self._batch_asks.grammar
+        allowed = allowed_tokens([s.grammar for s in self._active], logits.shape[-1], self.device) if grammars else None
         tokens = self._sampler.pick(logits, seen, counts, allowed)
-        reports = _logprobs(self._active, logits, tokens)
+        reports = _logprobs(self._active, logits, tokens) if self._batch_asks.logprobs else [None] * rows
         self._column = column + 1
         self._last[live] = tokens
         self._positions[live] += 1
-        picked = torch.arange(rows, device=self.device)
-        if seen is not None:
-            self._seen[picked, tokens] = True
-        if counts is not None:
-            self._counts[picked, tokens] += 1
+        if seen is not None or counts is not None:
+            picked = torch.arange(rows, device=self.device)
+            if seen is not None:
+                self._seen[picked, tokens] = True
+            if counts is not None:
+                self._counts[picked, tokens] += 1
         for sequence, token, report in zip(self._active, tokens.tolist(), reports):  # the step's one copy to host
             if not sequence.finished:
                 sequence.accept(token, self.eos_ids, report)
@@ -363,6 +376,10 @@ class Batcher(EngineThread):
 
     def _set_sampler_rows(self) -> None:
         self._sampler.set_rows([s.sampling for s in self._active], [s.generator for s in self._active])
+        self._batch_asks = _Asks(
+            grammar=any(s.grammar is not None for s in self._active),
+            logprobs=any(s.sampling.logprobs is not None for s in self._active),
+        )
 
 
 def _sharing_prompts(joining: list[Sequence]) -> tuple[list[Sequence], list[int]]:
