@@ -5,9 +5,7 @@ that machinery. Most checkpoints need none of it: their tensor names and shapes 
 those, this module
 - builds the model with weight initialisation skipped (the weights are overwritten anyway) and the
   non-persistent buffers (rotary frequencies) computed as usual, directly on the target device;
-- on the CPU, points each parameter at the memory-mapped file (no copy: the page cache is the weights), unless
-  the tensor's bytes start at an address the CPU's matrix kernels are slow with (ALIGNMENT), which safetensors'
-  back-to-back layout makes the common case: those are copied into aligned memory;
+- on the CPU, points each parameter at the memory-mapped file (no copy: the page cache is the weights);
 - on CUDA, streams the files in large chunks through pinned host buffers, copied to the GPU with
   `non_blocking=True` on a side stream while the next chunks are read (streaming.py).
 Anything else (quantized, custom code, renamed keys, float32-pinned modules, tied weights stored twice) raises
@@ -27,13 +25,6 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from worker_transformers.loading.streaming import TORCH_DTYPES, CudaTransfers, Transfers, stream_weights
 from worker_transformers.model.weights import FLOAT_DTYPES, WeightFile
-
-
-# The start address the CPU's matrix kernels want: with weights 8 bytes past it (where safetensors put the
-# default model's), the default model's 16-prompt prefill took 0.8-1.0 s against 0.26-0.32 s for the same values
-# copied into aligned memory (a decode step, a matrix-vector product, was the same either way). The copy costs
-# one pass over the weights' bytes at load.
-ALIGNMENT = 64
 
 
 class NotEligible(Exception):
@@ -129,8 +120,7 @@ def _targets(model: PreTrainedModel, files: list[WeightFile]) -> tuple[dict[str,
 
 
 def _map_from_files(model: PreTrainedModel, files: list[WeightFile], targets: dict[str, torch.Tensor]) -> None:
-    """CPU: parameters backed by the memory-mapped files (copy-on-write, so the files never change), or copied
-    when their bytes are not aligned (ALIGNMENT).
+    """CPU: parameters backed by the memory-mapped files (copy-on-write, so the files never change).
     Registered on their modules directly: `load_state_dict` walks every module and runs its hooks, which
     took longer than the mapping itself for a small model."""
     modules = dict(model.named_modules())
@@ -140,8 +130,6 @@ def _map_from_files(model: PreTrainedModel, files: list[WeightFile], targets: di
                 tensor = mapped.get_tensor(entry.name)
                 if tensor.dtype != targets[entry.name].dtype:
                     tensor = tensor.to(targets[entry.name].dtype)
-                elif tensor.data_ptr() % ALIGNMENT:
-                    tensor = tensor.clone()
                 module_name, _, attribute = entry.name.rpartition(".")
                 module = modules[module_name]
                 if isinstance(getattr(module, attribute), torch.nn.Parameter):
