@@ -105,6 +105,20 @@ def test_memory_mapped_weights_come_from_the_file_without_a_copy(tiny_model_dir,
     assert torch.equal(fast.get_parameter(name), stored[name])
 
 
+def test_a_prefills_last_positions_reach_the_lm_head_in_one_matrix_product(tiny_model_dir, tiny_files):
+    """Not one batched product over a copy of the lm_head's weight per row, which torch's matmul makes of a frozen
+    weight: the fast path's parameters are what from_pretrained's are."""
+    fast = load_fast(tiny_model_dir, tiny_files, CPU, None)
+    vocab = fast.lm_head.weight.shape[0]
+    with torch.inference_mode(), torch.profiler.profile(record_shapes=True) as profile:
+        fast(IDS.repeat(4, 1), logits_to_keep=1)
+    batched = [e for e in profile.events() if e.name == "aten::bmm" and vocab in sum(map(list, e.input_shapes), [])]
+    assert not batched
+    assert [p.requires_grad for p in fast.parameters()] == [
+        p.requires_grad for p in reference(tiny_model_dir).parameters()
+    ]
+
+
 @pytest.mark.parametrize("transfers", [SmallChunks, LateCopies], ids=["streamed", "streamed-async"])
 def test_streamed_weights_give_from_pretrained_logits(tiny_model_dir, tiny_files, transfers):
     fast = load_fast(tiny_model_dir, tiny_files, CPU, None, transfers=transfers())
