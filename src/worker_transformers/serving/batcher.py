@@ -192,6 +192,15 @@ class Batcher(EngineThread):
         except BaseException:
             cache.positions[new_rows] = -1
             raise
+        self._join(joining, sources, logits, end)
+
+    def _join(self, joining: list[Sequence], sources: list[int], logits: torch.Tensor, end: int) -> None:
+        """The requests whose prompts now end at column `end` in the rows after the batch's join it: their first
+        tokens from the prefill's last logits (`logits`' rows are the computed rows; the requests after them copy
+        row `sources[i]`'s cache)."""
+        cache, rows = self._cache, len(self._active)
+        computed = len(joining) - len(sources)
+        new_rows = slice(rows, rows + len(joining))
         for copy, source in enumerate(sources, start=rows + computed):
             cache.copy_row(rows + source, copy, end)
         if sources:
