@@ -19,6 +19,7 @@ from tiny_tokenizers import byte_level_tokenizer, metaspace_tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from worker_transformers.config import Settings
+from worker_transformers.serving import batcher as batcher_module
 from worker_transformers.serving.handlers import make_handler
 from worker_transformers.worker import setup
 
@@ -130,24 +131,60 @@ def test_the_expected_engine_serves_it(served):
     assert engine.concurrency == (1 if engine.kind == "serial" else 4)
 
 
+def generated_by_generate(reference, tokenizer, ids: list[int], max_new_tokens: int = 16) -> list[int]:
+    """The reference model's own greedy answer to `ids`, end-of-sequence included when it ends so."""
+    out = reference.generate(
+        torch.tensor([ids]),
+        attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=reference.config.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )[0].tolist()
+    return out[len(ids) :]
+
+
 def test_greedy_answers_equal_generate_and_the_decoding_of_all_ids(served):
     _, engine, settings, tokenizer, reference = served
     handler = make_handler(engine, settings)
     for prompt in PROMPTS:
         [[answer]] = jobs(handler, [greedy(prompt)])
         ids = tokenizer(prompt)["input_ids"]
-        out = reference.generate(
-            torch.tensor([ids]),
-            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-            max_new_tokens=16,
-            do_sample=False,
-            eos_token_id=reference.config.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )[0].tolist()
-        generated = [t for t in out[len(ids) :] if t != reference.config.eos_token_id]
-        assert answer["usage"]["completion_tokens"] == len(out) - len(ids)
+        out = generated_by_generate(reference, tokenizer, ids)
+        generated = [t for t in out if t != reference.config.eos_token_id]
+        assert answer["usage"]["completion_tokens"] == len(out)
         # prompt + answer is the tokenizer's own decoding of every id: no space lost at the seam
         assert prompt + answer["text"] == tokenizer.decode(ids + generated, skip_special_tokens=True)
+
+
+# Longer than PREFILL_TOKENS (set to 16 below): 41 to 52 tokens here, three or four chunks, and many times the
+# sliding windows (4 tokens), which reach across each chunk's first tokens into the chunk before.
+LONG_PROMPT = " ".join(PROMPTS) + ". " + " ".join(PROMPTS)
+
+
+def test_a_prompt_longer_than_prefill_tokens_answers_as_generate_prefilled_in_chunks_beside_a_running_stream(
+    served, monkeypatch
+):
+    _, engine, settings, tokenizer, reference = served
+    handler = make_handler(engine, settings)
+    beside = {**greedy(PROMPTS[1]), "max_new_tokens": 32, "stream": True}
+    [running_alone] = jobs(handler, [beside])
+    monkeypatch.setattr(batcher_module, "PREFILL_TOKENS", 16)
+    widths = []
+    if engine.kind == "batch":
+        forward = engine.generator._forward
+        monkeypatch.setattr(
+            engine.generator, "_forward", lambda ids, *rest: widths.append(ids.shape[1]) or forward(ids, *rest)
+        )
+    running, streamed = jobs(handler, [beside, {**greedy(LONG_PROMPT), "stream": True}])
+    ids = tokenizer(LONG_PROMPT)["input_ids"]
+    assert len(ids) > 2 * 16
+    generated = [t for t in generated_by_generate(reference, tokenizer, ids) if t != reference.config.eos_token_id]
+    text = "".join(chunk["text"] for chunk in streamed)
+    assert LONG_PROMPT + text == tokenizer.decode(ids + generated, skip_special_tokens=True)
+    assert running == running_alone  # the stream beside it answers as it does alone
+    if engine.kind == "batch":
+        assert max(widths) <= 16 and sum(w for w in widths if w > 1) >= len(ids)  # it really went in chunks
 
 
 def test_concurrent_jobs_equal_serial_ones_and_streams_equal_whole_answers(served):

@@ -8,12 +8,19 @@ the step it finishes or is cancelled, and a waiting one takes its row. The step'
 tokens just chosen are the next step's input and positions advance in place, so the host reads back only the
 chosen tokens, once per step.
 
+A prompt longer than PREFILL_TOKENS is prefilled in chunks of PREFILL_TOKENS, one chunk a turn, into a row after
+the batch's, and the batch decodes its step between each two chunks; the requests behind it wait, and it joins
+the batch (with its n choices, which share its chunks) at its last chunk, whose logits give its first token. Its
+tokens are laid out where an unchunked prefill would have put them, so its answer is the one it would have been,
+sliding windows included: every mask comes from the tokens' positions, never from their columns.
+
 Requests are admitted while their worst-case cache (prompt plus every token they may generate, in the slot
 layout's rows and columns) fits the KV budget worked out at startup, and at most `max_batch` at once; a prefill
-takes at most PREFILL_TOKENS tokens per turn, left padding included, so that arrivals delay the running streams
-by one bounded forward. An out-of-memory error stays with the requests that caused it: a prefill that runs out is
-retried one request at a time and fails only the one that does not fit; a decode step that runs out sheds the
-newest requests, each told why, until the step fits.
+takes at most PREFILL_TOKENS tokens per turn, left padding included, a long prompt's chunk too, so that arrivals
+delay the running streams by one bounded forward whatever their length. An out-of-memory error stays with the
+requests that caused it: a prefill that runs out is retried one request at a time and fails only the one that does
+not fit, a chunk that runs out fails its request; a decode step that runs out sheds the newest requests, each told
+why, until the step fits.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ from worker_transformers.serving.slot_cache import SlotCache, attention_masks, d
 
 log = logging.getLogger(__name__)
 
-PREFILL_TOKENS = 4096  # tokens of one turn's prefill, padding included (a longer prompt goes alone)
+PREFILL_TOKENS = 4096  # tokens of one turn's prefill, padding included (a longer prompt goes in chunks of it)
 # The slot layout gives every row as many columns as the longest sequence spans, and reclaims columns only once
 # half of them are free: this many times the longest reservation per row bounds what it allocates.
 LAYOUT_SLACK = 2
@@ -52,6 +59,25 @@ class _Asks:
 
 class ShedForMemory(torch.OutOfMemoryError):
     """This request was dropped so that the others in its batch could go on when the device ran out of memory."""
+
+
+@dataclass
+class _Chunks:
+    """A prompt longer than PREFILL_TOKENS, prefilled a chunk per turn into a row after the batch's, for the
+    requests that share it (a request's n choices): they join the batch at its last chunk."""
+
+    sequences: list[Sequence]
+    row: int
+    start: int  # the column of the prompt's first token; it ends at `end`, where its row's first decode step goes
+    done: int = 0  # the prompt's tokens prefilled so far
+
+    @property
+    def prompt(self) -> list[int]:
+        return self.sequences[0].prompt_ids
+
+    @property
+    def end(self) -> int:
+        return self.start + len(self.prompt)
 
 
 class Batcher(EngineThread):
@@ -77,6 +103,7 @@ class Batcher(EngineThread):
         self._active: list[Sequence] = []  # in row order
         self._starts: list[int] = []  # each row's first cache column
         self._column = 0  # where the next decode step writes
+        self._chunks: _Chunks | None = None  # the prompt being prefilled in chunks, if any
         self._cache = SlotCache(num_layers, 0, 0, self.device)
         self._last = self._positions = torch.zeros(0, dtype=torch.long, device=self.device)
         self._seen: torch.Tensor | None = None  # (rows, vocab): the repetition penalty's tokens, when one asks
@@ -93,7 +120,8 @@ class Batcher(EngineThread):
             self._wake.notify()
 
     def in_flight(self) -> int:
-        return len(self._active) + len(self._waiting)
+        chunks = self._chunks
+        return len(self._active) + len(self._waiting) + (len(chunks.sequences) if chunks is not None else 0)
 
     @property
     def max_request_tokens(self) -> int | None:
@@ -106,7 +134,12 @@ class Batcher(EngineThread):
     def _run(self) -> None:
         while (joining := self._admit()) is not None:
             try:
-                if joining:
+                if joining and len(joining[0].prompt_ids) > PREFILL_TOKENS:
+                    self._chunks = self._chunks_of(joining)
+                if self._chunks is not None:
+                    self._prefill_chunk_safely()
+                    self._retire()
+                elif joining:
                     self._prefill_safely(joining)
                     self._retire()  # answers that ended at their first token
                 if self._active:
@@ -119,18 +152,23 @@ class Batcher(EngineThread):
     def _admit(self) -> list[Sequence] | None:
         """Requests that join the batch now (waiting while there is nothing to do); None once closed and idle."""
         with self._wake:
-            while not self._waiting and not self._active:
+            while not self._waiting and not self._active and self._chunks is None:
                 if self._closed:
                     return None
                 self._wake.wait()
             admitted: list[Sequence] = []
+            if self._chunks is not None:
+                return admitted  # the others wait behind the prompt being prefilled in chunks
             longest = 0  # the prefill's rows are padded to its longest prompt
             while self._waiting and len(self._active) + len(admitted) < self.max_batch:
                 sequence = self._waiting[0]
                 if sequence.cancelled:
                     self._waiting.popleft()
                     continue
-                if admitted and (len(admitted) + 1) * max(longest, len(sequence.prompt_ids)) > PREFILL_TOKENS:
+                if longest > PREFILL_TOKENS:  # prefilled in chunks, with only the requests that share its prompt
+                    if sequence.prompt_ids != admitted[0].prompt_ids:
+                        break
+                elif admitted and (len(admitted) + 1) * max(longest, len(sequence.prompt_ids)) > PREFILL_TOKENS:
                     break
                 if not self._within_budget([*self._active, *admitted, sequence]):
                     break
@@ -157,6 +195,21 @@ class Batcher(EngineThread):
                 return
             for sequence in joining:  # one at a time: only the request that does not fit fails
                 self._prefill_safely([sequence])
+
+    def _prefill_chunk_safely(self) -> None:
+        chunks = self._chunks
+        chunks.sequences = [s for s in chunks.sequences if not s.cancelled]
+        if not chunks.sequences:  # nobody wants its answer any more
+            return self._drop_chunks()
+        try:
+            self._prefill_chunk(chunks)
+        except torch.OutOfMemoryError as error:
+            self._release_memory()
+            self._drop_chunks()
+            log.error("out of memory prefilling a %d-token prompt in chunks; failing that request", len(chunks.prompt))
+            event = next(_oom_events)
+            for sequence in chunks.sequences:
+                sequence.fail(error, event)
 
     def _decode_safely(self) -> None:
         event = None
@@ -198,6 +251,65 @@ class Batcher(EngineThread):
         except BaseException:
             cache.positions[new_rows] = -1
             raise
+        # each row's first column: where its prompt begins, or the prefix it shares with the others
+        self._join(joining, sources, logits, end, start if shared else None)
+
+    def _chunks_of(self, joining: list[Sequence]) -> _Chunks:
+        """The long prompt's place: a row after the batch's, its columns ending where the batch's next column will
+        be once the running rows have decoded a step between each two of its chunks. So it ends where its row's
+        first decode step goes (no gap in its row), and the batch spans the columns it would span had the prompt
+        joined unchunked after those steps: the layout's bound, and the KV budget, hold as they are."""
+        length = len(joining[0].prompt_ids)
+        steps = -(-length // PREFILL_TOKENS) - 1 if self._active else 0
+        end = max(self._column + steps, length)
+        return _Chunks(joining, len(self._active), end - length)
+
+    def _prefill_chunk(self, chunks: _Chunks) -> None:
+        """The long prompt's next PREFILL_TOKENS tokens into its row, their masks from their positions like any
+        prefill's (a sliding window reaches back into the chunks before); after its last chunk, the requests that
+        share it join the batch."""
+        self._make_room(len(self._active), 0)  # and the chunks' row and columns
+        cache, row, prompt = self._cache, chunks.row, chunks.prompt
+        if chunks.done == 0:
+            cache.positions[row] = -1
+        first, last = chunks.done, min(chunks.done + PREFILL_TOKENS, len(prompt))
+        start, end = chunks.start + first, chunks.start + last
+        ids = torch.tensor([prompt[first:last]], device=self.device)
+        positions = torch.arange(first, last, device=self.device)[None]
+        cache.positions[row, start:end] = positions[0]
+        cache.rows, cache.write_start, cache.write_end = slice(row, row + 1), start, end
+        masks = attention_masks(
+            cache.positions[row : row + 1, :end], positions, self.windows, self.dtype, self.additive_masks
+        )
+        logits = self._forward(ids, positions, masks)
+        chunks.done = last
+        if last < len(prompt):
+            return
+        rows, joining = len(self._active), chunks.sequences
+        self._make_room(rows + len(joining), 0)
+        if row != rows:  # rows the batch freed meanwhile: its row comes right after the batch's
+            cache.move_row(row, rows, chunks.end)
+        cache.positions[rows + 1 : rows + len(joining)] = -1
+        self._chunks = None
+        self._join(joining, [0] * (len(joining) - 1), logits, chunks.end)
+
+    def _drop_chunks(self) -> None:
+        """Forget the prompt being prefilled in chunks: no row after the batch's holds anything."""
+        self._chunks = None
+        self._cache.positions[len(self._active) :] = -1
+        if not self._active:
+            self._column = 0
+
+    def _join(
+        self, joining: list[Sequence], sources: list[int], logits: torch.Tensor, end: int, start: int | None = None
+    ) -> None:
+        """The requests whose prompts now end at column `end` in the rows after the batch's join it: their first
+        tokens from the prefill's last logits (`logits`' rows are the computed rows; the requests after them copy
+        row `sources[i]`'s cache). `start`: the rows' first column, when not where their prompts begin (a shared
+        prefix sits at the longest prompt's start)."""
+        cache, rows = self._cache, len(self._active)
+        computed = len(joining) - len(sources)
+        new_rows = slice(rows, rows + len(joining))
         for copy, source in enumerate(sources, start=rows + computed):
             cache.copy_row(rows + source, copy, end)
         if sources:
@@ -215,7 +327,7 @@ class Batcher(EngineThread):
         allowed = allowed_tokens([s.grammar for s in joining], vocab, self.device)
         tokens = sampler.pick(logits, seen, counts, allowed)
         reports = _logprobs(joining, logits, tokens)
-        self._column = end
+        self._column = max(self._column, end)
         self._last[new_rows] = tokens
         self._positions[new_rows] = torch.tensor([len(s.prompt_ids) for s in joining], device=self.device)
         picked = torch.arange(len(joining), device=self.device)
@@ -228,8 +340,7 @@ class Batcher(EngineThread):
             self._counts = self._counts if self._counts is not None else self._row_state(vocab, torch.float32)
             self._counts[new_rows] = counts
         self._active.extend(joining)
-        # each row's first column: where its prompt, or the prefix it shares, begins
-        self._starts.extend(start if shared else end - len(s.prompt_ids) for s in joining)
+        self._starts.extend(end - len(s.prompt_ids) if start is None else start for s in joining)
         self._set_sampler_rows()
         self.peak_batch = max(self.peak_batch, len(self._active))
         for sequence, token, report in zip(joining, tokens.tolist(), reports):
@@ -316,20 +427,27 @@ class Batcher(EngineThread):
 
     def _make_room(self, rows: int, prompt_length: int) -> None:
         """Enough rows, and columns for a prompt of `prompt_length` ending at the next column and the decode step
-        after it: reclaim the columns before every row's first, and grow (doubling) only when reclaiming leaves
-        less than half free."""
-        cache = self._cache
-        if rows <= cache.row_capacity and max(self._column, prompt_length) + 1 <= cache.column_capacity:
+        after it, keeping a prompt being prefilled in chunks: reclaim the columns before every row's first, and
+        grow (doubling) only when reclaiming leaves less than half free."""
+        cache, chunks, used = self._cache, self._chunks, self._column
+        if chunks is not None:  # its row, and its columns (they may end past the batch's next one)
+            rows, used = max(rows, chunks.row + 1), max(used, chunks.end)
+        if rows <= cache.row_capacity and max(used, prompt_length) + 1 <= cache.column_capacity:
             return
-        first = min(self._starts, default=self._column)
-        needed = max(self._column - first, prompt_length) + 1
+        first, kept, held = min(self._starts, default=self._column), len(self._active), self._column
+        if chunks is not None:  # what its chunks so far wrote is kept
+            first, held = min(first, chunks.start), max(held, chunks.start + chunks.done)
+            kept = min(chunks.row + 1, cache.row_capacity)
+        needed = max(used - first, prompt_length) + 1
         column_capacity = cache.column_capacity
         if needed > column_capacity // 2:
             column_capacity = max(2 * needed, 16)
         row_capacity = max(cache.row_capacity, min(self.max_batch, max(2 * cache.row_capacity, rows, 1)))
-        cache.resize(row_capacity, column_capacity, len(self._active), slice(first, self._column))
+        cache.resize(row_capacity, column_capacity, kept, slice(first, held))
         self._column -= first
         self._starts = [start - first for start in self._starts]
+        if chunks is not None:
+            chunks.start -= first
         if row_capacity != self._last.shape[0]:
             self._last = _grown(self._last, row_capacity)
             self._positions = _grown(self._positions, row_capacity)
@@ -368,9 +486,10 @@ class Batcher(EngineThread):
                 self._column = 0
 
     def _fail_all(self, error: BaseException, joining: list[Sequence]) -> None:
-        for sequence in dict.fromkeys([*self._active, *joining]):
+        chunked = self._chunks.sequences if self._chunks is not None else []
+        for sequence in dict.fromkeys([*self._active, *joining, *chunked]):
             sequence.fail(error)
-        self._active, self._starts, self._column = [], [], 0
+        self._active, self._starts, self._column, self._chunks = [], [], 0, None
         self._cache.positions.fill_(-1)
         self._set_sampler_rows()
 

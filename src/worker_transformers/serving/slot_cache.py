@@ -2,8 +2,9 @@
 
 Every sequence in the batch writes its next token's keys and values into the same column each decode step, so
 a step is one forward over (rows, 1) tokens whatever the sequences' lengths. A sequence that joins is prefilled
-straight into free rows, its prompt right-aligned to end at the current column; a sequence that leaves frees its
-row, and the last row moves into it. So joining and leaving copy one sequence's keys and values at most, never
+straight into free rows, its prompt right-aligned to end at the current column (a long prompt prefilled in chunks,
+at the column the batch reaches by its last chunk); a sequence that leaves frees its row, and the last row moves
+into it. So joining and leaving copy one sequence's keys and values at most, never
 the batch's, and a step appends in place instead of concatenating the cache.
 
 Which cached token each query may see is said by an explicit 4D attention mask built from each column's token
