@@ -204,16 +204,18 @@ def test_startup_returns_a_working_handler_and_logs_the_timeline(tiny_model_dir,
 
 def test_the_readahead_started_by_the_entry_point_joins_the_startup_timeline(tiny_model_dir, tmp_path, caplog):
     library = tmp_path / "lib.so"
-    library.write_bytes(b"x" * 8192)
+    with open(library, "wb") as f:
+        f.write(b"x" * 8192)
+        f.flush()
+        os.fsync(f.fileno())  # written back now: a dirty page would survive the eviction (a global sync can lag)
     (tmp_path / "readahead.txt").write_text(f"0 8192 {library}\n")
-    # Out of the page cache, so there is something to read ahead. Under a loaded suite writeback can lag the
-    # sync, and a dirty page survives the eviction: evict until the kernel says none is left.
+    # Out of the page cache, so there is something to read ahead: evict until the kernel says none is left.
     for _ in range(50):
-        os.sync()
         record_readahead.evict(library)
         if not record_readahead.resident_ranges(str(library)):
             break
         time.sleep(0.1)
+    assert not record_readahead.resident_ranges(str(library)), "the page cache kept the file: nothing to test"
     reading = readahead.start(tmp_path / "readahead.txt")
     with caplog.at_level(logging.INFO):
         # A day of init budget: the budget counts from the process's start, and a long test run is old.

@@ -202,19 +202,6 @@ def test_concurrent_jobs_equal_serial_ones_and_streams_equal_whole_answers(serve
         assert chunks[-1]["finish_reason"] == answer["finish_reason"]
 
 
-def reference_greedy(reference, tokenizer, ids: list[int], new_tokens: int) -> list[int]:
-    """`generate`'s greedy answer to `ids`, without the end-of-sequence token."""
-    out = reference.generate(
-        torch.tensor([ids]),
-        attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-        max_new_tokens=new_tokens,
-        do_sample=False,
-        eos_token_id=reference.config.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )[0].tolist()
-    return [t for t in out[len(ids) :] if t != reference.config.eos_token_id]
-
-
 def test_chats_with_one_system_prompt_joining_together_answer_as_generate_would(served):
     """Their shared start is computed once and copied (batcher.py); past a sliding window too."""
     import queue
@@ -241,7 +228,8 @@ def test_chats_with_one_system_prompt_joining_together_answer_as_generate_would(
             events.append(box.get())
         assert "".join(event.text for event in events) == text
         eos = reference.config.eos_token_id
-        assert [t for t in sequence.generated if t != eos] == reference_greedy(reference, tokenizer, ready.ids, 12)
+        own = generated_by_generate(reference, tokenizer, ready.ids, 12)
+        assert [t for t in sequence.generated if t != eos] == [t for t in own if t != eos]
 
 
 def test_a_seeded_sampled_job_gives_the_same_text_alone_and_in_a_batch(served):
