@@ -209,20 +209,24 @@ def test_the_readahead_started_by_the_entry_point_joins_the_startup_timeline(tin
         f.flush()
         os.fsync(f.fileno())  # written back now: a dirty page would survive the eviction (a global sync can lag)
     (tmp_path / "readahead.txt").write_text(f"0 8192 {library}\n")
-    # Out of the page cache, so there is something to read ahead: evict until the kernel says none is left.
-    for _ in range(50):
-        record_readahead.evict(library)
-        if not record_readahead.resident_ranges(str(library)):
+    # Out of the page cache, so there is something to read ahead. Rarely the kernel serves the readahead's probe
+    # from a page mincore no longer shows (1 in 200 here, more under a loaded suite): then evict and start again.
+    for _ in range(3):
+        for _ in range(50):
+            record_readahead.evict(library)
+            if not record_readahead.resident_ranges(str(library)):
+                break
+            time.sleep(0.1)
+        caplog.clear()
+        reading = readahead.start(tmp_path / "readahead.txt")
+        with caplog.at_level(logging.INFO):
+            # A day of init budget: the budget counts from the process's start, and a long test run is old.
+            started = start_worker(
+                {"MODEL_NAME": str(tiny_model_dir), "RUNPOD_INIT_TIMEOUT": "86400"}, reading_ahead=reading
+            )
+        started.close()
+        if not reading.already_cached:
             break
-        time.sleep(0.1)
-    assert not record_readahead.resident_ranges(str(library)), "the page cache kept the file: nothing to test"
-    reading = readahead.start(tmp_path / "readahead.txt")
-    with caplog.at_level(logging.INFO):
-        # A day of init budget: the budget counts from the process's start, and a long test run is old.
-        started = start_worker(
-            {"MODEL_NAME": str(tiny_model_dir), "RUNPOD_INIT_TIMEOUT": "86400"}, reading_ahead=reading
-        )
-    started.close()
     assert "read ahead 8.2 kB of library pages for the imports" in caplog.text
     timeline = caplog.text[caplog.text.index("startup timeline") :].splitlines()[2:]
     assert [line.split()[0] for line in timeline[:2]] == ["readahead", "resolve"]

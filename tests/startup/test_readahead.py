@@ -50,10 +50,14 @@ def test_pages_already_in_the_cache_are_not_asked_for_again(tmp_path):
     reading = readahead.start(write_manifest(tmp_path / "readahead.txt", [Range(str(p), 0, 2 * PAGE) for p in files]))
     assert reading.wait(30)
     assert reading.already_cached and reading.bytes_requested == 0
-    # One probed file that is not cached is enough to read everything ahead.
-    evict(files[20])
-    reading = readahead.start(tmp_path / "readahead.txt")
-    assert reading.wait(30)
+    # One probed file that is not cached is enough to read everything ahead. Rarely (1 in 200 here, more under a
+    # loaded suite) the kernel serves the probe's read from a page mincore no longer shows: evict again then.
+    for _ in range(5):
+        evict(files[20])
+        reading = readahead.start(tmp_path / "readahead.txt")
+        assert reading.wait(30)
+        if not reading.already_cached:
+            break
     assert not reading.already_cached and reading.bytes_requested == 40 * 2 * PAGE
 
 
