@@ -3,10 +3,10 @@
 Each turn of the loop prefills the requests that arrived, all in one forward (left-padded, written straight into
 their cache rows; requests with the same prompt, such as one request's n choices, share one row's prefill, copied
 to the others; prompts that start alike, as a chat template's system prompt makes them, compute that prefix once
-in a forward of its own and copy it), then decodes one token for every sequence in the batch at once. A sequence leaves the batch
-the step it finishes or is cancelled, and a waiting one takes its row. The step's inputs stay on the device: the
-tokens just chosen are the next step's input and positions advance in place, so the host reads back only the
-chosen tokens, once per step.
+in a forward of its own and copy it), then decodes one token for every sequence in the batch at once. A sequence
+leaves the batch the step it finishes or is cancelled, and a waiting one takes its row. The step's inputs stay on
+the device: the tokens just chosen are the next step's input and positions advance in place, so the host reads
+back only the chosen tokens, once per step.
 
 A prompt longer than PREFILL_TOKENS is prefilled in chunks of PREFILL_TOKENS, one chunk a turn, into a row after
 the batch's, and the batch decodes its step between each two chunks; the requests behind it wait, and it joins
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 from dataclasses import dataclass
 
 import torch
@@ -525,11 +526,8 @@ def _shared_prefix(sequences: list[Sequence]) -> int:
     if len(sequences) < 2:
         return 0
     prompts = [s.prompt_ids for s in sequences]
-    limit = min(len(p) for p in prompts) - 1
-    shared = 0
-    first = prompts[0]
-    while shared < limit and all(p[shared] == first[shared] for p in prompts[1:]):
-        shared += 1
+    # commonprefix compares only the least and the greatest of the lists: fast for long shared prompts
+    shared = min(len(os.path.commonprefix(prompts)), min(len(p) for p in prompts) - 1)
     return shared if shared >= SHARED_PREFIX_MIN else 0
 
 
