@@ -29,6 +29,7 @@ LIGHT = (
     "startup.collector",
     "serving.schema",
     "serving.shutdown",
+    "serving.renderer",
     "serving.textstream",
     "serving.openai.bodies",
     "advisor.cli",

@@ -24,7 +24,8 @@ from worker_transformers.model import weights
 from worker_transformers.model.errors import ModelNotFound, UnsupportedWeights
 from worker_transformers.model.sources import resolve
 from worker_transformers.serving.handlers import Handler, failed_init_handler, make_handler
-from worker_transformers.serving.shutdown import Shutdown
+from worker_transformers.serving.renderer import TEMPLATE_TIMEOUT_S, TemplateRenderers
+from worker_transformers.serving.shutdown import Shutdown, exit_now
 from worker_transformers.startup import prefetch
 from worker_transformers.startup.budget import InitBudget, InitTooSlow, human_bytes
 from worker_transformers.startup.collector import collector_paused
@@ -55,6 +56,8 @@ def setup(settings: Settings, budget: InitBudget | None = None):
         files = weights.inspect(location.path, location.model_id) if weights.weight_paths(location.path) else []
     log.info("model %s found: %s at %s", location.model_id, location.source, location.path)
     reading = prefetch.start([f.path for f in files], budget)
+    # The chat-template renderer's interpreter imports beside the worker's own imports (serving/renderer.py).
+    renderers = TemplateRenderers.start(TEMPLATE_TIMEOUT_S, settings.max_concurrency)
     try:
         with collector_paused():
             with budget.phase("imports"):
@@ -80,12 +83,16 @@ def setup(settings: Settings, budget: InitBudget | None = None):
                 settings.max_concurrency,
                 settings.max_new_tokens,
                 settings.engine,
+                renderers,
             )
             try:
                 loader.warm_up(model, tokenizer, engine.prompts)
             except BaseException:
                 engine.close()
                 raise
+    except BaseException:
+        renderers.close()
+        raise
     finally:
         reading.stop()
     return engine
@@ -213,4 +220,9 @@ def main(env: Mapping[str, str] = os.environ, argv: list[str] = sys.argv, readah
         return started.concurrency
 
     config["concurrency_modifier"] = concurrency
-    runpod.serverless.start(config)
+    code = 0
+    try:
+        runpod.serverless.start(config)
+    except SystemExit as stop:  # the SDK's own exit once its job loop has ended (after SIGTERM)
+        code = stop.code if isinstance(stop.code, int) else 1
+    exit_now(code, f"the SDK's job loop ended: exiting with code {code}")

@@ -108,7 +108,8 @@ def _resolve_in_worker(settings, hub, results):
 
 def test_workers_starting_together_download_once(env, tiny_model_dir, tmp_path):
     slow_hub = CopyingDownloader(tiny_model_dir, tmp_path / "downloads.log", delay=0.2)
-    context = multiprocessing.get_context("fork")
+    # New interpreters, as real workers are: forking a test process that runs threads can deadlock the child.
+    context = multiprocessing.get_context("spawn")
     results = context.Queue()
     workers = [context.Process(target=_resolve_in_worker, args=(env(), slow_hub, results)) for _ in range(4)]
     for worker in workers:

@@ -25,6 +25,7 @@ from worker_transformers.serving.continuous import ContinuousGenerator
 from worker_transformers.serving.events import Delta, Done, Event, Failed, Sequence
 from worker_transformers.serving.grammar import Grammar, Grammars
 from worker_transformers.serving.prompt import Prompts
+from worker_transformers.serving.renderer import TemplateRenderers
 from worker_transformers.serving.sampling import Sampling, TokenLogprobs
 from worker_transformers.serving.schema import GenerationRequest, RequestError
 from worker_transformers.serving.serial import SerialGenerator
@@ -91,6 +92,7 @@ class Engine:
         max_batch: int,
         max_new_tokens: int,
         engine: str = "auto",
+        renderers: TemplateRenderers | None = None,
     ) -> None:
         self.tokenizer = tokenizer
         self.detokenizer = Detokenizer(tokenizer)
@@ -98,7 +100,7 @@ class Engine:
         self.max_input_tokens = max_input_tokens
         self.model_type = model.config.model_type
         self.generation_config = model.generation_config
-        self.prompts = Prompts(tokenizer, model_name, max_input_tokens)
+        self.prompts = Prompts(tokenizer, model_name, max_input_tokens, renderers)
         eos = _eos_ids(model, tokenizer)
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
         self.grammars = Grammars(tokenizer, max(self.vocab_size, len(tokenizer)), eos)

@@ -13,12 +13,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import multiprocessing
 import os
 import signal
+import sys
 import threading
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, NoReturn
+
+from worker_transformers.serving import renderer
 
 log = logging.getLogger("worker_transformers")
 
@@ -105,8 +107,17 @@ class Shutdown:
         waiting on), past the platform's SIGKILL: exit once every job is answered."""
         self._idle.wait(self.grace_s + REPORT_S)
         threading.Event().wait(REPORT_S)
-        log.info("SIGTERM: exiting")
-        for child in multiprocessing.active_children():  # chat-template renderers, which os._exit leaves behind
-            child.kill()
-        logging.shutdown()
-        os._exit(code)
+        exit_now(code, "SIGTERM: exiting")
+
+
+def exit_now(code: int, why: str) -> NoReturn:
+    """End the process without the interpreter's teardown. There, a daemon thread that comes back from native
+    code (the engine's, mid-forward in torch) is ended by pthread_exit, whose unwinding through C++ frames
+    aborts the process (`terminate called without an active exception`, seen with torch 2.8 on Python 3.12)."""
+    log.info("%s", why)
+    renderer.kill_all()  # os._exit runs no atexit, and a child busy in a looping template would outlive it
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
