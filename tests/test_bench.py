@@ -17,6 +17,29 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
+def test_render_benchmark_compares_the_renderer_with_in_process_rendering(tiny_model_dir, tmp_path):
+    out = tmp_path / "render.json"
+    proc = subprocess.run(
+        [sys.executable, "bench/render.py", "--model", str(tiny_model_dir), "--json", str(out)]
+        + ["--requests", "20", "--rounds", "2", "--concurrency", "1,2"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())
+    assert [(row["case"], row["threads"]) for row in report["rows"]] == [
+        ("chat", 1), ("chat", 2), ("chat+tools", 1), ("chat+tools", 2)
+    ]  # fmt: skip
+    for row in report["rows"]:
+        assert row["in_process_us"] > 0 and row["renderer_us"] > 0
+        assert row["overhead_us"] == pytest.approx(row["renderer_us"] - row["in_process_us"])
+    assert all(len(samples) == 2 for samples in report["samples"].values())
+    assert "in-process us" in proc.stdout
+
+
+@pytest.mark.slow
 def test_serve_benchmark_writes_its_table_json_and_plot(tiny_model_dir, tmp_path):
     out = tmp_path / "serve.json"
     proc = subprocess.run(
