@@ -14,8 +14,17 @@ def write_manifest(path, ranges, comment="# a comment\n"):
     return path
 
 
+def write_back(path):
+    """Pages just written are dirty until written back: they can be neither dropped nor relied on to stay."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def evict(path):
-    os.sync()  # pages just written are dirty, and only clean ones can be dropped
+    write_back(path)
     record_readahead.evict(path)
     if resident_ranges(str(path)):
         pytest.skip("this filesystem keeps the pages of its files in memory (tmpfs?)")
@@ -46,7 +55,11 @@ def test_every_range_is_asked_for_and_a_missing_file_is_skipped(tmp_path):
 def test_pages_already_in_the_cache_are_not_asked_for_again(tmp_path):
     files = [tmp_path / f"lib{i}.so" for i in range(40)]
     for path in files:
-        path.write_bytes(os.urandom(2 * PAGE))  # just written: in the page cache
+        path.write_bytes(os.urandom(2 * PAGE))
+        write_back(path)  # clean pages, no writeback in flight for the probe to wait on
+        path.read_bytes()
+    # The premise, checked rather than assumed: every page is in the page cache now.
+    assert [resident_ranges(str(p)) for p in files] == [[Range(str(p), 0, 2 * PAGE)] for p in files]
     reading = readahead.start(write_manifest(tmp_path / "readahead.txt", [Range(str(p), 0, 2 * PAGE) for p in files]))
     assert reading.wait(30)
     assert reading.already_cached and reading.bytes_requested == 0
