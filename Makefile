@@ -4,7 +4,16 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMPS := .stamps
 
-.PHONY: demo test model openai-server bench bench-serve bench-coldstart bench-gpu docker-check clean
+# The image's own stack (BASE_IMAGE, IMAGE_PYTHON_VERSION, IMAGE_TORCH_VERSION), named in one place.
+include builder/image_stack.env
+IMAGE_VENV := .venv-image
+IMAGE_PY := $(IMAGE_VENV)/bin/python
+# That Python: on PATH, or under pyenv (whose shim answers only for the versions `pyenv global` names).
+IMAGE_PYTHON ?= $(shell python$(IMAGE_PYTHON_VERSION) -c 'import sys; print(sys.executable)' 2>/dev/null \
+  || ls -d $${PYENV_ROOT:-$$HOME/.pyenv}/versions/$(IMAGE_PYTHON_VERSION).*/bin/python$(IMAGE_PYTHON_VERSION) 2>/dev/null \
+  | sort -V | tail -n 1)
+
+.PHONY: demo test test-image model openai-server bench bench-serve bench-coldstart bench-render bench-gpu docker-check clean
 
 $(STAMPS)/venv: pyproject.toml
 	@mkdir -p $(STAMPS)
@@ -15,14 +24,30 @@ $(STAMPS)/venv: pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev]"
 	@touch $@
 
+# Exactly the image's pins (builder/requirements.txt) and its base's torch, on its base's Python. PyPI's torch for
+# Linux is the CUDA build (~3.5 GB with its libraries, kept in pip's cache); it runs on the CPU.
+$(STAMPS)/venv-image: pyproject.toml builder/requirements.txt builder/image_stack.env
+	@test -n "$(IMAGE_PYTHON)" || { echo "Python $(IMAGE_PYTHON_VERSION) not found: install it or set IMAGE_PYTHON" >&2; exit 1; }
+	@mkdir -p $(STAMPS)
+	$(IMAGE_PYTHON) -m venv --clear $(IMAGE_VENV)
+	$(IMAGE_PY) -m pip install --quiet --upgrade pip
+	$(IMAGE_PY) -m pip install --quiet torch==$(IMAGE_TORCH_VERSION) -r builder/requirements.txt \
+	  -c builder/requirements.txt -e ".[dev]"
+	@touch $@
+
 model: $(STAMPS)/venv
 	$(PY) builder/default_model.py
 
 demo: model
 	$(PY) handler.py --test_input "$$(cat test_input.json)"
 
+# The development stack; the Docker check belongs to the image's stack (test-image).
 test: model
-	$(PY) -m pytest
+	$(PY) -m pytest -m "not docker"
+
+# The same suite on the image's own stack, the Docker check included (root, docker.io and debootstrap).
+test-image: $(STAMPS)/venv-image model
+	$(IMAGE_PY) -m pytest
 
 # The OpenAI-compatible API on localhost:8000 (/openai/v1 and /v1), through the real handler. PORT=... for another.
 PORT ?= 8000
@@ -30,10 +55,14 @@ openai-server: model
 	$(PY) -m worker_transformers.serving.openai.server --port $(PORT)
 
 # Benchmarks print a table and write JSON + PNG under bench/out/.
-bench: bench-coldstart bench-serve
+bench: bench-coldstart bench-serve bench-render
 
 bench-serve: model
 	$(PY) bench/serve.py --json bench/out/serve.json
+
+# The chat template rendered in a child process (serving/renderer.py) against in-process, per request.
+bench-render: model
+	$(PY) bench/render.py --json bench/out/render.json
 
 # The GPU-only checks (a CUDA device; a few minutes): serving, greedy batched == serial, host syncs per step,
 # out-of-memory recovery, 8 GB placement. See bench/gpu.py.
@@ -41,8 +70,8 @@ bench-gpu: model
 	$(PY) bench/gpu.py --json bench/out/gpu.json
 
 # The image in its three modes, built and run with a private Docker engine (root; see tests/docker/check_image.sh).
-docker-check: model
-	bash tests/docker/check_image.sh
+docker-check: $(STAMPS)/venv-image model
+	PYTHON=$(IMAGE_PY) bash tests/docker/check_image.sh
 
 # Cold start against its baselines (a few minutes; see README). RUNS=5 for more runs per case.
 RUNS ?= 3

@@ -1,6 +1,8 @@
-"""builder/requirements.txt (the image's pins) agrees with pyproject.toml, and builder/build.sh refuses a bad
-command line before it starts docker. The image itself is built and run in tests/docker/."""
+"""builder/requirements.txt (the image's pins) agrees with pyproject.toml, the Dockerfile's base is the stack that
+builder/image_stack.env names (and `make test-image` tests), and builder/build.sh refuses a bad command line
+before it starts docker. The image itself is built and run in tests/docker/."""
 
+import re
 import subprocess
 from pathlib import Path
 
@@ -34,6 +36,36 @@ def test_the_image_pins_agree_with_pyproject_and_leave_torch_to_the_base_image()
         assert name in pinned, f"{name} is a dependency in pyproject.toml but not in builder/requirements.txt"
         version = str(pinned[name].specifier).removeprefix("==")
         assert wanted.specifier.contains(version), f"{name}=={version} is outside pyproject.toml's {wanted.specifier}"
+
+
+def image_stack() -> dict[str, str]:
+    lines = (ROOT / "builder" / "image_stack.env").read_text().splitlines()
+    return dict(line.split("=", 1) for line in lines if line.strip() and not line.startswith("#"))
+
+
+def test_the_dockerfile_s_base_is_the_image_stack_tested():
+    stack = image_stack()
+    assert set(stack) == {"BASE_IMAGE", "IMAGE_PYTHON_VERSION", "IMAGE_TORCH_VERSION"}, stack
+    [default] = re.findall(r"^ARG BASE_IMAGE=(\S+)$", (ROOT / "Dockerfile").read_text(), re.MULTILINE)
+    assert default == stack["BASE_IMAGE"], "the Dockerfile's BASE_IMAGE and builder/image_stack.env disagree"
+    # RunPod's tags name their torch: runpod/pytorch:1.0.2-cu1281-torch280-ubuntu2204 holds torch 2.8.0.
+    [torch_in_tag] = re.findall(r"-torch(\d+)-", default)
+    assert torch_in_tag == stack["IMAGE_TORCH_VERSION"].replace(".", ""), (default, stack["IMAGE_TORCH_VERSION"])
+
+
+def test_make_test_image_installs_that_stack_and_exactly_the_image_s_pins():
+    plan = subprocess.run(
+        ["make", "-n", "-B", "--no-print-directory", ".stamps/venv-image"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    stack = image_stack()
+    assert re.search(rf"python{re.escape(stack['IMAGE_PYTHON_VERSION'])} -m venv", plan), plan
+    install = plan.replace("\\\n", " ")
+    assert f"torch=={stack['IMAGE_TORCH_VERSION']} -r builder/requirements.txt" in install, install
+    assert "-c builder/requirements.txt" in install, install
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,6 @@
-# The stand-in base image (see base_image.sh): Debian 12 from debootstrap + the CPU build of torch 2.13.0.
-FROM localhost/worker-transformers-debian:bookworm
+# The stand-in base image (see base_image.sh): Debian 12 from debootstrap with the image's Python and torch, to
+# which this adds the environment RunPod's base images set.
+FROM localhost/worker-transformers-rootfs:stand-in
 
 # pip vendors its own CA bundle; point it and requests at the system one, which holds this machine's CAs.
 ENV SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt \
@@ -13,9 +14,6 @@ ENV PYTHONUNBUFFERED=True \
     HF_HOME=/workspace/.cache/huggingface/ \
     HF_XET_HIGH_PERFORMANCE=1
 
-ARG TORCH_WHEEL
-RUN --mount=type=bind,target=/wheels \
-    python -m pip install --no-cache-dir "/wheels/${TORCH_WHEEL}" \
-    && python -c "import torch; print('torch', torch.__version__)"
+RUN python -c "import torch; print('torch', torch.__version__)"
 
 CMD ["/bin/bash"]

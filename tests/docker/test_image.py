@@ -11,6 +11,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
-LIMIT_S = 3000  # a fresh machine: debootstrap, the torch wheel, three builds, five runs (~6 min seen)
+LIMIT_S = 3000  # a fresh machine: debootstrap, torch and its CUDA libraries, three builds, five runs
 
 
 def engine_missing() -> str | None:
@@ -33,8 +34,19 @@ def engine_missing() -> str | None:
     return None
 
 
+def image_python() -> str:
+    """The image's Python version, as builder/image_stack.env names it: the stand-in base is made of this one."""
+    for line in (ROOT / "builder" / "image_stack.env").read_text().splitlines():
+        if line.startswith("IMAGE_PYTHON_VERSION="):
+            return line.split("=", 1)[1]
+    raise AssertionError("builder/image_stack.env names no IMAGE_PYTHON_VERSION")
+
+
 @pytest.fixture(scope="module")
 def engine_available():
+    running = "%d.%d" % sys.version_info[:2]
+    if running != image_python():
+        pytest.skip(f"the stand-in base is made of Python {image_python()}, the image's; this is {running}: make test-image")
     reason = engine_missing()
     if reason is not None:
         if os.environ.get("REQUIRE_DOCKER") == "1":
@@ -52,6 +64,7 @@ def test_the_image_builds_and_answers_in_every_mode(engine_available, default_mo
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        env={**os.environ, "PYTHON": sys.executable},
         start_new_session=True,
     )
     try:
