@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 from conftest import CHATML, TOOL_TEMPLATE
 
-from worker_transformers.serving import renderer
 from worker_transformers.serving.renderer import RendererUnavailable, RenderFailed, RenderTimeout, TemplateRenderers
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -135,7 +134,7 @@ def test_a_slow_render_is_stopped_while_the_others_go_on(tokenizer, pool):
     thread = threading.Thread(target=looping)
     thread.start()
     time.sleep(0.5)
-    [busy] = set(renderer_children()) - set(renderers.idle_pids())
+    [busy] = set(renderers.pids()) - set(renderers.idle_pids())
     answers = [renderers.render([{"role": "user", "content": f"Hello {n}"}]) for n in range(3)]
     assert "timeout_after_s" not in outcome  # rendered while the loop still ran
     thread.join(30)
@@ -157,15 +156,25 @@ def test_a_template_s_own_error_keeps_its_child(tokenizer, pool):
     assert renderers.idle_pids() == [child] and alive(child)
 
 
-def test_a_child_that_dies_costs_one_render_and_is_replaced(tokenizer, pool):
+def test_a_child_that_dies_while_idle_costs_no_render(tokenizer, pool):
     renderers = pool(tokenizer)
     renderers.render([{"role": "user", "content": "Hi"}])
     [child] = renderers.idle_pids()
-    os.kill(child, 9)
+    os.kill(child, 9)  # as the kernel's out-of-memory killer would
     time.sleep(0.2)
-    with pytest.raises(RendererUnavailable, match="died while rendering"):
-        renderers.render([{"role": "user", "content": "Hi"}])
     assert renderers.render([{"role": "user", "content": "Hi"}]).startswith("<|im_start|>user\nHi")
+    assert renderers.pids() != [child] and renderers.children == 1
+
+
+def test_a_child_that_dies_while_rendering_costs_that_render_and_is_replaced(tokenizer, pool):
+    renderers = pool(tokenizer, LOOPS_ON_WORD)
+    renderers.render([{"role": "user", "content": "Hi"}])
+    [child] = renderers.idle_pids()
+    threading.Timer(0.5, os.kill, args=(child, 9)).start()
+    with pytest.raises(RendererUnavailable, match="died while rendering"):
+        renderers.render([{"role": "user", "content": "please loop"}])
+    assert renderers.render([{"role": "user", "content": "Hi"}]).startswith("<|im_start|>user\nHi")
+    assert child not in renderers.pids()
 
 
 def test_a_tokenizer_the_child_cannot_import_is_a_clear_failure(tokenizer, pool, tmp_path):
@@ -193,7 +202,7 @@ def test_a_tokenizer_the_child_cannot_import_is_a_clear_failure(tokenizer, pool,
     sys.modules.pop("local_tokenizers", None)
 
 
-def test_close_and_kill_all_leave_no_child(tokenizer, pool):
+def test_close_leaves_no_child(tokenizer, pool):
     renderers = pool(tokenizer, max_children=3)
     threads = [threading.Thread(target=renderers.render, args=([{"role": "user", "content": "Hi"}],)) for _ in range(6)]
     for thread in threads:
@@ -206,7 +215,40 @@ def test_close_and_kill_all_leave_no_child(tokenizer, pool):
     assert not any(alive(pid) for pid in before)
     with pytest.raises(RendererUnavailable, match="shutting down"):
         renderers.render([{"role": "user", "content": "Hi"}])
-    others = pool(tokenizer)
-    others.render([{"role": "user", "content": "Hi"}])
-    renderer.kill_all()
-    assert renderer_children() == []
+
+
+
+def test_kill_all_ends_every_child_of_the_process_even_one_in_a_looping_render(tiny_model_dir, tmp_path):
+    """What the worker runs before os._exit, which skips atexit: afterwards no renderer of it is left."""
+    pids = tmp_path / "pids"
+    script = textwrap.dedent(
+        f"""
+        import threading, time
+        from transformers import AutoTokenizer
+        from worker_transformers.serving import renderer
+        tokenizer = AutoTokenizer.from_pretrained({str(tiny_model_dir)!r})
+        tokenizer.chat_template = {LOOPS_ON_WORD!r}
+        pools = [renderer.TemplateRenderers(60.0, 1) for _ in range(2)]
+        for pool in pools:
+            pool.serve(tokenizer)
+            pool.render([{{"role": "user", "content": "Hi"}}])
+        threading.Thread(target=pools[0].render, args=([{{"role": "user", "content": "loop"}}],), daemon=True).start()
+        time.sleep(0.5)
+        open({str(pids)!r}, "w").write(" ".join(str(p) for pool in pools for p in pool.pids()))
+        renderer.kill_all()
+        import os
+        os._exit(0)
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    children = [int(pid) for pid in pids.read_text().split()]
+    assert len(children) == 2
+    time.sleep(0.5)
+    assert not any(alive(pid) for pid in children)

@@ -93,6 +93,9 @@ class _Child:
             raise RenderFailed(detail)
         return detail
 
+    def alive(self) -> bool:
+        return self.process.poll() is None and not self.connection.closed
+
     def kill(self) -> None:
         _LIVE.discard(self)
         self.process.kill()
@@ -111,7 +114,7 @@ class TemplateRenderers:
         self._changed = threading.Condition()
         self._idle: list[_Child] = []
         self._unserved: list[_Child] = []  # started before the tokenizer was known
-        self._count = 0  # children alive, ready or starting
+        self._members: set[_Child] = set()  # children alive: ready, rendering or starting
         self._starting = 0
         self._failure: str | None = None
         self._closed = False
@@ -121,8 +124,9 @@ class TemplateRenderers:
         """A pool whose first child starts importing now."""
         renderers = cls(limit_s, max_children)
         with renderers._changed:
-            renderers._count += 1
-            renderers._unserved.append(_Child())
+            child = _Child()
+            renderers._members.add(child)
+            renderers._unserved.append(child)
         return renderers
 
     def serve(self, tokenizer: Any) -> None:
@@ -162,15 +166,20 @@ class TemplateRenderers:
     def close(self) -> None:
         with self._changed:
             self._closed = True
-            children, self._idle, self._unserved = self._idle + self._unserved, [], []
+            children, self._members, self._idle, self._unserved = self._members, set(), [], []
             self._changed.notify_all()
-        for child in children:
+        for child in children:  # a render in flight gets its child's end of file and fails
             child.kill()
 
     @property
     def children(self) -> int:
-        """Children alive, ready or starting."""
-        return self._count
+        """Children alive: ready, rendering or starting."""
+        return len(self._members)
+
+    def pids(self) -> list[int]:
+        """The process ids of every child alive."""
+        with self._changed:
+            return sorted(child.process.pid for child in self._members)
 
     def idle_pids(self) -> list[int]:
         """The process ids of the children waiting for a render."""
@@ -186,15 +195,21 @@ class TemplateRenderers:
             while True:
                 if self._closed:
                     raise RendererUnavailable("the worker is shutting down")
-                if self._idle:
-                    return self._idle.pop()
+                while self._idle:
+                    child = self._idle.pop()
+                    if child.alive():
+                        return child
+                    # It died while idle (killed by hand, or by the kernel for memory): no render is lost to it.
+                    log.error("a chat-template renderer died while idle (exit code %s)", child.process.poll())
+                    self._members.discard(child)
+                    child.kill()
                 if self._state is None:
                     raise RendererUnavailable("the chat-template renderers have no tokenizer yet")
                 now = time.monotonic()
                 if self._starting == 0:
                     if self._failure is not None:
                         raise RendererUnavailable(self._failure)
-                    if self._count < self.max_children and now >= grow_at:
+                    if len(self._members) < self.max_children and now >= grow_at:
                         self._start_one()
                 if now >= deadline:
                     raise RendererUnavailable(f"no chat-template renderer was free within {START_LIMIT_S:.0f} s")
@@ -202,9 +217,10 @@ class TemplateRenderers:
 
     def _start_one(self) -> None:
         """Start a child in the background (the caller holds the lock); it joins the idle ones once ready."""
-        self._count += 1
+        child = _Child()
+        self._members.add(child)
         self._starting += 1
-        self._bring_up_later(_Child())
+        self._bring_up_later(child)
 
     def _bring_up_later(self, child: _Child) -> None:
         threading.Thread(target=self._bring_up, args=(child,), name="template-renderer", daemon=True).start()
@@ -215,7 +231,7 @@ class TemplateRenderers:
         except RendererUnavailable as error:
             log.error("%s", error)
             with self._changed:
-                self._count -= 1
+                self._members.discard(child)
                 self._starting -= 1
                 self._failure = str(error)
                 self._changed.notify_all()
@@ -237,7 +253,7 @@ class TemplateRenderers:
         """Kill a child that overran or died, and start its successor now, so the next render need not wait."""
         child.kill()
         with self._changed:
-            self._count -= 1
+            self._members.discard(child)
             if not self._closed:
                 self._start_one()
 
