@@ -111,7 +111,7 @@ def percentile(values: list[float], q: float) -> float:
 
 def handler_overhead(engine, settings, jobs: list[dict], rounds: int = 200) -> float:
     """Seconds per request the handler spends outside the model: validation, tokenization, response shape."""
-    from worker_transformers.serving.events import Done
+    from worker_transformers.generation.events import Done
     from worker_transformers.serving.schema import parse_request
 
     done = Done("", "stop", 10, 10)

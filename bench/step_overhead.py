@@ -95,7 +95,7 @@ class StepTimer:
 def run_batch(batcher, timer: StepTimer, sequence_for) -> dict:
     """Queue `batch` requests at once, so they join in one prefill (`sequence_for(i, ids, emit)` makes each, in
     the batcher's own types), wait until all are done, and close the batcher."""
-    from worker_transformers.serving.events import release_openmp_team
+    from worker_transformers.generation.events import release_openmp_team
 
     release_openmp_team()  # as a real submit does: this thread's idle team would slow the batcher's (events.py)
     done = threading.Semaphore(0)
@@ -122,11 +122,11 @@ def prompts(tok, batch: int) -> list[list[int]]:
 
 
 def measure_current(model, tok, batch: int, steps: int, sampled: bool) -> dict:
-    from worker_transformers.serving.batcher import Batcher
-    from worker_transformers.serving.choice import probe
-    from worker_transformers.serving.events import Sequence
-    from worker_transformers.serving.sampling import Sampling
-    from worker_transformers.serving.textstream import Detokenizer, TextStream
+    from worker_transformers.generation.batcher import Batcher
+    from worker_transformers.generation.choice import probe
+    from worker_transformers.generation.events import Sequence
+    from worker_transformers.generation.sampling import Sampling
+    from worker_transformers.generation.textstream import Detokenizer, TextStream
 
     shape = probe(model)
     batcher = Batcher(model, batch, set(), shape.num_layers, shape.windows)

@@ -29,7 +29,7 @@ LIGHT = (
     "startup.collector",
     "serving.schema",
     "serving.shutdown",
-    "serving.textstream",
+    "generation.textstream",
     "serving.openai.bodies",
     "advisor.cli",
     "advisor.footprint",

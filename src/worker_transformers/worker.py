@@ -38,7 +38,7 @@ def import_libraries() -> None:
     """Startup's heavy imports (torch, transformers, runpod), in one place: setup runs them while the weights
     prefetch, and record_readahead runs them to learn which pages of which files they read."""
     from worker_transformers.loading import loader  # noqa: F401
-    from worker_transformers.serving import engine  # noqa: F401
+    from worker_transformers.generation import service  # noqa: F401
 
     import_runpod()
 
@@ -60,7 +60,7 @@ def setup(settings: Settings, budget: InitBudget | None = None):
             with budget.phase("imports"):
                 import_libraries()
                 from worker_transformers.loading import loader
-                from worker_transformers.serving.engine import Engine
+                from worker_transformers.generation.service import Engine
 
                 loader.import_model_code(location, settings)
             with budget.phase("tokenizer"):

@@ -49,8 +49,8 @@ class OomGuard:
 
 
 def make_handler(engine, settings: Settings, on_unhealthy: Callable[[], None] = lambda: None) -> Handler:
-    from worker_transformers.serving.engine import DeviceFailed, GenerationFailed, OutOfMemory
-    from worker_transformers.serving.events import Done
+    from worker_transformers.generation.service import DeviceFailed, GenerationFailed, OutOfMemory
+    from worker_transformers.generation.events import Done
     from worker_transformers.serving.openai.routes import DONE, OpenAIRoutes, error_result, is_openai_job
     from worker_transformers.serving.tools import (
         Call,

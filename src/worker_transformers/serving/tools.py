@@ -22,8 +22,8 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 from transformers.utils.chat_parsing import ResponseParser
 
-from worker_transformers.serving.events import Delta, Done
-from worker_transformers.serving.sampling import TokenLogprobs
+from worker_transformers.generation.events import Delta, Done
+from worker_transformers.generation.sampling import TokenLogprobs
 from worker_transformers.serving.schema import GenerationRequest, RequestError
 
 # A tool the check below offers the template: its name shows in the prompt exactly when the template shows tools.

@@ -19,8 +19,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from worker_transformers.serving.engine import DeviceFailed, Engine, GenerationFailed, OutOfMemory
-from worker_transformers.serving.events import Done
+from worker_transformers.generation.service import DeviceFailed, Engine, GenerationFailed, OutOfMemory
+from worker_transformers.generation.events import Done
 from worker_transformers.serving.openai.bodies import ChatCompletionBody, CompletionBody
 from worker_transformers.serving.schema import GenerationRequest, RequestError, describe
 from worker_transformers.serving.tools import (

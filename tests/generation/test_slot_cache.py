@@ -2,7 +2,7 @@
 
 import torch
 
-from worker_transformers.serving.slot_cache import attention_masks, decode_masks
+from worker_transformers.generation.slot_cache import attention_masks, decode_masks
 
 
 def test_decode_masks_equal_the_general_masks_for_rows_with_gaps_and_sliding_windows():

@@ -6,14 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from worker_transformers.serving import events
+from worker_transformers.generation import events
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 
 # In a fresh process, so that no other test's threads come and go while the process's threads are counted.
 SUBMITTING_THREAD = """
 import os, time, torch
-from worker_transformers.serving.events import EngineThread, Sequence
+from worker_transformers.generation.events import EngineThread, Sequence
 
 def threads():
     return len(os.listdir("/proc/self/task"))

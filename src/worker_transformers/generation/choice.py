@@ -19,10 +19,10 @@ from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from worker_transformers.config import ConfigError
-from worker_transformers.serving.batcher import PREFILL_TOKENS, Batcher
-from worker_transformers.serving.events import Sequence
-from worker_transformers.serving.sampling import Sampling
-from worker_transformers.serving.slot_cache import layer_windows
+from worker_transformers.generation.batcher import PREFILL_TOKENS, Batcher
+from worker_transformers.generation.events import Sequence
+from worker_transformers.generation.sampling import Sampling
+from worker_transformers.generation.slot_cache import layer_windows
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def _close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> 
 @torch.inference_mode()
 def batcher_matches_model(model: PreTrainedModel, detokenizer, shape: CacheShape) -> str | None:
     """None when the batcher computes what the model computes on its own; else what differed."""
-    from worker_transformers.serving.textstream import TextStream
+    from worker_transformers.generation.textstream import TextStream
 
     vocab = model.config.get_text_config().vocab_size
     generator = torch.Generator().manual_seed(0)

@@ -34,9 +34,9 @@ from transformers.generation.continuous_batching.cb_logits_processors import (
 from transformers.generation.continuous_batching.requests import GenerationOutput, RequestStatus
 
 from worker_transformers.config import ConfigError
-from worker_transformers.serving.events import EngineThread, Sequence
-from worker_transformers.serving.grammar import Grammar, allowed_tokens
-from worker_transformers.serving.sampling import BatchSampler, Sampling, TokenLogprobs, logprobs_of
+from worker_transformers.generation.events import EngineThread, Sequence
+from worker_transformers.generation.grammar import Grammar, allowed_tokens
+from worker_transformers.generation.sampling import BatchSampler, Sampling, TokenLogprobs, logprobs_of
 
 log = logging.getLogger(__name__)
 

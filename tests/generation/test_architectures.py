@@ -19,7 +19,7 @@ from tiny_tokenizers import byte_level_tokenizer, metaspace_tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from worker_transformers.config import Settings
-from worker_transformers.serving import batcher as batcher_module
+from worker_transformers.generation import batcher as batcher_module
 from worker_transformers.serving.handlers import make_handler
 from worker_transformers.worker import setup
 
@@ -206,7 +206,7 @@ def test_chats_with_one_system_prompt_joining_together_answer_as_generate_would(
     """Their shared start is computed once and copied (batcher.py); past a sliding window too."""
     import queue
 
-    from worker_transformers.serving.events import Done
+    from worker_transformers.generation.events import Done
     from worker_transformers.serving.schema import parse_request
 
     _, engine, _, tokenizer, reference = served

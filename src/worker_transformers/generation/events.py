@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from worker_transformers.serving.grammar import Grammar
-from worker_transformers.serving.sampling import Sampling, TokenLogprobs
-from worker_transformers.serving.textstream import TextStream
+from worker_transformers.generation.grammar import Grammar
+from worker_transformers.generation.sampling import Sampling, TokenLogprobs
+from worker_transformers.generation.textstream import TextStream
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from worker_transformers.config import Settings
-from worker_transformers.serving.engine import OutOfMemory
+from worker_transformers.generation.service import OutOfMemory
 from worker_transformers.serving.schema import parse_request
 from worker_transformers.worker import setup
 

@@ -4,7 +4,7 @@ settings, draws that follow the softmax, and a seeded row that picks the same to
 import pytest
 import torch
 
-from worker_transformers.serving.sampling import ARGMAX_BLOCK, BatchSampler, Sampling, argmax
+from worker_transformers.generation.sampling import ARGMAX_BLOCK, BatchSampler, Sampling, argmax
 from worker_transformers.serving.schema import parse_request
 
 VOCAB = 1000

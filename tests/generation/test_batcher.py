@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from worker_transformers.config import Settings
-from worker_transformers.serving import batcher as batcher_module
-from worker_transformers.serving.events import Done, Failed, Sequence
-from worker_transformers.serving.sampling import Sampling
+from worker_transformers.generation import batcher as batcher_module
+from worker_transformers.generation.events import Done, Failed, Sequence
+from worker_transformers.generation.sampling import Sampling
 from worker_transformers.serving.schema import GenerationRequest, parse_request
-from worker_transformers.serving.textstream import TextStream
+from worker_transformers.generation.textstream import TextStream
 from worker_transformers.worker import setup
 
 

@@ -19,16 +19,16 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from worker_transformers.serving import choice
-from worker_transformers.serving.batcher import Batcher, ShedForMemory
-from worker_transformers.serving.continuous import ContinuousGenerator
-from worker_transformers.serving.events import Delta, Done, Event, Failed, Sequence
-from worker_transformers.serving.grammar import Grammar, Grammars
+from worker_transformers.generation import choice
+from worker_transformers.generation.batcher import Batcher, ShedForMemory
+from worker_transformers.generation.continuous import ContinuousGenerator
+from worker_transformers.generation.events import Delta, Done, Event, Failed, Sequence
+from worker_transformers.generation.grammar import Grammar, Grammars
 from worker_transformers.serving.prompt import Prompts
-from worker_transformers.serving.sampling import Sampling, TokenLogprobs
+from worker_transformers.generation.sampling import Sampling, TokenLogprobs
 from worker_transformers.serving.schema import GenerationRequest, RequestError
-from worker_transformers.serving.serial import SerialGenerator
-from worker_transformers.serving.textstream import Detokenizer, TextStream
+from worker_transformers.generation.serial import SerialGenerator
+from worker_transformers.generation.textstream import Detokenizer, TextStream
 from worker_transformers.serving.tools import forced_call_schema
 
 log = logging.getLogger(__name__)

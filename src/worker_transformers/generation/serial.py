@@ -16,9 +16,9 @@ import logging
 import torch
 from transformers import LogitsProcessor, PreTrainedModel, StoppingCriteria
 
-from worker_transformers.serving.events import EngineThread, Sequence
-from worker_transformers.serving.grammar import allowed_tokens
-from worker_transformers.serving.sampling import BatchSampler, TokenLogprobs, logprobs_of
+from worker_transformers.generation.events import EngineThread, Sequence
+from worker_transformers.generation.grammar import allowed_tokens
+from worker_transformers.generation.sampling import BatchSampler, TokenLogprobs, logprobs_of
 
 log = logging.getLogger(__name__)
 

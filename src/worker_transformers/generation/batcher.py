@@ -33,10 +33,10 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel
 
-from worker_transformers.serving.events import EngineThread, Sequence
-from worker_transformers.serving.grammar import allowed_tokens
-from worker_transformers.serving.sampling import BatchSampler, TokenLogprobs, logprobs_of
-from worker_transformers.serving.slot_cache import SlotCache, attention_masks, decode_masks
+from worker_transformers.generation.events import EngineThread, Sequence
+from worker_transformers.generation.grammar import allowed_tokens
+from worker_transformers.generation.sampling import BatchSampler, TokenLogprobs, logprobs_of
+from worker_transformers.generation.slot_cache import SlotCache, attention_masks, decode_masks
 
 log = logging.getLogger(__name__)
 
