@@ -17,10 +17,23 @@ step amortized.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import NamedTuple
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
+
+
+class _Target(NamedTuple):
+    """Where the forward running now writes: its rows, and the columns from `start` to `end`."""
+
+    rows: slice
+    start: int
+    end: int
+
+
+_NOWHERE = _Target(slice(0, 0), 0, 0)
 
 
 class SlotLayer(CacheLayerMixin):
@@ -44,16 +57,16 @@ class SlotLayer(CacheLayerMixin):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        rows, start, end = self.cache.rows, self.cache.write_start, self.cache.write_end
+        rows, start, end = self.cache.target
         self.keys[rows, :, start:end] = key_states
         self.values[rows, :, start:end] = value_states
         return self.keys[rows, :, :end], self.values[rows, :, :end]
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.cache.write_end, 0
+        return self.cache.target.end, 0
 
     def get_seq_length(self) -> int:
-        return self.cache.write_start
+        return self.cache.target.start
 
     def get_max_length(self) -> int:
         return -1
@@ -76,17 +89,24 @@ class SlotLayer(CacheLayerMixin):
 
 
 class SlotCache(Cache):
-    """The cache handed to the model on every forward of the batch. `rows` and the write columns are set by the
-    batcher before each forward."""
+    """The cache handed to the model on every forward of the batch; `writing` says where that forward writes."""
 
     def __init__(self, num_layers: int, row_capacity: int, column_capacity: int, device: torch.device) -> None:
         super().__init__(layers=[SlotLayer(self) for _ in range(num_layers)])
         self.row_capacity = row_capacity
         self.column_capacity = column_capacity
-        self.rows: slice | torch.Tensor = slice(0, 0)
-        self.write_start = self.write_end = 0
+        self.target = _NOWHERE
         # The position of the token each (row, column) holds; -1 where it holds none.
         self.positions = torch.full((row_capacity, column_capacity), -1, dtype=torch.long, device=device)
+
+    @contextmanager
+    def writing(self, rows: slice, start: int, end: int) -> Iterator[SlotCache]:
+        """The cache for a forward that writes its tokens' keys and values into `rows`, columns `start` to `end`."""
+        self.target = _Target(rows, start, end)
+        try:
+            yield self
+        finally:
+            self.target = _NOWHERE
 
     def resize(self, rows: int, columns: int, keep_rows: int, keep: slice) -> None:
         for layer in self.layers:
