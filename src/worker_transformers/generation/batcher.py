@@ -36,7 +36,7 @@ from worker_transformers.generation.engine import Engine
 from worker_transformers.generation.events import Sequence
 from worker_transformers.generation.grammar import allowed_tokens
 from worker_transformers.generation.sampling import BatchSampler, keep_chosen, penalty_state, rows_logprobs
-from worker_transformers.generation.slot_cache import SlotCache, attention_masks, decode_masks
+from worker_transformers.generation.slot_cache import SlotCache, attention_masks
 
 log = logging.getLogger(__name__)
 
@@ -342,8 +342,8 @@ class Batcher(Engine):
         end = start + ids.shape[1]
         cache = self.cache
         cache.positions[rows, start:end] = positions
-        masks = (decode_masks if decode else attention_masks)(
-            cache.positions[rows, :end], positions, self.windows, self.dtype, self.additive_masks
+        masks = attention_masks(
+            cache.positions[rows, :end], positions, self.windows, self.dtype, self.additive_masks, decode
         )
         with cache.writing(rows, start, end):
             out = self.model(

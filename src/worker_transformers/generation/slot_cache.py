@@ -138,38 +138,28 @@ def attention_masks(
     windows: dict[str, int | None],
     dtype: torch.dtype,
     additive: bool,
+    decode: bool = False,
 ) -> dict[str, torch.Tensor] | torch.Tensor:
     """The 4D masks (rows, 1, queries, columns) for each attention kind in `windows` (kind -> sliding window, None
     for full attention): a query sees the cached tokens at or before its own position, within the window. A query
     with no token of its own (left padding: position -1) sees only its own column, so its row of attention stays
     defined; nothing reads what it computes. `additive` gives eager attention's 0 / -inf form instead of booleans.
-    A single kind gives a tensor, as models with one attention kind expect; several give a dict keyed by kind."""
+    A single kind gives a tensor, as models with one attention kind expect; several give a dict keyed by kind.
+
+    `decode`: the same masks for a decode step, in a few operations instead of a dozen: each row's one query is
+    its newest token, at a later position than every other token the row holds, and no row is padding, so a
+    query sees exactly the columns that hold a token (within the window)."""
     kv = kv_positions[:, None, None, :]
     query = query_positions[:, None, :, None]
-    seen = (kv >= 0) & (kv <= query)
-    masks = {
-        kind: _padding_sees_itself(seen if window is None else seen & (query - kv < window), query_positions)
-        for kind, window in windows.items()
-    }
-    return _by_kind(masks, dtype, additive)
-
-
-def decode_masks(
-    kv_positions: torch.Tensor,
-    query_positions: torch.Tensor,
-    windows: dict[str, int | None],
-    dtype: torch.dtype,
-    additive: bool,
-) -> dict[str, torch.Tensor] | torch.Tensor:
-    """`attention_masks` for a decode step, in a few operations instead of a dozen: each row's one query is its
-    newest token, at a later position than every other token the row holds, and no row is padding, so a query
-    sees exactly the columns that hold a token (within the window)."""
-    kv = kv_positions[:, None, None, :]
-    held = kv >= 0
-    masks = {
-        kind: held if window is None else held & (kv > query_positions[:, None, :, None] - window)
-        for kind, window in windows.items()
-    }
+    if decode:
+        held = kv >= 0
+        masks = {kind: held if window is None else held & (kv > query - window) for kind, window in windows.items()}
+    else:
+        seen = (kv >= 0) & (kv <= query)
+        masks = {
+            kind: _padding_sees_itself(seen if window is None else seen & (query - kv < window), query_positions)
+            for kind, window in windows.items()
+        }
     return _by_kind(masks, dtype, additive)
 
 
