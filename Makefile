@@ -52,7 +52,7 @@ test-image: $(STAMPS)/venv-image model
 # The OpenAI-compatible API on localhost:8000 (/openai/v1 and /v1), through the real handler. PORT=... for another.
 PORT ?= 8000
 openai-server: model
-	$(PY) -m worker_transformers.serving.openai.server --port $(PORT)
+	$(PY) -m worker_transformers.openai_server --port $(PORT)
 
 # Benchmarks print a table and write JSON + PNG under bench/out/.
 bench: bench-coldstart bench-serve bench-render

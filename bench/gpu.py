@@ -85,21 +85,21 @@ def greedy_equality(engine, handler) -> dict:
     alone = [run_jobs(handler, [job_input])[0] for job_input in inputs]
     together = run_jobs(handler, inputs)
     equal = sum(a == b for a, b in zip(alone, together))
-    return {"requests": len(inputs), "equal": equal, "peak_batch": engine.generator.peak_batch}
+    return {"requests": len(inputs), "equal": equal, "peak_batch": engine.generation.engine.peak_batch}
 
 
 def syncs_per_step(engine, handler) -> dict:
     import torch
 
-    batcher = engine.generator
+    batcher = engine.generation.engine
     steps = {"n": 0}
-    decode = batcher._decode_step
+    decode = batcher.decode
 
     def counted():
         steps["n"] += 1
         return decode()
 
-    batcher._decode_step = counted
+    batcher.decode = counted
     inputs = [{"prompt": f"Count to {i}:", "temperature": 0.8, "top_p": 0.95, "max_new_tokens": 64} for i in range(16)]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -108,7 +108,7 @@ def syncs_per_step(engine, handler) -> dict:
             run_jobs(handler, inputs)
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    batcher._decode_step = decode
+    batcher.decode = decode
     syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
     return {"decode_steps": steps["n"], "syncs": len(syncs), "syncs_per_step": len(syncs) / max(steps["n"], 1)}
 
@@ -116,7 +116,7 @@ def syncs_per_step(engine, handler) -> dict:
 def out_of_memory_recovery(engine, handler) -> dict:
     import torch
 
-    device = engine.generator.device
+    device = engine.generation.engine.device
     total = torch.cuda.get_device_properties(device).total_memory
     held = torch.cuda.memory_reserved(device)
     torch.cuda.set_per_process_memory_fraction(min(1.0, (held + 512 * 2**20) / total), device)

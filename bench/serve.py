@@ -111,15 +111,17 @@ def percentile(values: list[float], q: float) -> float:
 
 def handler_overhead(engine, settings, jobs: list[dict], rounds: int = 200) -> float:
     """Seconds per request the handler spends outside the model: validation, tokenization, response shape."""
-    from worker_transformers.serving.events import Done
+    from worker_transformers.generation.events import Done
+    from worker_transformers.serving.answer import Answer
+    from worker_transformers.serving.plain import response
     from worker_transformers.serving.schema import parse_request
 
-    done = Done("", "stop", 10, 10)
+    answer = Answer(text=["x" * 200], done=Done("", "stop", 10, 10))
     start = time.perf_counter()
     for i in range(rounds):
         request = parse_request({**jobs[i % len(jobs)], "stream": False}, settings.max_new_tokens)
         engine.prepare(request)
-        json.dumps(engine.response("x" * 200, done))
+        json.dumps(response(answer, request, engine.model_name, engine.tokenizer))
     return (time.perf_counter() - start) / rounds
 
 
@@ -190,11 +192,11 @@ def worker_sweep(dtype: str, engine_kind: str, jobs: list[dict], levels: list[in
     try:
         results = asyncio.run(sweep())
         extra = {
-            "engine": engine.kind,
+            "engine": engine.generation.engine_kind,
             "model": settings.model_name,
-            "dtype": str(engine.generator.model.dtype).removeprefix("torch."),
+            "dtype": str(engine.generation.engine.model.dtype).removeprefix("torch."),
             "handler_overhead_s": handler_overhead(engine, settings, jobs),
-            "batch_1_decode": decode_bandwidth(engine.generator.model, results[0]["itl_p50_s"]),
+            "batch_1_decode": decode_bandwidth(engine.generation.engine.model, results[0]["itl_p50_s"]),
         }
     finally:
         engine.close()
@@ -300,7 +302,7 @@ def head_to_head(dtype: str, jobs: list[dict], best: dict, rounds: int, concurre
             asyncio.run(one(handler, {**jobs[0], "max_new_tokens": 4}))  # warm-up
             batched = asyncio.run(level(handler, jobs, concurrency))
             alone = asyncio.run(level(handler, distinct[:4], 1))
-            kind = engine.kind
+            kind = engine.generation.engine_kind
         finally:
             engine.close()
         generate_batch = baselines.generate_batch(best)

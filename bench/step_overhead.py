@@ -55,9 +55,10 @@ def tokenizer():
 
 
 class StepTimer:
-    """Wraps a batcher's decode step and its model's forward: step and forward seconds, per step."""
+    """Wraps a batcher's decode step and its model's forward: step and forward seconds, per step of a full batch
+    (`rows()` counts the batch's rows)."""
 
-    def __init__(self, batcher, step_name: str, batch: int, tokenizer) -> None:
+    def __init__(self, batcher, step_name: str, batch: int, tokenizer, rows) -> None:
         self.batch, self.tokenizer = batch, tokenizer
         self.steps: list[float] = []
         self.forwards: list[float] = []
@@ -74,7 +75,7 @@ class StepTimer:
                     self.forwards.append(time.perf_counter() - start)
 
         def timed_step(*args, **kwargs):
-            full = len(batcher._active) == batch
+            full = rows() == batch
             self._in_step = full
             start = time.perf_counter()
             try:
@@ -92,12 +93,13 @@ class StepTimer:
         return {"host_ms": statistics.median(host) * 1e3, "forward_ms": statistics.median(self.forwards) * 1e3}
 
 
-def run_batch(batcher, timer: StepTimer, sequence_for) -> dict:
-    """Queue `batch` requests at once, so they join in one prefill (`sequence_for(i, ids, emit)` makes each, in
-    the batcher's own types), wait until all are done, and close the batcher."""
-    from worker_transformers.serving.events import release_openmp_team
+def run_batch(batcher, timer: StepTimer, sequence_for, queue_all) -> dict:
+    """Queue `batch` requests at once with `queue_all(batcher, sequences)`, so they join in one prefill
+    (`sequence_for(i, ids, emit)` makes each, in the batcher's own types), wait until all are done, and close the
+    batcher."""
+    from worker_transformers.generation.engine import release_openmp_team
 
-    release_openmp_team()  # as a real submit does: this thread's idle team would slow the batcher's (events.py)
+    release_openmp_team()  # as a real submit does: this thread's idle team would slow the batcher's (engine.py)
     done = threading.Semaphore(0)
 
     def emit(event) -> None:
@@ -106,9 +108,7 @@ def run_batch(batcher, timer: StepTimer, sequence_for) -> dict:
 
     ids_list = prompts(timer.tokenizer, timer.batch)
     try:
-        with batcher._wake:
-            batcher._waiting.extend(sequence_for(i, ids, emit) for i, ids in enumerate(ids_list))
-            batcher._wake.notify()
+        queue_all(batcher, [sequence_for(i, ids, emit) for i, ids in enumerate(ids_list)])
         for _ in ids_list:
             done.acquire()
         return timer.result()
@@ -122,24 +122,29 @@ def prompts(tok, batch: int) -> list[list[int]]:
 
 
 def measure_current(model, tok, batch: int, steps: int, sampled: bool) -> dict:
-    from worker_transformers.serving.batcher import Batcher
-    from worker_transformers.serving.choice import probe
-    from worker_transformers.serving.events import Sequence
-    from worker_transformers.serving.sampling import Sampling
-    from worker_transformers.serving.textstream import Detokenizer, TextStream
+    from worker_transformers.generation.batcher import Batcher
+    from worker_transformers.generation.choice import probe
+    from worker_transformers.generation.events import Sequence
+    from worker_transformers.generation.sampling import Sampling
+    from worker_transformers.generation.textstream import Detokenizer, TextStream
 
     shape = probe(model)
     batcher = Batcher(model, batch, set(), shape.num_layers, shape.windows)
-    timer = StepTimer(batcher, "_decode_step", batch, tok)
+    timer = StepTimer(batcher, "decode", batch, tok, lambda: len(batcher.active))
     detokenizer = Detokenizer(tok)
     settings = dict(greedy=not sampled, temperature=0.8, top_k=0, top_p=0.95 if sampled else 1.0)
 
     def sequence_for(i: int, ids: list[int], emit) -> Sequence:
         sampling = Sampling(**settings, repetition_penalty=1.0, seed=i)
-        generator = sampling.generator(batcher.device)
-        return Sequence(ids, steps, sampling, TextStream(detokenizer, ids), emit, generator=generator)
+        draws = sampling.generator(batcher.device)
+        return Sequence(ids, steps, sampling, TextStream(detokenizer, ids), emit, generator=draws)
 
-    return run_batch(batcher, timer, sequence_for)
+    def queue_all(batcher, sequences) -> None:
+        with batcher.one_turn():
+            for sequence in sequences:
+                batcher.submit(sequence)
+
+    return run_batch(batcher, timer, sequence_for, queue_all)
 
 
 def load_baseline():
@@ -163,7 +168,7 @@ def measure_baseline(modules, model, tok, batch: int, steps: int, sampled: bool)
     sampling_module = importlib.import_module("baseline_worker.sampling")
     textstream = importlib.import_module("baseline_worker.textstream")
     batcher = batcher_module.Batcher(model, batch, set())
-    timer = StepTimer(batcher, "_decode_step", batch, tok)
+    timer = StepTimer(batcher, "_decode_step", batch, tok, lambda: len(batcher._active))  # the old batcher's rows
     fields = {"temperature": 0.8, "top_p": 0.95} if sampled else {"temperature": 0}
 
     def sequence_for(i: int, ids: list[int], emit):
@@ -172,7 +177,12 @@ def measure_baseline(modules, model, tok, batch: int, steps: int, sampled: bool)
         text = textstream.TextStream(lambda ids: tok.decode(ids, skip_special_tokens=True))
         return batcher_module.Sequence(ids, steps, sampler, text, emit)
 
-    return run_batch(batcher, timer, sequence_for)
+    def queue_all(batcher, sequences) -> None:  # the old batcher (from git) takes them only this way
+        with batcher._wake:
+            batcher._waiting.extend(sequences)
+            batcher._wake.notify()
+
+    return run_batch(batcher, timer, sequence_for, queue_all)
 
 
 def measure(batch: int = 32, steps: int = 40, rounds: int = 3) -> dict:

@@ -40,11 +40,11 @@ JOB = {"prompt": "Hello world", "max_new_tokens": 5, "temperature": 0}
 
 def test_out_of_memory_fails_the_job_clearly_frees_the_batch_and_the_next_job_succeeds(engine, tiny_model_dir):
     handler = make_handler(engine, Settings.from_env({"MODEL_NAME": str(tiny_model_dir)}))
-    out_of_memory_for(engine.generator.model, calls=1)
+    out_of_memory_for(engine.generation.engine.model, calls=1)
     [failed] = run(handler, JOB)
     assert failed["error"].startswith("out of memory on the device while generating")
     assert "MAX_CONCURRENCY" in failed["error"] and "Traceback" not in failed["error"]
-    assert engine.generator.in_flight() == 0 and engine.generator._active == []
+    assert engine.generation.engine.in_flight() == 0 and engine.generation.engine.active == []
     [ok] = run(handler, JOB)
     assert ok["usage"]["completion_tokens"] == 5
 
@@ -61,7 +61,7 @@ def test_out_of_memory_at_one_prefill_fails_that_request_only_and_the_stream_dec
         head = await first.__anext__()  # job a is decoding
         # The long prompt's prefill runs out of memory, alone or together with others.
         long_ids = len(engine.prepare(parse_request({"prompt": LONG_PROMPT}, 64)).ids)
-        out_of_memory_for(engine.generator.model, calls=1, when=lambda ids: ids.shape[1] == long_ids)
+        out_of_memory_for(engine.generation.engine.model, calls=1, when=lambda ids: ids.shape[1] == long_ids)
         a_rest = asyncio.create_task(_drain(first))
         b = asyncio.create_task(_drain(handler({"id": "b", "input": {**JOB, "prompt": LONG_PROMPT}})))
         return [head, *await a_rest], await b
@@ -87,11 +87,11 @@ def test_out_of_memory_at_a_decode_step_sheds_the_newest_requests_and_the_rest_g
             handler({"id": f"new{i}", "input": {**JOB, "max_new_tokens": 40, "stream": True}}) for i in range(OOM_LIMIT)
         ]
         heads = [await stream.__anext__() for stream in newer]  # all joined the batch
-        assert engine.generator.peak_batch == OOM_LIMIT + 1
+        assert engine.generation.engine.peak_batch == OOM_LIMIT + 1
         # Decode steps (one token per row) run out of memory until only one row is left.
-        batch = engine.generator._active
+        batch = engine.generation.engine.active
         out_of_memory_for(
-            engine.generator.model, calls=OOM_LIMIT, when=lambda ids: ids.shape == (len(batch), 1) != (1, 1)
+            engine.generation.engine.model, calls=OOM_LIMIT, when=lambda ids: ids.shape == (len(batch), 1) != (1, 1)
         )
         rest = await asyncio.gather(*(_drain(stream) for stream in [old, *newer]))
         return [head, *rest[0]], [[h, *r] for h, r in zip(heads, rest[1:])]
@@ -115,14 +115,14 @@ def test_repeated_out_of_memory_asks_for_a_fresh_worker_and_a_success_resets_the
         engine, Settings.from_env({"MODEL_NAME": str(tiny_model_dir)}), on_unhealthy=lambda: asked.append(1)
     )
     for _ in range(OOM_LIMIT - 1):
-        out_of_memory_for(engine.generator.model, calls=1)
+        out_of_memory_for(engine.generation.engine.model, calls=1)
         run(handler, JOB)
     run(handler, JOB)  # a success in between
     for _ in range(OOM_LIMIT - 1):
-        out_of_memory_for(engine.generator.model, calls=1)
+        out_of_memory_for(engine.generation.engine.model, calls=1)
         run(handler, JOB)
     assert asked == []
-    out_of_memory_for(engine.generator.model, calls=1)
+    out_of_memory_for(engine.generation.engine.model, calls=1)
     run(handler, JOB)
     assert asked == [1]
 
@@ -131,7 +131,7 @@ def test_an_openai_job_out_of_memory_gets_an_openai_server_error(engine, tiny_mo
     import json
 
     handler = make_handler(engine, Settings.from_env({"MODEL_NAME": str(tiny_model_dir)}))
-    out_of_memory_for(engine.generator.model, calls=1)
+    out_of_memory_for(engine.generation.engine.model, calls=1)
     body = {"model": str(tiny_model_dir), "prompt": "Hello", "max_tokens": 3}
     [item] = run(handler, {"openai_route": "/v1/completions", "openai_input": body})
     error = json.loads(item["error"])["error"]

@@ -1,5 +1,6 @@
-"""The package's shape: folders of one concern each, no import cycles, light modules free of torch, and the
-endpoint advisor kept out of the worker. Read from the source itself, imports inside functions included."""
+"""The package's shape: folders of one concern each, imports that run one way down its layers and never in a
+cycle, light modules free of torch, and the endpoint advisor kept out of the worker. Read from the source itself,
+imports inside functions included."""
 
 import ast
 import subprocess
@@ -30,7 +31,9 @@ LIGHT = (
     "serving.schema",
     "serving.shutdown",
     "serving.renderer",
-    "serving.textstream",
+    "generation.errors",
+    "generation.textstream",
+    "serving.openai.protocol",
     "serving.openai.bodies",
     "advisor.cli",
     "advisor.footprint",
@@ -69,6 +72,16 @@ def package_imports(path: Path) -> set[str]:
 MODULES = {module_name(p): p for p in (SRC / PACKAGE).rglob("*.py")}
 GRAPH = {name: package_imports(path) for name, path in MODULES.items()}
 
+# The package's layers, lowest first: a module imports from its own layer and the layers below it, never from one
+# above. The entry points (the modules at the top of the package, and the advisor's command) sit above them all.
+LAYERS = ("config", "startup", "model", "loading", "generation", "serving", "entry points")
+ENTRY_POINTS = ("worker", "local", "openai_server", "advisor")
+
+
+def layer(module: str) -> int:
+    part = module.split(".")[1] if "." in module else module
+    return LAYERS.index("entry points" if part in ENTRY_POINTS else part)
+
 
 def test_no_two_modules_import_each_other_even_inside_functions():
     cycles = []
@@ -89,6 +102,26 @@ def test_no_two_modules_import_each_other_even_inside_functions():
     assert not cycles, "import cycles: " + "; ".join(cycles)
 
 
+def test_imports_run_one_way_down_the_layers_never_up():
+    climbing = sorted(
+        f"{module} -> {target}"
+        for module, targets in GRAPH.items()
+        if module != PACKAGE
+        for target in targets
+        if layer(target) > layer(module)
+    )
+    assert not climbing, "imports that climb a layer: " + "; ".join(climbing)
+
+
+def test_every_folder_is_a_layer_and_no_layer_is_crowded():
+    """About a dozen modules a folder at most, so a folder stays one concern a reader takes in at a glance."""
+    for folder in (SRC / PACKAGE).iterdir():
+        if folder.is_dir() and (folder / "__init__.py").exists():
+            layer(f"{PACKAGE}.{folder.name}")  # a folder outside LAYERS and ENTRY_POINTS raises here
+            modules = [p for p in folder.glob("*.py") if p.name != "__init__.py"]
+            assert len(modules) <= 12, f"{folder.name}/ holds {len(modules)} modules"
+
+
 def test_the_worker_never_imports_the_endpoint_advisor():
     advisor = f"{PACKAGE}.advisor"
     outside = {m: deps for m, deps in GRAPH.items() if not m.startswith(advisor)}
@@ -98,7 +131,7 @@ def test_the_worker_never_imports_the_endpoint_advisor():
 
 def test_only_entry_points_sit_at_the_top_of_the_package():
     top = sorted(p.stem for p in (SRC / PACKAGE).glob("*.py") if p.stem != "__init__")
-    assert top == ["config", "local", "worker"]
+    assert top == ["config", "local", "openai_server", "worker"]
 
 
 @pytest.mark.parametrize("module", LIGHT)

@@ -39,13 +39,13 @@ def import_libraries() -> None:
     """Startup's heavy imports (torch, transformers, runpod), in one place: setup runs them while the weights
     prefetch, and record_readahead runs them to learn which pages of which files they read."""
     from worker_transformers.loading import loader  # noqa: F401
-    from worker_transformers.serving import engine  # noqa: F401
+    from worker_transformers.serving import frontend  # noqa: F401
 
     import_runpod()
 
 
 def setup(settings: Settings, budget: InitBudget | None = None):
-    """Find the weights, load them, warm up and build the engine, each step a phase of `budget`'s
+    """Find the weights, load them, start generation (its engine) and warm up, each step a phase of `budget`'s
     timeline. Raises on any failure."""
     from worker_transformers.model.download import download_from_hub
 
@@ -63,7 +63,8 @@ def setup(settings: Settings, budget: InitBudget | None = None):
             with budget.phase("imports"):
                 import_libraries()
                 from worker_transformers.loading import loader
-                from worker_transformers.serving.engine import Engine
+                from worker_transformers.generation.service import Generation
+                from worker_transformers.serving.frontend import Frontend
 
                 loader.import_model_code(location, settings)
             with budget.phase("tokenizer"):
@@ -75,27 +76,27 @@ def setup(settings: Settings, budget: InitBudget | None = None):
         with budget.phase("weights"):
             model = loader.load_weights(location, settings, files, empty)
         with budget.phase("warm-up"):
-            engine = Engine(
+            generation = Generation(
                 model,
                 tokenizer,
-                settings.served_model_name or location.model_id,
                 settings.max_input_tokens,
                 settings.max_concurrency,
                 settings.max_new_tokens,
                 settings.engine,
-                renderers,
             )
+            model_name = settings.served_model_name or location.model_id
+            frontend = Frontend(generation, model_name, settings.max_input_tokens, renderers)
             try:
-                loader.warm_up(model, tokenizer, engine.prompts)
+                loader.warm_up(model, tokenizer, frontend.warm_up_ids())
             except BaseException:
-                engine.close()
+                frontend.close()
                 raise
     except BaseException:
         renderers.close()
         raise
     finally:
         reading.stop()
-    return engine
+    return frontend
 
 
 def use_chat_template(tokenizer, template: str) -> None:
@@ -151,7 +152,7 @@ def start_worker(
     budget = InitBudget.from_process_start(settings.init_timeout_s)
     budget.start_alarms()
     try:
-        engine = setup(settings, budget)
+        frontend = setup(settings, budget)
     except Exception as error:
         budget.stop_alarms()
         if _user_fixable(error):
@@ -178,8 +179,9 @@ def start_worker(
                 else "",
             )
     budget.ready()
-    handler = make_handler(engine, settings, on_unhealthy)
-    return Started(handler, engine.concurrency, engine.close, settings.runpod_log_level, settings.shutdown_grace_s)
+    handler = make_handler(frontend, settings, on_unhealthy)
+    concurrency = frontend.generation.concurrency
+    return Started(handler, concurrency, frontend.close, settings.runpod_log_level, settings.shutdown_grace_s)
 
 
 def _exit_on_sigterm(signum: int, frame: object) -> None:

@@ -88,13 +88,13 @@ def test_batched_greedy_answers_equal_one_at_a_time_on_real_weights(float32_engi
     def run(i):
         batched[i] = float32_engine.generate(requests_[i])
 
-    float32_engine.generator.peak_batch = 0
+    float32_engine.generation.engine.peak_batch = 0
     threads = [threading.Thread(target=run, args=(i,)) for i in range(len(requests_))]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert float32_engine.generator.peak_batch > 1
+    assert float32_engine.generation.engine.peak_batch > 1
     assert batched == serial
 
 
@@ -109,7 +109,7 @@ def test_the_engine_decodes_exactly_like_transformers_generate(float32_engine):
     job = {"prompt": "The history of Paris began", "max_new_tokens": 40, "temperature": 0}
     ids = engine.tokenizer(job["prompt"], return_tensors="pt")["input_ids"]
     with torch.inference_mode():
-        reference = engine.generator.model.generate(ids, max_new_tokens=40, do_sample=False)
+        reference = engine.generation.engine.model.generate(ids, max_new_tokens=40, do_sample=False)
     expected = engine.tokenizer.decode(reference[0, ids.shape[1] :], skip_special_tokens=True)
     assert engine.generate(parse_request(job, 64))["text"] == expected
 

@@ -63,7 +63,7 @@ def test_warm_up_generates_through_the_chat_template(tiny_model_dir, tiny_engine
     model = load_weights(
         location(tiny_model_dir), settings, files, build_model(location(tiny_model_dir), settings, files)
     )
-    warm_up(model, tiny_engine.tokenizer, tiny_engine.prompts)  # raises on failure
+    warm_up(model, tiny_engine.tokenizer, tiny_engine.warm_up_ids())  # raises on failure
 
 
 def test_a_model_larger_than_free_host_memory_is_refused_with_both_numbers(tiny_model_dir):

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from worker_transformers.config import Settings
 from worker_transformers.serving.handlers import make_handler
 from worker_transformers.serving.openai.bodies import ChatCompletionBody, CompletionBody
-from worker_transformers.serving.openai.routes import ROUTES
+from worker_transformers.serving.openai.protocol import ROUTES
 from worker_transformers.serving.schema import GenerationRequest, field_name
 
 pytestmark = pytest.mark.slow

@@ -85,9 +85,9 @@ def test_concurrent_jobs_are_batched_and_equal_the_same_jobs_one_at_a_time(engin
     async def together():
         return await asyncio.gather(*(collect(handler, job) for job in JOBS))
 
-    engine.generator.peak_batch = 0
+    engine.generation.engine.peak_batch = 0
     batched = asyncio.run(together())
-    assert engine.generator.peak_batch > 1, "the jobs were not decoded together"
+    assert engine.generation.engine.peak_batch > 1, "the jobs were not decoded together"
     for job, one, many in zip(JOBS, serial, batched):
         assert one == many, f"batched output differs for {job}"
     # each finished on its own terms: different lengths came back
@@ -145,9 +145,9 @@ def test_a_cancelled_job_frees_its_place_for_the_next(tiny_model_dir, how):
         [result] = asyncio.run(scenario())
         assert result["usage"]["completion_tokens"] == 3
         deadline = time.monotonic() + 5
-        while engine.generator.in_flight() and time.monotonic() < deadline:
+        while engine.generation.engine.in_flight() and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert engine.generator.in_flight() == 0
+        assert engine.generation.engine.in_flight() == 0
     finally:
         engine.close()
 

@@ -149,9 +149,9 @@ def test_a_guarded_job_that_is_cancelled_leaves_the_batch(tiny_engine, tiny_mode
         with contextlib.suppress(asyncio.CancelledError):
             await job
         for _ in range(100):
-            if tiny_engine.generator.in_flight() == 0:
+            if tiny_engine.generation.engine.in_flight() == 0:
                 return 0
             await asyncio.sleep(0.05)
-        return tiny_engine.generator.in_flight()
+        return tiny_engine.generation.engine.in_flight()
 
     assert asyncio.run(cancel_midway()) == 0

@@ -23,8 +23,6 @@ from worker_transformers.config import Settings
 from worker_transformers.loading import checkpoint, placement
 from worker_transformers.model.sources import ModelLocation
 from worker_transformers.model.weights import DTYPE_SIZES, WeightFile
-from worker_transformers.serving.prompt import Prompts
-from worker_transformers.serving.schema import RequestError
 from worker_transformers.startup import prefetch
 from worker_transformers.startup.budget import human_bytes
 
@@ -176,12 +174,13 @@ def _weights_bytes(files: list[WeightFile], dtype: torch.dtype | None) -> int:
 
 
 def _check_fits(location: ModelLocation, need: int, device: torch.device, dtype) -> None:
-    free = _free_bytes(device)
+    free = free_bytes(device)
     if free is not None and need > free:
         raise LoadError(_out_of_memory(location, need, device, dtype))
 
 
-def _free_bytes(device: torch.device) -> int | None:
+def free_bytes(device: torch.device) -> int | None:
+    """Memory the device has free: the GPU's, or the host's available memory; None: unknown."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
     return prefetch.host_memory_free()
@@ -192,31 +191,23 @@ def _out_of_memory(location: ModelLocation, need: int, device: torch.device, dty
     smaller = "a smaller DTYPE (bfloat16), " if dtype == torch.float32 else ""
     return (
         f"{location.model_id}: not enough {where} on {device}: the weights need {human_bytes(need)}, "
-        f"{human_bytes(_free_bytes(device) or 0)} is free, before the KV cache; use {smaller}a device with more memory, "
+        f"{human_bytes(free_bytes(device) or 0)} is free, before the KV cache; use {smaller}a device with more memory, "
         "or a smaller model"
     )
 
 
-def warm_up(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Prompts) -> None:
-    """One short greedy generation through the chat template, so the first job does not pay for first-call
-    work (kernel selection, lazy imports, caches, memory-mapped pages touched for the first time). A template
-    that fails or does not finish on one plain message stops startup."""
-    if tokenizer.chat_template:
-        try:
-            text = prompts.render([{"role": "user", "content": "Hi"}])
-        except RequestError as error:
-            raise LoadError(f"warm-up failed: {str(error).removeprefix('messages: ')}") from None
-        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
-    else:
-        ids = tokenizer("Hi", return_tensors="pt")["input_ids"]
+def warm_up(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> None:
+    """One short greedy generation from `ids` (a one-message chat through the chat template, as a job's prompt is
+    made), so the first job does not pay for first-call work (kernel selection, lazy imports, caches,
+    memory-mapped pages touched for the first time)."""
     config = copy.deepcopy(model.generation_config)
     config.update(max_new_tokens=WARM_UP_TOKENS, do_sample=False, temperature=1.0, top_p=1.0, top_k=None)
     if config.pad_token_id is None:
         config.pad_token_id = tokenizer.pad_token_id or tokenizer.eos_token_id
-    ids = ids.to(model.device)
+    input_ids = torch.tensor([ids], device=model.device)
     try:
         with torch.inference_mode():
-            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)
+            model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), generation_config=config)
         if model.device.type == "cuda":
             torch.cuda.synchronize(model.device)
     except (torch.OutOfMemoryError, MemoryError):

@@ -142,6 +142,39 @@ def _read_chunk(fd: int, chunk: _Chunk, view: memoryview) -> None:
         got += n
 
 
+class _Converted:
+    """Tensors whose dtype differs from their parameter's arrive as raw bytes on the device and are converted
+    there once complete; the others are written in place through a byte view. A raw buffer exists only while its
+    tensor is in flight, so a dtype change costs one tensor of memory, not a model."""
+
+    def __init__(self, files: list[WeightFile], targets: dict[str, torch.Tensor], transfers: Transfers) -> None:
+        self.targets, self.transfers = targets, transfers
+        self.waiting = {  # bytes still to come, of each tensor to convert
+            t.name: t.nbytes
+            for f in files
+            for t in f.tensors
+            if TORCH_DTYPES[t.dtype] != targets[t.name].dtype or not targets[t.name].is_contiguous()
+        }
+        self.raw: dict[str, torch.Tensor] = {}
+
+    def destination(self, entry: TensorEntry) -> torch.Tensor:
+        """The bytes a piece of `entry` is copied into."""
+        if entry.name not in self.waiting:
+            return self.targets[entry.name].data.view(-1).view(torch.uint8)
+        if entry.name not in self.raw:
+            self.raw[entry.name] = self.transfers.empty(entry.nbytes)
+        return self.raw[entry.name]
+
+    def arrived(self, piece: _Piece) -> None:
+        """`piece` was copied: its tensor, once whole, is converted into its parameter."""
+        name = piece.entry.name
+        if name in self.waiting:
+            self.waiting[name] -= piece.nbytes
+            if self.waiting[name] == 0:
+                typed = self.raw.pop(name).view(TORCH_DTYPES[piece.entry.dtype]).view(piece.entry.shape)
+                self.transfers.copy(self.targets[name].data, typed)
+
+
 def stream_weights(files: list[WeightFile], targets: dict[str, torch.Tensor], transfers: Transfers) -> None:
     """Read every file in chunks on reader threads into a ring of staging buffers, and copy each chunk's
     tensor pieces into `targets` while the next chunks are being read. A buffer is refilled only after
@@ -181,24 +214,7 @@ def stream_weights(files: list[WeightFile], targets: dict[str, torch.Tensor], tr
                 return
             filled.put((index, slot, None))
 
-    # Tensors whose dtype differs from their parameter's arrive as raw bytes on the device and are
-    # converted there once complete; the others are written in place through a byte view. A raw buffer
-    # exists only while its tensor is in flight, so a dtype change costs one tensor of memory, not a model.
-    waiting = {
-        t.name: t.nbytes
-        for f in files
-        for t in f.tensors
-        if TORCH_DTYPES[t.dtype] != targets[t.name].dtype or not targets[t.name].is_contiguous()
-    }
-    raw: dict[str, torch.Tensor] = {}
-
-    def destination(entry: TensorEntry) -> torch.Tensor:
-        if entry.name not in waiting:
-            return targets[entry.name].data.view(-1).view(torch.uint8)
-        if entry.name not in raw:
-            raw[entry.name] = transfers.empty(entry.nbytes)
-        return raw[entry.name]
-
+    converted = _Converted(files, targets, transfers)
     threads = [threading.Thread(target=read, name=f"weights-reader-{i}", daemon=True) for i in range(readers)]
     for thread in threads:
         thread.start()
@@ -208,14 +224,10 @@ def stream_weights(files: list[WeightFile], targets: dict[str, torch.Tensor], tr
             if error is not None:
                 raise error
             for piece in chunks[index].pieces:
-                name = piece.entry.name
                 src = slots[slot][piece.in_chunk : piece.in_chunk + piece.nbytes]
-                transfers.copy(destination(piece.entry)[piece.in_tensor : piece.in_tensor + piece.nbytes], src)
-                if name in waiting:
-                    waiting[name] -= piece.nbytes
-                    if waiting[name] == 0:
-                        typed = raw.pop(name).view(TORCH_DTYPES[piece.entry.dtype]).view(piece.entry.shape)
-                        transfers.copy(targets[name].data, typed)
+                into = converted.destination(piece.entry)
+                transfers.copy(into[piece.in_tensor : piece.in_tensor + piece.nbytes], src)
+                converted.arrived(piece)
             fences[slot] = transfers.fence()
             free.put(slot)
         transfers.finish()

@@ -13,7 +13,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from worker_transformers.generation.errors import RequestError  # noqa: F401 - the job formats name it from here
+
 log = logging.getLogger("worker_transformers")
+
+
+class Strict(BaseModel):
+    """A part of a job: its fields' types exactly as declared, and no field it does not declare."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 DEFAULT_MAX_NEW_TOKENS = 256
 
@@ -21,28 +29,18 @@ DEFAULT_MAX_NEW_TOKENS = 256
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "repetition_penalty")
 
 
-class RequestError(ValueError):
-    """A job the worker refuses because of what the caller sent. The message reads `<field>: <reason>`."""
-
-
-class FunctionCall(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
+class FunctionCall(Strict):
     name: str
     arguments: dict[str, Any]  # chat templates take the arguments as a mapping, not JSON text
 
 
-class ToolCall(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
+class ToolCall(Strict):
     id: str | None = None
     type: Literal["function"] = "function"
     function: FunctionCall
 
 
-class Message(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
+class Message(Strict):
     role: Literal["system", "user", "assistant", "tool"]
     tool_calls: list[ToolCall] | None = Field(None, min_length=1, description="An assistant turn's tool calls")
     tool_call_id: str | None = Field(None, description="A tool turn: the call it answers")
@@ -71,31 +69,23 @@ class Message(BaseModel):
 FUNCTION_NAME = r"^[A-Za-z0-9_-]{1,64}$"
 
 
-class Function(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
+class Function(Strict):
     name: str = Field(pattern=FUNCTION_NAME)
     description: str | None = None
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
 
 
-class Tool(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
+class Tool(Strict):
     type: Literal["function"]
     function: Function
 
 
-class FunctionName(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
+class FunctionName(Strict):
     name: str
 
 
-class NamedToolChoice(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
+class NamedToolChoice(Strict):
     type: Literal["function"]
     function: FunctionName
 
@@ -107,8 +97,8 @@ REQUIRED_CALL = "Answer only with a call of one of the tools."
 NAMED_CALL = "Answer only with a call of the function `{name}`."
 
 
-class JsonSchema(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+class JsonSchema(Strict):
+    model_config = ConfigDict(populate_by_name=True)
 
     name: str = Field(pattern=FUNCTION_NAME)
     description: str | None = None
@@ -116,10 +106,8 @@ class JsonSchema(BaseModel):
     strict: bool | None = None  # the schema is always enforced
 
 
-class ResponseFormat(BaseModel):
+class ResponseFormat(Strict):
     """OpenAI's response_format: plain text, any JSON object, or JSON valid under a schema."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
 
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchema | None = None
@@ -135,9 +123,9 @@ LOGIT_BIAS = 100.0  # OpenAI's bound: -100 bans a token, 100 all but forces it
 MAX_TOP_LOGPROBS = 20
 
 
-class GenerationRequest(BaseModel):
+class GenerationRequest(Strict):
     # inf and nan are refused: no sampling setting means anything at either, and they poison the arithmetic.
-    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+    model_config = ConfigDict(allow_inf_nan=False)
 
     prompt: str | None = Field(None, min_length=1, description="Text to continue, as is")
     messages: list[Message] | None = Field(

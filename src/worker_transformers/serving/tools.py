@@ -15,15 +15,12 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 from transformers.utils.chat_parsing import ResponseParser
 
-from worker_transformers.serving.events import Delta, Done
-from worker_transformers.serving.sampling import TokenLogprobs
 from worker_transformers.serving.schema import GenerationRequest, RequestError
 
 # A tool the check below offers the template: its name shows in the prompt exactly when the template shows tools.
@@ -55,14 +52,7 @@ class Reasoning:
     text: str
 
 
-@dataclass(frozen=True)
-class Logprobs:
-    """The log-probabilities of the tokens behind the pieces that follow (when the request asked for them)."""
-
-    items: tuple[TokenLogprobs, ...]
-
-
-Piece = str | Reasoning | Call | Logprobs  # a str is answer text
+Piece = str | Reasoning | Call  # a str is answer text
 
 
 @dataclass(frozen=True)
@@ -228,26 +218,3 @@ def _call(name: str, arguments: Any) -> Call:
 def _unreadable(error: ValueError) -> ToolCallFailed:
     first_line = (str(error).splitlines() or [""])[0][:200]
     return ToolCallFailed(f"the model's tool call could not be read ({first_line}); retry", "invalid_tool_call")
-
-
-async def read_calls(
-    events: AsyncIterator[Delta | Done], reader: CallReader | ForcedCallReader | None
-) -> AsyncIterator[Piece | Done]:
-    """The engine's events as pieces of the answer, then its Done. Without a reader all text is answer text. An
-    event's log-probabilities come first, as a Logprobs piece, then the pieces its text makes."""
-    async for event in events:
-        if event.logprobs:
-            yield Logprobs(event.logprobs)
-        pieces = reader.feed(event.text) if reader is not None else [event.text]
-        if isinstance(event, Done) and reader is not None:
-            pieces += reader.finish(event.finish_reason)
-        for piece in pieces:
-            if piece != "":
-                yield piece
-        if isinstance(event, Done):
-            yield event
-
-
-def finish_reason(done: Done, calls: int) -> str:
-    """OpenAI's finish reason: `tool_calls` when the answer ended by calling tools."""
-    return "tool_calls" if calls and done.finish_reason != "length" else done.finish_reason

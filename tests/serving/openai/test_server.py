@@ -183,7 +183,7 @@ def test_a_forced_call_on_a_vocabulary_that_cannot_write_json_is_refused_by_name
 
 def test_a_failure_mid_stream_ends_it_with_an_error_event_and_done(base_url, engine, model):
     """The device running out of memory after the first token (injected: this machine has no GPU to exhaust)."""
-    real_forward = engine.generator.model.forward
+    real_forward = engine.generation.engine.model.forward
     calls = {"n": 0}
 
     def forward(*args, **kwargs):
@@ -192,11 +192,11 @@ def test_a_failure_mid_stream_ends_it_with_an_error_event_and_done(base_url, eng
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real_forward(*args, **kwargs)
 
-    engine.generator.model.forward = forward
+    engine.generation.engine.model.forward = forward
     try:
         events = sse(base_url, {"model": model, "messages": ASK, "max_tokens": 8, "stream": True})
     finally:
-        engine.generator.model.forward = real_forward
+        engine.generation.engine.model.forward = real_forward
     assert events[-1]["error"]["code"] == "out_of_memory"
     assert events[-1]["error"]["type"] == "server_error"
     assert all("error" not in e for e in events[:-1])
@@ -211,7 +211,7 @@ def test_the_server_command_serves_the_worker_under_its_served_model_name(tool_m
         "SERVED_MODEL_NAME": "my-model",
         "PYTHONPATH": str(ROOT / "src"),
     }
-    command = [sys.executable, "-m", "worker_transformers.serving.openai.server", "--port", str(port)]
+    command = [sys.executable, "-m", "worker_transformers.openai_server", "--port", str(port)]
     server = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)

@@ -114,7 +114,7 @@ def test_two_concurrent_requests_with_different_schemas_each_get_their_own(serve
         ("What is the capital of France? Answer in JSON.", CAPITAL),
         ("Describe the Eiffel Tower in JSON.", LANDMARK),
     ] * 2
-    engine.generator.peak_batch = 0
+    engine.generation.engine.peak_batch = 0
 
     def one(request):
         question, schema = request
@@ -124,7 +124,7 @@ def test_two_concurrent_requests_with_different_schemas_each_get_their_own(serve
 
     with ThreadPoolExecutor(len(requests)) as pool:
         answers = list(pool.map(one, requests))
-    assert engine.generator.peak_batch >= 2, "the requests were not decoded together"
+    assert engine.generation.engine.peak_batch >= 2, "the requests were not decoded together"
     for (_, schema), answer in zip(requests, answers):
         jsonschema.validate(json.loads(answer.choices[0].message.content), schema)
 
@@ -145,7 +145,7 @@ def test_json_object_is_an_object(client):
 
 def forward_logprobs(engine, ids: list[int]) -> torch.Tensor:
     with torch.inference_mode():
-        return engine.generator.model(torch.tensor([ids])).logits[0].float().log_softmax(-1)
+        return engine.generation.engine.model(torch.tensor([ids])).logits[0].float().log_softmax(-1)
 
 
 def test_chat_logprobs_are_the_models_own_log_probabilities_of_the_returned_tokens(served, client):

@@ -14,13 +14,14 @@ import json
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, field_validator
 
 from worker_transformers.serving.schema import (
     MAX_TOP_LOGPROBS,
     GenerationRequest,
     RequestError,
     ResponseFormat,
+    Strict,
     check_text,
     parse_request,
 )
@@ -29,31 +30,23 @@ MAX_CHOICES = 16  # n: each choice is a sequence in the batch
 MAX_COMPLETION_LOGPROBS = 5  # /v1/completions' logprobs, as OpenAI bounds it
 
 
-class TextPart(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
+class TextPart(Strict):
     type: Literal["text"]
     text: str
 
 
-class CalledFunction(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
+class CalledFunction(Strict):
     name: str
     arguments: str  # JSON text
 
 
-class MessageToolCall(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
+class MessageToolCall(Strict):
     id: str
     type: Literal["function"]
     function: CalledFunction
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
+class ChatMessage(Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
@@ -89,9 +82,7 @@ def _arguments(text: str, where: str) -> dict[str, Any]:
     return arguments
 
 
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
+class StreamOptions(Strict):
     include_usage: bool = False
 
 
@@ -101,8 +92,8 @@ def _only(value: Any, allowed: tuple[Any, ...], name: str) -> Any:
     return value
 
 
-class _Common(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+class _Common(Strict):
+    model_config = ConfigDict(allow_inf_nan=False)
 
     model: str
     temperature: float = Field(1.0, ge=0.0, le=2.0)

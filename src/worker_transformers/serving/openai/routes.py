@@ -1,10 +1,8 @@
 """OpenAI-compatible routes: jobs whose input is {"openai_route": ..., "openai_input": ...}.
 
-RunPod turns `POST https://api.runpod.ai/v2/<endpoint>/openai/v1/...` into such a job. A non-streaming
-request yields one OpenAI-shaped object; a streaming one yields Server-Sent Events strings, `data: {...}`,
-ending with `data: [DONE]`. A refused request fails the job with an OpenAI error object, as JSON text, as
-its error (the SDK wants error values to be strings): `{"error": {"message", "type", "param", "code"}}`; a
-stream that fails after it began ends with that object as its last event, then `data: [DONE]`.
+A non-streaming request yields one OpenAI-shaped object; a streaming one yields Server-Sent Events strings,
+`data: {...}`, ending with `data: [DONE]`. The job, and the error object of a refused or failed one, are
+protocol.py's. Each choice's answer is read by answer.py, as the plain format's is.
 """
 
 from __future__ import annotations
@@ -14,54 +12,36 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import ValidationError
 
-from worker_transformers.serving.engine import DeviceFailed, Engine, GenerationFailed, OutOfMemory
-from worker_transformers.serving.events import Done
-from worker_transformers.serving.openai.bodies import ChatCompletionBody, CompletionBody
-from worker_transformers.serving.schema import GenerationRequest, RequestError, describe
-from worker_transformers.serving.tools import (
-    Call,
+from worker_transformers.generation.errors import GenerationFailed
+from worker_transformers.generation.events import Done
+from worker_transformers.serving.answer import (
+    Answer,
     Logprobs,
     Piece,
-    Reasoning,
-    ToolCallFailed,
-    ToolFormat,
-    call_reader,
     finish_reason,
-    read_calls,
+    gather,
+    logprobs_json,
+    read,
+    usage,
 )
+from worker_transformers.serving.frontend import Frontend
+from worker_transformers.serving.openai.bodies import ChatCompletionBody, CompletionBody
+from worker_transformers.serving.openai.protocol import DONE, ROUTES, error_body, error_result, failure_code
+from worker_transformers.serving.schema import GenerationRequest, RequestError, describe
+from worker_transformers.serving.tools import Call, Reasoning, ToolCallFailed, ToolFormat
 
-ROUTES = ("/v1/models", "/v1/chat/completions", "/v1/completions")
 OWNER = "worker-transformers"
-
-
-def is_openai_job(job_input: Any) -> bool:
-    return isinstance(job_input, dict) and "openai_route" in job_input
-
-
-DONE = "data: [DONE]\n\n"
-
-
-def _error_body(message: str, param: str | None, code: str | None, kind: str) -> dict[str, Any]:
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
-
-
-def error_result(
-    message: str, param: str | None = None, code: str | None = None, kind: str = "invalid_request_error"
-) -> dict[str, str]:
-    """A failed job's result: the OpenAI error object as JSON text (the SDK wants error values to be strings)."""
-    return {"error": json.dumps(_error_body(message, param, code, kind))}
 
 
 class OpenAIRoutes:
     def __init__(
-        self, engine: Engine, max_new_tokens: int, sampling_defaults: Mapping[str, Any], tool_format: ToolFormat
+        self, frontend: Frontend, max_new_tokens: int, sampling_defaults: Mapping[str, Any], tool_format: ToolFormat
     ) -> None:
-        self.engine = engine
+        self.frontend = frontend
         self.max_new_tokens = max_new_tokens
         self.sampling_defaults = sampling_defaults
         self.tool_format = tool_format
@@ -85,29 +65,25 @@ class OpenAIRoutes:
         schema = ChatCompletionBody if route == "/v1/chat/completions" else CompletionBody
         try:
             parsed = schema.model_validate(body)
-            if parsed.model != self.engine.model_name:
+            if parsed.model != self.frontend.model_name:
                 yield error_result(
-                    f"model: {parsed.model!r} is not served here; use {self.engine.model_name!r}",
+                    f"model: {parsed.model!r} is not served here; use {self.frontend.model_name!r}",
                     "model",
                     "model_not_found",
                 )
                 return
             request = parsed.to_request(self.max_new_tokens, self.sampling_defaults)
             self.tool_format.check(request)
-            prepared = await asyncio.to_thread(self.engine.prepare, request)
+            prepared = await asyncio.to_thread(self.frontend.prepare, request)
         except ValidationError as error:
             yield error_result(describe(error), _first_param(error))
             return
         except RequestError as error:
             yield error_result(str(error), str(error).split(":", 1)[0].split(".", 1)[0])
             return
-        prompt = self.engine.tokenizer.decode(prepared.ids) if request.calls_tools else ""
-        choices = [
-            read_calls(self.engine.stream(choice, prepared), call_reader(self.tool_format, choice, prompt))
-            for choice in _choices(request, parsed.n)
-        ]
+        choices = [read(self.frontend, choice, prepared, self.tool_format) for choice in _choices(request, parsed.n)]
         shape = _Chat if route == "/v1/chat/completions" else _Completion
-        formatter = shape(self.engine, parsed.include_usage(), request.logprobs)
+        formatter = shape(self.frontend, parsed.include_usage(), request.logprobs)
         if request.stream:
             async for chunk in _sse(formatter, choices):
                 yield chunk
@@ -118,7 +94,7 @@ class OpenAIRoutes:
             yield error_result(str(error), None, error.code, "server_error")
 
     def models(self) -> dict[str, Any]:
-        model = {"id": self.engine.model_name, "object": "model", "created": self.created, "owned_by": OWNER}
+        model = {"id": self.frontend.model_name, "object": "model", "created": self.created, "owned_by": OWNER}
         return {"object": "list", "data": [model]}
 
 
@@ -135,30 +111,19 @@ def _choices(request: GenerationRequest, n: int) -> list[GenerationRequest]:
     return [request] + [request.model_copy(update={"seed": (request.seed + i) % 2**64}) for i in range(1, n)]
 
 
-@dataclass
-class _Answer:
-    """One choice's answer, gathered."""
-
-    text: list[str] = field(default_factory=list)
-    reasoning: list[str] = field(default_factory=list)
-    calls: list[Call] = field(default_factory=list)
-    logprobs: list = field(default_factory=list)
-    done: Done | None = None
-
-
 class _Chat:
     """Shapes of /v1/chat/completions: chat.completion and chat.completion.chunk. With `include_usage`, every
     chunk has `usage: null` and one more chunk, with no choices, carries the usage of all choices."""
 
     chunk_kind = "chat.completion.chunk"
 
-    def __init__(self, engine: Engine, include_usage: bool, logprobs: bool) -> None:
-        self.engine = engine
-        self.model, self.id, self.created = engine.model_name, f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    def __init__(self, frontend: Frontend, include_usage: bool, logprobs: bool) -> None:
+        self.tokenizer = frontend.tokenizer
+        self.model, self.id, self.created = frontend.model_name, f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         self.include_usage = include_usage
         self.logprobs = logprobs
 
-    def whole(self, answers: list[_Answer]) -> dict[str, Any]:
+    def whole(self, answers: list[Answer]) -> dict[str, Any]:
         choices = []
         for index, answer in enumerate(answers):
             text = "".join(answer.text)
@@ -179,7 +144,7 @@ class _Chat:
                     "finish_reason": finish,
                 }
             )
-        return self._envelope("chat.completion", choices, usage=_usage([a.done for a in answers]))
+        return self._envelope("chat.completion", choices, usage=usage([a.done for a in answers]))
 
     def preamble(self, index: int) -> list[dict[str, Any]]:
         """Chunks sent before any text: the chat stream names the speaker first."""
@@ -197,10 +162,10 @@ class _Chat:
         return self._chunk(index, {}, finish_reason(done, calls), logprobs)
 
     def usage_chunk(self, dones: list[Done]) -> dict[str, Any]:
-        return self._envelope(self.chunk_kind, [], usage=_usage(dones))
+        return self._envelope(self.chunk_kind, [], usage=usage(dones))
 
     def _logprobs(self, logprobs: list) -> dict[str, Any] | None:
-        return {"content": self.engine.logprobs_json(logprobs), "refusal": None} if self.logprobs else None
+        return {"content": logprobs_json(self.tokenizer, logprobs), "refusal": None} if self.logprobs else None
 
     def _chunk(self, index: int, delta: dict[str, Any], finish: str | None = None, logprobs: list = ()) -> dict:
         choice = {"index": index, "delta": delta, "finish_reason": finish}
@@ -228,11 +193,11 @@ class _Completion(_Chat):
 
     chunk_kind = "text_completion"
 
-    def __init__(self, engine: Engine, include_usage: bool, logprobs: bool) -> None:
-        super().__init__(engine, include_usage, logprobs)
+    def __init__(self, frontend: Frontend, include_usage: bool, logprobs: bool) -> None:
+        super().__init__(frontend, include_usage, logprobs)
         self.id = f"cmpl-{uuid.uuid4().hex}"
 
-    def whole(self, answers: list[_Answer]) -> dict[str, Any]:
+    def whole(self, answers: list[Answer]) -> dict[str, Any]:
         choices = [
             {
                 "index": index,
@@ -242,7 +207,7 @@ class _Completion(_Chat):
             }
             for index, answer in enumerate(answers)
         ]
-        return self._envelope("text_completion", choices, usage=_usage([a.done for a in answers]))
+        return self._envelope("text_completion", choices, usage=usage([a.done for a in answers]))
 
     def preamble(self, index: int) -> list[dict[str, Any]]:
         return []
@@ -256,7 +221,7 @@ class _Completion(_Chat):
     def _logprobs(self, logprobs: list) -> dict[str, Any] | None:
         if not self.logprobs:
             return None
-        entries = self.engine.logprobs_json(logprobs)
+        entries = logprobs_json(self.tokenizer, logprobs)
         offsets, offset = [], 0
         for entry in entries:
             offsets.append(offset)
@@ -275,31 +240,8 @@ class _Completion(_Chat):
         return self._stream_envelope([choice])
 
 
-def _usage(dones: list[Done]) -> dict[str, int]:
-    """The usage of all of a request's choices: its prompt once, every choice's tokens."""
-    prompt, completion = dones[0].prompt_tokens, sum(done.completion_tokens for done in dones)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-
-async def _gather(pieces: AsyncIterator[Piece | Done]) -> _Answer:
-    answer = _Answer()
-    async for piece in pieces:
-        if isinstance(piece, Done):
-            answer.done = piece
-            return answer
-        if isinstance(piece, Call):
-            answer.calls.append(piece)
-        elif isinstance(piece, Reasoning):
-            answer.reasoning.append(piece.text)
-        elif isinstance(piece, Logprobs):
-            answer.logprobs.extend(piece.items)
-        else:
-            answer.text.append(piece)
-    raise RuntimeError("the generation ended without a final event")
-
-
 async def _whole(formatter: _Chat, choices: list[AsyncIterator[Piece | Done]]) -> dict[str, Any]:
-    tasks = [asyncio.ensure_future(_gather(pieces)) for pieces in choices]
+    tasks = [asyncio.ensure_future(gather(pieces)) for pieces in choices]
     try:
         return formatter.whole(list(await asyncio.gather(*tasks)))
     finally:
@@ -360,12 +302,11 @@ async def _sse(formatter: _Chat, choices: list[AsyncIterator[Piece | Done]]) -> 
         if formatter.include_usage:
             yield _data(formatter.usage_chunk(dones))
     except ToolCallFailed as error:
-        yield _data(_error_body(str(error), None, error.code, "server_error"))
+        yield _data(error_body(str(error), None, error.code, "server_error"))
         yield DONE
         return
     except GenerationFailed as error:
-        code = {OutOfMemory: "out_of_memory", DeviceFailed: "device_error"}.get(type(error), "generation_failed")
-        yield _data(_error_body(str(error), None, code, "server_error"))
+        yield _data(error_body(str(error), None, failure_code(error), "server_error"))
         yield DONE
         raise
     yield DONE

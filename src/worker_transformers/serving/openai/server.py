@@ -1,5 +1,5 @@
-"""A local OpenAI-compatible server, for developing against the worker with any OpenAI client:
-`python -m worker_transformers.serving.openai.server [--host 127.0.0.1] [--port 8000]` (`make openai-server`).
+"""The local OpenAI-compatible server's HTTP side, in front of a handler (the entry point that starts the worker
+for it is openai_server.py: `make openai-server`).
 
 Each request becomes the job RunPod's OpenAI proxy makes of it, `{"openai_route": "/v1/...", "openai_input":
 <body>}`, and runs through the worker's real handler after the worker's real startup, so a client sees here what
@@ -10,10 +10,7 @@ built on FastAPI and uvicorn, which the runpod SDK ships for its own local API.
 
 from __future__ import annotations
 
-import argparse
 import json
-import logging
-import os
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -22,8 +19,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from worker_transformers.serving.handlers import Handler
-
-ROUTES = ("/v1/models", "/v1/chat/completions", "/v1/completions")
+from worker_transformers.serving.openai.protocol import ROUTES, error_body
 # OpenAI's status for each kind of error; a code of its own overrides the kind's.
 STATUS_OF_KIND = {"invalid_request_error": 400, "server_error": 500}
 STATUS_OF_CODE = {"model_not_found": 404, "unknown_route": 404}
@@ -74,28 +70,4 @@ def _failed(error: str) -> JSONResponse:
 
 
 def _error(status: int, message: str, kind: str, code: str | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": code}}, status)
-
-
-def main(argv: list[str] | None = None) -> None:
-    import uvicorn
-
-    from worker_transformers.worker import start_worker
-
-    parser = argparse.ArgumentParser(prog="python -m worker_transformers.serving.openai.server", description=__doc__)
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    started = start_worker(os.environ)
-    logging.getLogger("worker_transformers").info(
-        "OpenAI-compatible API at http://%s:%d/openai/v1 (and /v1)", args.host, args.port
-    )
-    try:
-        uvicorn.run(make_app(started.handler), host=args.host, port=args.port, log_level="info")
-    finally:
-        started.close()
-
-
-if __name__ == "__main__":
-    main()
+    return JSONResponse(error_body(message, None, code, kind), status)

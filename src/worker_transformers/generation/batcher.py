@@ -25,7 +25,6 @@ why, until the step fits.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 from dataclasses import dataclass
@@ -33,10 +32,11 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel
 
-from worker_transformers.serving.events import EngineThread, Sequence
-from worker_transformers.serving.grammar import allowed_tokens
-from worker_transformers.serving.sampling import BatchSampler, TokenLogprobs, logprobs_of
-from worker_transformers.serving.slot_cache import SlotCache, attention_masks, decode_masks
+from worker_transformers.generation.engine import Engine
+from worker_transformers.generation.events import Sequence
+from worker_transformers.generation.grammar import allowed_tokens
+from worker_transformers.generation.sampling import BatchSampler, keep_chosen, penalty_state, rows_logprobs
+from worker_transformers.generation.slot_cache import SlotCache, attention_masks
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,6 @@ LAYOUT_SLACK = 2
 # Requests that join together and start with this many tokens alike or more (a chat template's system prompt,
 # one request's n choices) compute those once, in a forward of their own, and copy their keys and values.
 SHARED_PREFIX_MIN = 16
-_oom_events = itertools.count(1)
 
 
 @dataclass(frozen=True)
@@ -63,7 +62,7 @@ class ShedForMemory(torch.OutOfMemoryError):
 
 
 @dataclass
-class _Chunks:
+class Chunks:
     """A prompt longer than PREFILL_TOKENS, prefilled a chunk per turn into a row after the batch's, for the
     requests that share it (a request's n choices): they join the batch at its last chunk."""
 
@@ -81,7 +80,11 @@ class _Chunks:
         return self.start + len(self.prompt)
 
 
-class Batcher(EngineThread):
+class Batcher(Engine):
+    """The batch engine. Its steps, in the order its thread's loop runs them each turn (and choice.py's check and
+    the tests run them one by one): `prefill` the requests that join (or `start_chunks` and `prefill_chunk` a
+    long prompt), `decode` one token for every row, `retire` the rows that finished."""
+
     def __init__(
         self,
         model: PreTrainedModel,
@@ -92,76 +95,67 @@ class Batcher(EngineThread):
         token_budget: int | None = None,
         start: bool = True,
     ) -> None:
-        super().__init__("batcher")
-        self.model = model
-        # Read once: the model's own properties look through its parameters each time, a cost in every step.
-        self.device, self.dtype = model.device, model.dtype
+        super().__init__("batcher", model, eos_ids)
+        self.dtype = model.dtype
         self.max_batch = max_batch
-        self.eos_ids = eos_ids
         self.windows = windows
         self.token_budget = token_budget  # cache tokens (rows x columns) the batch may occupy; None: no limit
         self.additive_masks = model.config._attn_implementation != "sdpa"
-        self._active: list[Sequence] = []  # in row order
-        self._starts: list[int] = []  # each row's first cache column
-        self._column = 0  # where the next decode step writes
-        self._chunks: _Chunks | None = None  # the prompt being prefilled in chunks, if any
-        self._cache = SlotCache(num_layers, 0, 0, self.device)
+        self.active: list[Sequence] = []  # in row order
+        self.starts: list[int] = []  # each row's first cache column
+        self.column = 0  # where the next decode step writes
+        self.chunks: Chunks | None = None  # the prompt being prefilled in chunks, if any
+        self.cache = SlotCache(num_layers, 0, 0, self.device)
         self._last = self._positions = torch.zeros(0, dtype=torch.long, device=self.device)
         self._seen: torch.Tensor | None = None  # (rows, vocab): the repetition penalty's tokens, when one asks
         self._counts: torch.Tensor | None = None  # (rows, vocab): generated tokens' counts, when a penalty asks
         self._sampler = BatchSampler(self.device)
         self._batch_asks = _Asks(grammar=False, logprobs=False)  # what the rows in the batch ask for
-        self.peak_batch = 0  # the most sequences decoded together so far (for tests and benchmarks)
         if start:  # not for choice.py's check, which drives the steps itself
             self._thread.start()
 
-    def cancel(self, sequence: Sequence) -> None:
-        sequence.cancelled = True
-        with self._wake:
-            self._wake.notify()
-
     def in_flight(self) -> int:
-        chunks = self._chunks
-        return len(self._active) + len(self._waiting) + (len(chunks.sequences) if chunks is not None else 0)
+        chunks = self.chunks
+        return len(self.active) + len(self._waiting) + (len(chunks.sequences) if chunks is not None else 0)
 
     @property
     def max_request_tokens(self) -> int | None:
         """The largest reservation (prompt and new tokens) a request alone can have here; None: no limit."""
         return None if self.token_budget is None else self.token_budget // LAYOUT_SLACK
 
-    # The batcher thread
+    # The batcher's thread: a turn at a time, each step's out-of-memory error kept to the requests it concerns
 
     @torch.inference_mode()
     def _run(self) -> None:
         while (joining := self._admit()) is not None:
             try:
                 if joining and len(joining[0].prompt_ids) > PREFILL_TOKENS:
-                    self._chunks = self._chunks_of(joining)
-                if self._chunks is not None:
+                    self.start_chunks(joining)
+                if self.chunks is not None:
                     self._prefill_chunk_safely()
-                    self._retire()
+                    self.retire()
                 elif joining:
                     self._prefill_safely(joining)
-                    self._retire()  # answers that ended at their first token
-                if self._active:
+                    self.retire()  # answers that ended at their first token
+                if self.active:
                     self._decode_safely()
-                self._retire()
+                self.retire()
             except Exception as error:  # noqa: BLE001 - the thread must survive; every caller gets the error
-                log.exception("generation failed; failing the %d requests in flight", len(self._active))
+                log.exception("generation failed; failing the %d requests in flight", len(self.active))
                 self._fail_all(error, joining)
 
     def _admit(self) -> list[Sequence] | None:
         """Requests that join the batch now (waiting while there is nothing to do); None once closed and idle."""
         with self._wake:
-            while not self._waiting and not self._active and self._chunks is None:
+            while not self._waiting and not self.active and self.chunks is None:
                 if self._closed:
                     return None
                 self._wake.wait()
             admitted: list[Sequence] = []
-            if self._chunks is not None:
+            if self.chunks is not None:
                 return admitted  # the others wait behind the prompt being prefilled in chunks
             longest = 0  # the prefill's rows are padded to its longest prompt
-            while self._waiting and len(self._active) + len(admitted) < self.max_batch:
+            while self._waiting and len(self.active) + len(admitted) < self.max_batch:
                 sequence = self._waiting[0]
                 if sequence.cancelled:
                     self._waiting.popleft()
@@ -171,7 +165,7 @@ class Batcher(EngineThread):
                         break
                 elif admitted and (len(admitted) + 1) * max(longest, len(sequence.prompt_ids)) > PREFILL_TOKENS:
                     break
-                if not self._within_budget([*self._active, *admitted, sequence]):
+                if not self._within_budget([*self.active, *admitted, sequence]):
                     break
                 admitted.append(self._waiting.popleft())
                 longest = max(longest, len(sequence.prompt_ids))
@@ -184,11 +178,10 @@ class Batcher(EngineThread):
 
     def _prefill_safely(self, joining: list[Sequence]) -> None:
         try:
-            self._prefill(joining)
+            self.prefill(joining)
         except torch.OutOfMemoryError as error:
-            self._release_memory()
+            event = self._out_of_memory()
             if len(joining) == 1:
-                event = next(_oom_events)
                 log.error(
                     "out of memory prefilling a %d-token prompt; failing that request", len(joining[0].prompt_ids)
                 )
@@ -198,167 +191,178 @@ class Batcher(EngineThread):
                 self._prefill_safely([sequence])
 
     def _prefill_chunk_safely(self) -> None:
-        chunks = self._chunks
+        chunks = self.chunks
         chunks.sequences = [s for s in chunks.sequences if not s.cancelled]
         if not chunks.sequences:  # nobody wants its answer any more
             return self._drop_chunks()
         try:
-            self._prefill_chunk(chunks)
+            self.prefill_chunk()
         except torch.OutOfMemoryError as error:
-            self._release_memory()
+            event = self._out_of_memory()
             self._drop_chunks()
             log.error("out of memory prefilling a %d-token prompt in chunks; failing that request", len(chunks.prompt))
-            event = next(_oom_events)
             for sequence in chunks.sequences:
                 sequence.fail(error, event)
 
     def _decode_safely(self) -> None:
         event = None
-        while self._active:
+        while self.active:
             try:
-                return self._decode_step()
+                self.decode()
+                return
             except torch.OutOfMemoryError:
-                self._release_memory()
-                event = event or next(_oom_events)
-                newest = max(range(len(self._active)), key=lambda row: self._active[row].arrival)
+                event = event or self._out_of_memory()
+                newest = max(range(len(self.active)), key=lambda row: self.active[row].arrival)
                 log.error(
                     "out of memory decoding %d sequences (%d cache columns); shedding the newest request",
-                    len(self._active),
-                    self._column,
+                    len(self.active),
+                    self.column,
                 )
-                self._active[newest].fail(_shed(), event)
-                self._retire()
+                self.active[newest].fail(_shed(), event)
+                self.retire()
 
-    def _release_memory(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+    # The steps
 
-    def _prefill(self, joining: list[Sequence]) -> None:
+    def prefill(self, joining: list[Sequence]) -> torch.Tensor:
+        """`joining` prefilled in one forward into the rows after the batch's, and joined to it with their first
+        tokens; the forward's logits (one row for each distinct prompt)."""
         joining, sources = _sharing_prompts(joining)
         computed = len(joining) - len(sources)  # the rows the forward fills; the others copy one of them
-        rows = len(self._active)
+        rows = len(self.active)
         longest = max(len(s.prompt_ids) for s in joining)
         self._make_room(rows + len(joining), longest)
-        end = max(self._column, longest)  # the prompts end at the column the batch writes next
+        end = max(self.column, longest)  # the prompts end at the column the batch writes next
         start = end - longest
-        cache = self._cache
         new_rows, computed_rows = slice(rows, rows + len(joining)), slice(rows, rows + computed)
-        cache.positions[new_rows] = -1
+        self.cache.positions[new_rows] = -1
         shared = _shared_prefix(joining[:computed])
         try:
             if shared:
                 self._prefill_prefix(joining[0].prompt_ids[:shared], computed_rows, start)
             logits = self._prefill_rows(joining[:computed], computed_rows, shared, end)
         except BaseException:
-            cache.positions[new_rows] = -1
+            self.cache.positions[new_rows] = -1
             raise
         # each row's first column: where its prompt begins, or the prefix it shares with the others
         self._join(joining, sources, logits, end, start if shared else None)
+        return logits
 
-    def _chunks_of(self, joining: list[Sequence]) -> _Chunks:
-        """The long prompt's place: a row after the batch's, its columns ending where the batch's next column will
-        be once the running rows have decoded a step between each two of its chunks. So it ends where its row's
-        first decode step goes (no gap in its row), and the batch spans the columns it would span had the prompt
-        joined unchunked after those steps: the layout's bound, and the KV budget, hold as they are."""
+    def start_chunks(self, joining: list[Sequence]) -> Chunks:
+        """The long prompt that `joining` share, to be prefilled a chunk a turn. Its place: a row after the
+        batch's, its columns ending where the batch's next column will be once the running rows have decoded a
+        step between each two of its chunks. So it ends where its row's first decode step goes (no gap in its
+        row), and the batch spans the columns it would span had the prompt joined unchunked after those steps:
+        the layout's bound, and the KV budget, hold as they are."""
         length = len(joining[0].prompt_ids)
-        steps = -(-length // PREFILL_TOKENS) - 1 if self._active else 0
-        end = max(self._column + steps, length)
-        return _Chunks(joining, len(self._active), end - length)
+        steps = -(-length // PREFILL_TOKENS) - 1 if self.active else 0
+        end = max(self.column + steps, length)
+        self.chunks = Chunks(joining, len(self.active), end - length)
+        return self.chunks
 
-    def _prefill_chunk(self, chunks: _Chunks) -> None:
+    def prefill_chunk(self) -> torch.Tensor:
         """The long prompt's next PREFILL_TOKENS tokens into its row, their masks from their positions like any
         prefill's (a sliding window reaches back into the chunks before); after its last chunk, the requests that
-        share it join the batch."""
-        self._make_room(len(self._active), 0)  # and the chunks' row and columns
-        cache, row, prompt = self._cache, chunks.row, chunks.prompt
+        share it join the batch. The chunk's logits."""
+        chunks = self.chunks
+        self._make_room(len(self.active), 0)  # and the chunks' row and columns
+        row, prompt = chunks.row, chunks.prompt
         if chunks.done == 0:
-            cache.positions[row] = -1
+            self.cache.positions[row] = -1
         first, last = chunks.done, min(chunks.done + PREFILL_TOKENS, len(prompt))
-        start, end = chunks.start + first, chunks.start + last
         ids = torch.tensor([prompt[first:last]], device=self.device)
         positions = torch.arange(first, last, device=self.device)[None]
-        cache.positions[row, start:end] = positions[0]
-        cache.rows, cache.write_start, cache.write_end = slice(row, row + 1), start, end
-        masks = attention_masks(
-            cache.positions[row : row + 1, :end], positions, self.windows, self.dtype, self.additive_masks
-        )
-        logits = self._forward(ids, positions, masks)
+        logits = self._forward(ids, positions, slice(row, row + 1), chunks.start + first)
         chunks.done = last
         if last < len(prompt):
-            return
-        rows, joining = len(self._active), chunks.sequences
+            return logits
+        rows, joining = len(self.active), chunks.sequences
         self._make_room(rows + len(joining), 0)
         if row != rows:  # rows the batch freed meanwhile: its row comes right after the batch's
-            cache.move_row(row, rows, chunks.end)
-        cache.positions[rows + 1 : rows + len(joining)] = -1
-        self._chunks = None
+            self.cache.move_row(row, rows, chunks.end)
+        self.cache.positions[rows + 1 : rows + len(joining)] = -1
+        self.chunks = None
         self._join(joining, [0] * (len(joining) - 1), logits, chunks.end)
+        return logits
 
-    def _drop_chunks(self) -> None:
-        """Forget the prompt being prefilled in chunks: no row after the batch's holds anything."""
-        self._chunks = None
-        self._cache.positions[len(self._active) :] = -1
-        if not self._active:
-            self._column = 0
+    def decode(self) -> torch.Tensor:
+        """One token for every row of the batch, in one forward; its logits."""
+        rows = len(self.active)
+        self._make_room(rows, 0)
+        live = slice(0, rows)
+        logits = self._forward(self._last[live, None], self._positions[live, None], live, self.column, decode=True)
+        seen = self._seen[live] if self._seen is not None else None
+        counts = self._counts[live] if self._counts is not None else None
+        # Grammars and log-probabilities cost a pass each only in batches with a request that asks for them.
+        asks = self._batch_asks
+        allowed = None
+        if asks.grammar:
+            allowed = allowed_tokens([s.grammar for s in self.active], logits.shape[-1], self.device)
+        tokens = self._sampler.pick(logits, seen, counts, allowed)
+        reports = rows_logprobs(self._sampler.rows, logits, tokens) if asks.logprobs else [None] * rows
+        self.column += 1
+        self._last[live] = tokens
+        self._positions[live] += 1
+        keep_chosen(seen, counts, tokens)
+        self._accept(self.active, tokens.tolist(), reports)  # the step's one copy to host
+        return logits
 
-    def _join(
-        self, joining: list[Sequence], sources: list[int], logits: torch.Tensor, end: int, start: int | None = None
-    ) -> None:
-        """The requests whose prompts now end at column `end` in the rows after the batch's join it: their first
-        tokens from the prefill's last logits (`logits`' rows are the computed rows; the requests after them copy
-        row `sources[i]`'s cache). `start`: the rows' first column, when not where their prompts begin (a shared
-        prefix sits at the longest prompt's start)."""
-        cache, rows = self._cache, len(self._active)
-        computed = len(joining) - len(sources)
-        new_rows = slice(rows, rows + len(joining))
-        for copy, source in enumerate(sources, start=rows + computed):
-            cache.copy_row(rows + source, copy, end)
-        if sources:
-            logits = logits[torch.tensor([*range(computed), *sources], device=self.device)]
-        sampler = BatchSampler(self.device)
-        sampler.set_rows([s.sampling for s in joining], [s.generator for s in joining])
-        vocab = logits.shape[-1]
-        seen = counts = None
-        if self._seen is not None or any(s.sampling.repetition_penalty != 1.0 for s in joining):
-            seen = torch.zeros(len(joining), vocab, dtype=torch.bool, device=self.device)
-            for i, sequence in enumerate(joining):
-                seen[i, torch.tensor(sequence.prompt_ids, device=self.device)] = True
-        if self._counts is not None or any(s.sampling.counts_tokens for s in joining):
-            counts = torch.zeros(len(joining), vocab, device=self.device)
-        allowed = allowed_tokens([s.grammar for s in joining], vocab, self.device)
-        tokens = sampler.pick(logits, seen, counts, allowed)
-        reports = _logprobs(joining, logits, tokens)
-        self._column = max(self._column, end)
-        self._last[new_rows] = tokens
-        self._positions[new_rows] = torch.tensor([len(s.prompt_ids) for s in joining], device=self.device)
-        picked = torch.arange(len(joining), device=self.device)
-        if seen is not None:
-            seen[picked, tokens] = True
-            self._seen = self._seen if self._seen is not None else self._row_state(vocab, torch.bool)
-            self._seen[new_rows] = seen
-        if counts is not None:
-            counts[picked, tokens] += 1
-            self._counts = self._counts if self._counts is not None else self._row_state(vocab, torch.float32)
-            self._counts[new_rows] = counts
-        self._active.extend(joining)
-        self._starts.extend(end - len(s.prompt_ids) if start is None else start for s in joining)
-        self._set_sampler_rows()
-        self.peak_batch = max(self.peak_batch, len(self._active))
-        for sequence, token, report in zip(joining, tokens.tolist(), reports):
-            sequence.accept(token, self.eos_ids, report)
+    def retire(self) -> None:
+        """Drop finished and cancelled sequences: the last row moves into each freed one."""
+        row = 0
+        changed = False
+        while row < len(self.active):
+            sequence = self.active[row]
+            if not (sequence.finished or sequence.cancelled):
+                row += 1
+                continue
+            changed = True
+            last = len(self.active) - 1
+            if row != last:
+                self.cache.move_row(last, row, self.column)
+                for state in (self._last, self._positions, self._seen, self._counts):
+                    if state is not None:
+                        state[row] = state[last]
+                self.active[row], self.starts[row] = self.active[last], self.starts[last]
+            self.cache.positions[last] = -1
+            self.active.pop()
+            self.starts.pop()
+        if changed:
+            self._set_sampler_rows()
+            if not self.active:
+                self.column = 0
+
+    # What the steps share
+
+    def _forward(
+        self, ids: torch.Tensor, positions: torch.Tensor, rows: slice, start: int, decode: bool = False
+    ) -> torch.Tensor:
+        """The last position's logits of `ids` (rows, tokens) at `positions` (-1: left padding), written into the
+        cache's `rows` at the columns from `start` on: the positions recorded there, every query's masks made
+        from them (a decode step's quickly: its one query is each row's newest token), then the model run."""
+        end = start + ids.shape[1]
+        cache = self.cache
+        cache.positions[rows, start:end] = positions
+        masks = attention_masks(
+            cache.positions[rows, :end], positions, self.windows, self.dtype, self.additive_masks, decode
+        )
+        with cache.writing(rows, start, end):
+            out = self.model(
+                input_ids=ids,
+                attention_mask=masks,
+                position_ids=positions if decode else positions.clamp(min=0),
+                past_key_values=cache,
+                cache_position=torch.arange(start, end, device=self.device),
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        return out.logits[:, -1]
 
     def _prefill_prefix(self, prefix: list[int], rows: slice, start: int) -> None:
         """The prompt tokens every one of `rows` starts with, computed once in the first of them at columns from
         `start`, and its keys and values copied to the others' same columns."""
-        cache = self._cache
-        first, columns = slice(rows.start, rows.start + 1), slice(start, start + len(prefix))
         positions = torch.arange(len(prefix), device=self.device)[None]
-        cache.positions[first, columns] = positions
-        cache.rows, cache.write_start, cache.write_end = first, columns.start, columns.stop
-        kv_positions = cache.positions[first, : columns.stop]
-        masks = attention_masks(kv_positions, positions, self.windows, self.dtype, self.additive_masks)
-        self._forward(torch.tensor([prefix], device=self.device), positions, masks)
-        cache.share_columns(rows.start, slice(rows.start + 1, rows.stop), columns)
+        self._forward(torch.tensor([prefix], device=self.device), positions, slice(rows.start, rows.start + 1), start)
+        self.cache.share_columns(rows.start, slice(rows.start + 1, rows.stop), slice(start, start + len(prefix)))
 
     def _prefill_rows(self, sequences: list[Sequence], rows: slice, offset: int, end: int) -> torch.Tensor:
         """The last logits of each sequence's prompt from token `offset` on (the tokens before it are in the
@@ -370,72 +374,72 @@ class Batcher(EngineThread):
             length = len(sequence.prompt_ids)
             ids[i, width - length + offset :] = torch.tensor(sequence.prompt_ids[offset:])
             positions[i, width - length + offset :] = torch.arange(offset, length)
-        ids, positions = ids.to(self.device), positions.to(self.device)
-        cache = self._cache
-        cache.positions[rows, end - width : end] = positions
-        cache.rows, cache.write_start, cache.write_end = rows, end - width, end
-        kv_positions = cache.positions[rows, :end]
-        masks = attention_masks(kv_positions, positions, self.windows, self.dtype, self.additive_masks)
-        return self._forward(ids, positions.clamp(min=0), masks)
+        return self._forward(ids.to(self.device), positions.to(self.device), rows, end - width)
 
-    def _decode_step(self) -> None:
-        rows = len(self._active)
-        self._make_room(rows, 0)
-        cache, column = self._cache, self._column
-        live = slice(0, rows)
-        cache.positions[live, column] = self._positions[live]
-        cache.rows, cache.write_start, cache.write_end = live, column, column + 1
-        positions = self._positions[live, None]
-        kv_positions = cache.positions[live, : column + 1]
-        masks = decode_masks(kv_positions, positions, self.windows, self.dtype, self.additive_masks)
-        logits = self._forward(self._last[live, None], positions, masks)
-        seen = self._seen[live] if self._seen is not None else None
-        counts = self._counts[live] if self._counts is not None else None
-        # Grammars and log-probabilities cost a pass each only in batches with a request that asks for them.
-        grammars = self._batch_asks.grammar
-        allowed = allowed_tokens([s.grammar for s in self._active], logits.shape[-1], self.device) if grammars else None
-        tokens = self._sampler.pick(logits, seen, counts, allowed)
-        reports = _logprobs(self._active, logits, tokens) if self._batch_asks.logprobs else [None] * rows
-        self._column = column + 1
-        self._last[live] = tokens
-        self._positions[live] += 1
-        if seen is not None or counts is not None:
-            picked = torch.arange(rows, device=self.device)
-            if seen is not None:
-                self._seen[picked, tokens] = True
-            if counts is not None:
-                self._counts[picked, tokens] += 1
-        for sequence, token, report in zip(self._active, tokens.tolist(), reports):  # the step's one copy to host
-            if not sequence.finished:
-                sequence.accept(token, self.eos_ids, report)
-
-    def _forward(
-        self, ids: torch.Tensor, positions: torch.Tensor, masks: dict[str, torch.Tensor] | torch.Tensor
-    ) -> torch.Tensor:
-        """The last position's logits, for `ids` at `positions` (none negative) written into the rows and columns
-        of the cache that the caller chose."""
-        cache = self._cache
-        out = self.model(
-            input_ids=ids,
-            attention_mask=masks,
-            position_ids=positions,
-            past_key_values=cache,
-            cache_position=torch.arange(cache.write_start, cache.write_end, device=self.device),
-            use_cache=True,
-            logits_to_keep=1,
+    def _join(
+        self, joining: list[Sequence], sources: list[int], logits: torch.Tensor, end: int, start: int | None = None
+    ) -> None:
+        """The requests whose prompts now end at column `end` in the rows after the batch's join it: their first
+        tokens from the prefill's last logits (`logits`' rows are the computed rows; the requests after them copy
+        row `sources[i]`'s cache). `start`: the rows' first column, when not where their prompts begin (a shared
+        prefix sits at the longest prompt's start)."""
+        rows = len(self.active)
+        computed = len(joining) - len(sources)
+        new_rows = slice(rows, rows + len(joining))
+        for copy, source in enumerate(sources, start=rows + computed):
+            self.cache.copy_row(rows + source, copy, end)
+        if sources:
+            logits = logits[torch.tensor([*range(computed), *sources], device=self.device)]
+        samplings = [s.sampling for s in joining]
+        sampler = BatchSampler(self.device)
+        sampler.set_rows(samplings, [s.generator for s in joining])
+        vocab = logits.shape[-1]
+        prompts, nothing_yet = [s.prompt_ids for s in joining], [[] for _ in joining]
+        # The batch keeps a state every row has once one of its requests asks for it.
+        seen, counts = penalty_state(
+            samplings,
+            prompts,
+            nothing_yet,
+            vocab,
+            self.device,
+            seen=self._seen is not None,
+            counts=self._counts is not None,
         )
-        return out.logits[:, -1]
+        tokens = sampler.pick(logits, seen, counts, allowed_tokens([s.grammar for s in joining], vocab, self.device))
+        reports = rows_logprobs(samplings, logits, tokens)
+        keep_chosen(seen, counts, tokens)
+        self.column = max(self.column, end)
+        self._last[new_rows] = tokens
+        self._positions[new_rows] = torch.tensor([len(s.prompt_ids) for s in joining], device=self.device)
+        if seen is not None:
+            self._seen = self._seen if self._seen is not None else self._row_state(vocab, torch.bool)
+            self._seen[new_rows] = seen
+        if counts is not None:
+            self._counts = self._counts if self._counts is not None else self._row_state(vocab, torch.float32)
+            self._counts[new_rows] = counts
+        self.active.extend(joining)
+        self.starts.extend(end - len(s.prompt_ids) if start is None else start for s in joining)
+        self._set_sampler_rows()
+        self.peak_batch = max(self.peak_batch, len(self.active))
+        self._accept(joining, tokens.tolist(), reports)
+
+    def _drop_chunks(self) -> None:
+        """Forget the prompt being prefilled in chunks: no row after the batch's holds anything."""
+        self.chunks = None
+        self.cache.positions[len(self.active) :] = -1
+        if not self.active:
+            self.column = 0
 
     def _make_room(self, rows: int, prompt_length: int) -> None:
         """Enough rows, and columns for a prompt of `prompt_length` ending at the next column and the decode step
         after it, keeping a prompt being prefilled in chunks: reclaim the columns before every row's first, and
         grow (doubling) only when reclaiming leaves less than half free."""
-        cache, chunks, used = self._cache, self._chunks, self._column
+        cache, chunks, used = self.cache, self.chunks, self.column
         if chunks is not None:  # its row, and its columns (they may end past the batch's next one)
             rows, used = max(rows, chunks.row + 1), max(used, chunks.end)
         if rows <= cache.row_capacity and max(used, prompt_length) + 1 <= cache.column_capacity:
             return
-        first, kept, held = min(self._starts, default=self._column), len(self._active), self._column
+        first, kept, held = min(self.starts, default=self.column), len(self.active), self.column
         if chunks is not None:  # what its chunks so far wrote is kept
             first, held = min(first, chunks.start), max(held, chunks.start + chunks.done)
             kept = min(chunks.row + 1, cache.row_capacity)
@@ -445,8 +449,8 @@ class Batcher(EngineThread):
             column_capacity = max(2 * needed, 16)
         row_capacity = max(cache.row_capacity, min(self.max_batch, max(2 * cache.row_capacity, rows, 1)))
         cache.resize(row_capacity, column_capacity, kept, slice(first, held))
-        self._column -= first
-        self._starts = [start - first for start in self._starts]
+        self.column -= first
+        self.starts = [start - first for start in self.starts]
         if chunks is not None:
             chunks.start -= first
         if row_capacity != self._last.shape[0]:
@@ -461,44 +465,19 @@ class Batcher(EngineThread):
         """A (rows, vocab) state for every row the cache has, made when the first request needs it."""
         return torch.zeros(self._last.shape[0], vocab, dtype=dtype, device=self.device)
 
-    def _retire(self) -> None:
-        """Drop finished and cancelled sequences: the last row moves into each freed one."""
-        row = 0
-        changed = False
-        while row < len(self._active):
-            sequence = self._active[row]
-            if not (sequence.finished or sequence.cancelled):
-                row += 1
-                continue
-            changed = True
-            last = len(self._active) - 1
-            if row != last:
-                self._cache.move_row(last, row, self._column)
-                for state in (self._last, self._positions, self._seen, self._counts):
-                    if state is not None:
-                        state[row] = state[last]
-                self._active[row], self._starts[row] = self._active[last], self._starts[last]
-            self._cache.positions[last] = -1
-            self._active.pop()
-            self._starts.pop()
-        if changed:
-            self._set_sampler_rows()
-            if not self._active:
-                self._column = 0
-
     def _fail_all(self, error: BaseException, joining: list[Sequence]) -> None:
-        chunked = self._chunks.sequences if self._chunks is not None else []
-        for sequence in dict.fromkeys([*self._active, *joining, *chunked]):
+        chunked = self.chunks.sequences if self.chunks is not None else []
+        for sequence in dict.fromkeys([*self.active, *joining, *chunked]):
             sequence.fail(error)
-        self._active, self._starts, self._column, self._chunks = [], [], 0, None
-        self._cache.positions.fill_(-1)
+        self.active, self.starts, self.column, self.chunks = [], [], 0, None
+        self.cache.positions.fill_(-1)
         self._set_sampler_rows()
 
     def _set_sampler_rows(self) -> None:
-        self._sampler.set_rows([s.sampling for s in self._active], [s.generator for s in self._active])
+        self._sampler.set_rows([s.sampling for s in self.active], [s.generator for s in self.active])
         self._batch_asks = _Asks(
-            grammar=any(s.grammar is not None for s in self._active),
-            logprobs=any(s.sampling.logprobs is not None for s in self._active),
+            grammar=any(s.grammar is not None for s in self.active),
+            logprobs=any(s.sampling.logprobs is not None for s in self.active),
         )
 
 
@@ -529,18 +508,6 @@ def _shared_prefix(sequences: list[Sequence]) -> int:
     # commonprefix compares only the least and the greatest of the lists: fast for long shared prompts
     shared = min(len(os.path.commonprefix(prompts)), min(len(p) for p in prompts) - 1)
     return shared if shared >= SHARED_PREFIX_MIN else 0
-
-
-def _logprobs(sequences: list[Sequence], logits: torch.Tensor, tokens: torch.Tensor) -> list[TokenLogprobs | None]:
-    """Each row's log-probabilities for the requests that ask for them (None for the others)."""
-    asking = [row for row, s in enumerate(sequences) if s.sampling.logprobs is not None]
-    reports: list[TokenLogprobs | None] = [None] * len(sequences)
-    if asking:
-        index = torch.tensor(asking, device=logits.device)
-        top = [sequences[row].sampling.logprobs for row in asking]
-        for row, report in zip(asking, logprobs_of(logits[index], tokens[index], top)):
-            reports[row] = report
-    return reports
 
 
 def _grown(state: torch.Tensor, rows: int) -> torch.Tensor:

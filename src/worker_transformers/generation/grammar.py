@@ -22,7 +22,7 @@ import llguidance
 import llguidance.hf
 import torch
 
-from worker_transformers.serving.schema import RequestError
+from worker_transformers.generation.errors import RequestError
 
 log = logging.getLogger(__name__)
 

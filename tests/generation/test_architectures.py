@@ -19,7 +19,7 @@ from tiny_tokenizers import byte_level_tokenizer, metaspace_tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from worker_transformers.config import Settings
-from worker_transformers.serving import batcher as batcher_module
+from worker_transformers.generation import batcher as batcher_module
 from worker_transformers.serving.handlers import make_handler
 from worker_transformers.worker import setup
 
@@ -127,8 +127,8 @@ def greedy(prompt: str, **extra) -> dict:
 
 def test_the_expected_engine_serves_it(served):
     name, engine, *_ = served
-    assert engine.kind == ARCHITECTURES[name][3]
-    assert engine.concurrency == (1 if engine.kind == "serial" else 4)
+    assert engine.generation.engine_kind == ARCHITECTURES[name][3]
+    assert engine.generation.concurrency == (1 if engine.generation.engine_kind == "serial" else 4)
 
 
 def generated_by_generate(reference, tokenizer, ids: list[int], max_new_tokens: int = 16) -> list[int]:
@@ -171,11 +171,15 @@ def test_a_prompt_longer_than_prefill_tokens_answers_as_generate_prefilled_in_ch
     [running_alone] = jobs(handler, [beside])
     monkeypatch.setattr(batcher_module, "PREFILL_TOKENS", 16)
     widths = []
-    if engine.kind == "batch":
-        forward = engine.generator._forward
-        monkeypatch.setattr(
-            engine.generator, "_forward", lambda ids, *rest: widths.append(ids.shape[1]) or forward(ids, *rest)
-        )
+    if engine.generation.engine_kind == "batch":
+        model = engine.generation.engine.model
+        forward = model.forward
+
+        def recording(*args, input_ids, **kwargs):
+            widths.append(input_ids.shape[1])
+            return forward(*args, input_ids=input_ids, **kwargs)
+
+        monkeypatch.setattr(model, "forward", recording)
     running, streamed = jobs(handler, [beside, {**greedy(LONG_PROMPT), "stream": True}])
     ids = tokenizer(LONG_PROMPT)["input_ids"]
     assert len(ids) > 2 * 16
@@ -183,7 +187,7 @@ def test_a_prompt_longer_than_prefill_tokens_answers_as_generate_prefilled_in_ch
     text = "".join(chunk["text"] for chunk in streamed)
     assert LONG_PROMPT + text == tokenizer.decode(ids + generated, skip_special_tokens=True)
     assert running == running_alone  # the stream beside it answers as it does alone
-    if engine.kind == "batch":
+    if engine.generation.engine_kind == "batch":
         assert max(widths) <= 16 and sum(w for w in widths if w > 1) >= len(ids)  # it really went in chunks
 
 
@@ -195,7 +199,8 @@ def test_concurrent_jobs_equal_serial_ones_and_streams_equal_whole_answers(serve
     one_by_one = [jobs(handler, [job_input])[0] for job_input in inputs]
     together = jobs(handler, inputs)
     assert together == one_by_one
-    assert engine.generator.peak_batch == (1 if engine.kind == "serial" else 4)  # they really ran together
+    generation = engine.generation
+    assert generation.engine.peak_batch == (1 if generation.engine_kind == "serial" else 4)  # they really ran together
     whole, streamed = together[: len(PROMPTS)], together[len(PROMPTS) : 2 * len(PROMPTS)]
     for [answer], chunks in zip(whole, streamed):
         assert "".join(chunk["text"] for chunk in chunks) == answer["text"]
@@ -206,7 +211,7 @@ def test_chats_with_one_system_prompt_joining_together_answer_as_generate_would(
     """Their shared start is computed once and copied (batcher.py); past a sliding window too."""
     import queue
 
-    from worker_transformers.serving.events import Done
+    from worker_transformers.generation.events import Done
     from worker_transformers.serving.schema import parse_request
 
     _, engine, _, tokenizer, reference = served
@@ -220,7 +225,7 @@ def test_chats_with_one_system_prompt_joining_together_answer_as_generate_would(
     alone = [engine.generate(request)["text"] for request in requests]
     boxes = [queue.Queue() for _ in requests]
     prepared = [engine.prepare(r) for r in requests]
-    with engine.generator._wake:  # all of them queued before the engine takes any: one turn's prefill
+    with engine.generation.engine.one_turn():  # all of them queued before the engine takes any: one turn's prefill
         sequences = [engine.submit(r, ready, box.put) for r, ready, box in zip(requests, prepared, boxes)]
     for ready, box, sequence, text in zip(prepared, boxes, sequences, alone):
         events = [box.get()]
@@ -264,10 +269,10 @@ def test_a_job_abandoned_mid_stream_leaves_the_engine(served):
         await stream.__anext__()
         await stream.aclose()  # what happens to a generator abandoned mid-stream
         for _ in range(500):
-            if engine.generator.in_flight() == 0:
+            if engine.generation.engine.in_flight() == 0:
                 break
             await asyncio.sleep(0.01)
-        return engine.generator.in_flight()
+        return engine.generation.engine.in_flight()
 
     assert asyncio.run(abandon()) == 0
     [[after]] = jobs(handler, [greedy(PROMPTS[2])])

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from worker_transformers.config import Settings
-from worker_transformers.serving.engine import OutOfMemory
+from worker_transformers.generation.errors import OutOfMemory
 from worker_transformers.serving.schema import parse_request
 from worker_transformers.worker import setup
 
@@ -26,7 +26,7 @@ def engine(tiny_model_dir, caplog):
 
 
 def test_it_serves_and_says_so(engine, caplog):
-    assert (engine.kind, engine.concurrency) == ("continuous", 2)
+    assert (engine.generation.engine_kind, engine.generation.concurrency) == ("continuous", 2)
     startup = [record.getMessage() for record in caplog.get_records("setup")]
     assert any(
         line.startswith("engine: continuous (ENGINE=continuous), up to 2 sequences per step") for line in startup
@@ -34,7 +34,7 @@ def test_it_serves_and_says_so(engine, caplog):
 
 
 def test_an_out_of_memory_fails_the_batch_as_one_event_and_the_next_job_is_served(engine, monkeypatch):
-    model = engine.generator.model
+    model = engine.generation.engine.model
     forward = model.forward
     calls = []
 
@@ -60,4 +60,4 @@ def test_an_out_of_memory_fails_the_batch_as_one_event_and_the_next_job_is_serve
     assert all(isinstance(failure, OutOfMemory) for failure in failures), failures
     assert failures[0].event is not None and failures[0].event == failures[1].event
     assert engine.generate(requests[0])["usage"]["completion_tokens"] > 0
-    assert engine.generator.in_flight() == 0
+    assert engine.generation.engine.in_flight() == 0

@@ -10,19 +10,17 @@ it), turned into text, checked for stop strings and cancellation after every ste
 from __future__ import annotations
 
 import copy
-import itertools
 import logging
 
 import torch
 from transformers import LogitsProcessor, PreTrainedModel, StoppingCriteria
 
-from worker_transformers.serving.events import EngineThread, Sequence
-from worker_transformers.serving.grammar import allowed_tokens
-from worker_transformers.serving.sampling import BatchSampler, TokenLogprobs, logprobs_of
+from worker_transformers.generation.engine import Engine
+from worker_transformers.generation.events import Sequence
+from worker_transformers.generation.grammar import allowed_tokens
+from worker_transformers.generation.sampling import BatchSampler, TokenLogprobs, penalty_state, rows_logprobs
 
 log = logging.getLogger(__name__)
-
-_oom_events = itertools.count(1)
 
 
 class _Choose(LogitsProcessor):
@@ -33,21 +31,15 @@ class _Choose(LogitsProcessor):
         self.sequence = sequence
         self.sampler = BatchSampler(device)
         self.sampler.set_rows([sequence.sampling], [sequence.generator])
-        self.penalized = sequence.sampling.repetition_penalty != 1.0
         self.prompt_length = len(sequence.prompt_ids)
         self.logprobs: TokenLogprobs | None = None
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        seen = counts = None
-        if self.penalized:
-            seen = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, input_ids, True)
-        if self.sequence.sampling.counts_tokens:
-            generated = input_ids[:, self.prompt_length :]
-            counts = torch.zeros_like(scores).scatter_add_(1, generated, torch.ones_like(generated, dtype=scores.dtype))
-        allowed = allowed_tokens([self.sequence.grammar], scores.shape[-1], scores.device)
-        token = self.sampler.pick(scores, seen, counts, allowed)
-        if self.sequence.sampling.logprobs is not None:
-            [self.logprobs] = logprobs_of(scores, token, [self.sequence.sampling.logprobs])
+        rows = self.sampler.rows
+        vocab = scores.shape[-1]
+        seen, counts = penalty_state(rows, input_ids, input_ids[:, self.prompt_length :], vocab, scores.device)
+        token = self.sampler.pick(scores, seen, counts, allowed_tokens([self.sequence.grammar], vocab, scores.device))
+        [self.logprobs] = rows_logprobs(rows, scores, token)
         return torch.full_like(scores, float("-inf")).scatter_(1, token[:, None], 0.0)
 
 
@@ -67,13 +59,13 @@ class _Accept(StoppingCriteria):
         return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
 
 
-class SerialGenerator(EngineThread):
+class SerialEngine(Engine):
+    """The serial engine: a request at a time through `generate`, which allocates as it goes (no budget to fit)."""
+
     max_batch = 1
 
     def __init__(self, model: PreTrainedModel, eos_ids: set[int], pad_id: int | None) -> None:
-        super().__init__("serial-generate")
-        self.model = model
-        self.eos_ids = eos_ids
+        super().__init__("serial-generate", model, eos_ids)
         self.config = copy.deepcopy(model.generation_config)
         # Sampling is _Choose's; generate only keeps its choice.
         self.config.update(do_sample=False, temperature=1.0, top_p=1.0, top_k=None, repetition_penalty=1.0)
@@ -81,17 +73,7 @@ class SerialGenerator(EngineThread):
         if self.config.pad_token_id is None:
             self.config.pad_token_id = pad_id if pad_id is not None else next(iter(sorted(eos_ids)), 0)
         self._current: Sequence | None = None
-        self.peak_batch = 0
         self._thread.start()
-
-    @property
-    def device(self) -> torch.device:
-        return self.model.device
-
-    max_request_tokens = None  # generate allocates as it goes: no budget to fit
-
-    def cancel(self, sequence: Sequence) -> None:
-        sequence.cancelled = True  # _Accept stops generate at the next step
 
     def in_flight(self) -> int:
         return len(self._waiting) + (self._current is not None)
@@ -117,9 +99,7 @@ class SerialGenerator(EngineThread):
                 log.error(
                     "out of memory generating for a %d-token prompt; failing that request", len(sequence.prompt_ids)
                 )
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
-                sequence.fail(error, next(_oom_events))
+                sequence.fail(error, self._out_of_memory())
             except Exception as error:  # noqa: BLE001 - the thread must survive; the caller gets the error
                 log.exception("generation failed")
                 sequence.fail(error)

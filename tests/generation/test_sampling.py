@@ -4,7 +4,8 @@ settings, draws that follow the softmax, and a seeded row that picks the same to
 import pytest
 import torch
 
-from worker_transformers.serving.sampling import ARGMAX_BLOCK, BatchSampler, Sampling, argmax
+from worker_transformers.generation.sampling import ARGMAX_BLOCK, BatchSampler, Sampling, argmax
+from worker_transformers.serving.frontend import sampling_of
 from worker_transformers.serving.schema import parse_request
 
 VOCAB = 1000
@@ -12,7 +13,7 @@ CPU = torch.device("cpu")
 
 
 def sampling(**fields) -> Sampling:
-    return Sampling.of(parse_request({"prompt": "x", **fields}, 64))
+    return sampling_of(parse_request({"prompt": "x", **fields}, 64))
 
 
 def sampler_for(rows: list[Sampling]) -> BatchSampler:

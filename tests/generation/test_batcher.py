@@ -8,48 +8,40 @@ import pytest
 import torch
 
 from worker_transformers.config import Settings
-from worker_transformers.serving import batcher as batcher_module
-from worker_transformers.serving.events import Done, Failed, Sequence
-from worker_transformers.serving.sampling import Sampling
+from worker_transformers.generation import batcher as batcher_module
+from worker_transformers.generation.events import Done, Failed, Sequence
+from worker_transformers.generation.sampling import GREEDY
 from worker_transformers.serving.schema import GenerationRequest, parse_request
-from worker_transformers.serving.textstream import TextStream
+from worker_transformers.generation.textstream import TextStream
 from worker_transformers.worker import setup
 
 
-def recorded_forwards(generator, monkeypatch, on_forward=lambda shape: None) -> list[tuple[int, int]]:
-    """The (rows, tokens) of each forward the batcher runs from now on, prefills and decode steps alike;
-    `on_forward` sees each one's shape first."""
+def recorded_forwards(batcher, monkeypatch, on_forward=lambda shape: None) -> list[tuple[int, int]]:
+    """The (rows, tokens) of each forward of the model the batcher runs from now on, prefills and decode steps
+    alike; `on_forward` sees each one's shape first."""
     forwards = []
-    forward = generator._forward
+    forward = batcher.model.forward
 
-    def recording(ids, positions, masks):
-        forwards.append(tuple(ids.shape))
+    def recording(*args, input_ids, **kwargs):
+        forwards.append(tuple(input_ids.shape))
         on_forward(forwards[-1])
-        return forward(ids, positions, masks)
+        return forward(*args, input_ids=input_ids, **kwargs)
 
-    monkeypatch.setattr(generator, "_forward", recording)
+    monkeypatch.setattr(batcher.model, "forward", recording)
     return forwards
 
 
-def recorded_logits(generator, monkeypatch) -> list[torch.Tensor]:
-    """The logits each forward the batcher runs from now on returns."""
-    logits = []
-    forward = generator._forward
-    monkeypatch.setattr(generator, "_forward", lambda *args: logits.append(forward(*args)) or logits[-1])
-    return logits
-
-
-def recorded_prefills(generator, monkeypatch) -> list[tuple[int, int]]:
+def recorded_prefills(batcher, monkeypatch) -> list[tuple[int, int]]:
     """The (rows, columns) of each prefill forward the batcher runs from now on."""
     prefills = []
-    recorded_forwards(generator, monkeypatch, lambda shape: shape[1] > 1 and prefills.append(shape))
+    recorded_forwards(batcher, monkeypatch, lambda shape: shape[1] > 1 and prefills.append(shape))
     return prefills
 
 
 def submitted_in_one_turn(engine, requests) -> tuple[list, list[queue.Queue]]:
     """Every request submitted before the batcher takes the first: their sequences, and the boxes of their events."""
     boxes: list[queue.Queue] = [queue.Queue() for _ in requests]
-    with engine.generator._wake:
+    with engine.generation.engine.one_turn():
         sequences = [engine.submit(r, engine.prepare(r), box.put) for r, box in zip(requests, boxes)]
     return sequences, boxes
 
@@ -87,14 +79,14 @@ def submitted_during_forwards(engine, monkeypatch, schedule) -> list[queue.Queue
         for request, prepared, box in due.pop(next(numbers) if shape else 0, []):
             engine.submit(request, prepared, box.put)
 
-    recorded_forwards(engine.generator, monkeypatch, submit_due)
+    recorded_forwards(engine.generation.engine, monkeypatch, submit_due)
     submit_due()
     return boxes
 
 
-def idle(generator) -> bool:
+def idle(batcher) -> bool:
     for _ in range(500):
-        if generator.in_flight() == 0:
+        if batcher.in_flight() == 0:
             return True
         time.sleep(0.01)
     return False
@@ -109,7 +101,7 @@ def test_a_turns_prefill_stays_within_prefill_tokens_counting_the_padding_and_an
     lengths = [len(tiny_engine.prepare(r).ids) for r in requests]
     # Room for the long prompt and one short one side by side, unpadded; padded, the long one goes alone.
     monkeypatch.setattr(batcher_module, "PREFILL_TOKENS", lengths[0] + max(lengths[1:]))
-    prefills = recorded_prefills(tiny_engine.generator, monkeypatch)
+    prefills = recorded_prefills(tiny_engine.generation.engine, monkeypatch)
     assert answers_in_one_turn(tiny_engine, requests) == alone
     assert prefills[0] == (1, lengths[0])  # with a short one beside it, it would be padded past the limit
     assert all(rows * columns <= batcher_module.PREFILL_TOKENS for rows, columns in prefills[1:])
@@ -126,7 +118,7 @@ def test_requests_with_one_prompt_share_its_prefill_and_answer_as_they_would_alo
     ]
     requests = [parse_request(job, 64) for job in jobs]
     alone = [tiny_engine.generate(r)["text"] for r in requests]
-    prefills = recorded_prefills(tiny_engine.generator, monkeypatch)
+    prefills = recorded_prefills(tiny_engine.generation.engine, monkeypatch)
     texts = answers_in_one_turn(tiny_engine, requests)
     assert [rows for rows, _ in prefills] == [2], "each distinct prompt is prefilled once"
     assert texts == alone
@@ -144,7 +136,7 @@ def test_prompts_that_start_alike_compute_the_shared_start_once_and_answer_as_th
     ids = [tiny_engine.prepare(r).ids for r in requests[:3]]
     shared = next(i for i, column in enumerate(zip(*ids)) if len(set(column)) > 1)
     assert shared >= batcher_module.SHARED_PREFIX_MIN
-    prefills = recorded_prefills(tiny_engine.generator, monkeypatch)
+    prefills = recorded_prefills(tiny_engine.generation.engine, monkeypatch)
     assert answers_in_one_turn(tiny_engine, requests) == alone
     # the shared start once, in a row of its own; then each distinct prompt's own tokens, padded to the longest
     assert prefills == [(1, shared), (3, max(map(len, ids)) - shared)]
@@ -154,7 +146,7 @@ def test_prompts_that_share_less_than_the_minimum_are_prefilled_together_in_one_
     prompts = ["What is the capital of France?", "What is the capital of Paris and France?"]
     requests = [parse_request({"prompt": p, "max_new_tokens": 4, "temperature": 0}, 64) for p in prompts]
     ids = [tiny_engine.prepare(r).ids for r in requests]
-    prefills = recorded_prefills(tiny_engine.generator, monkeypatch)
+    prefills = recorded_prefills(tiny_engine.generation.engine, monkeypatch)
     answers_in_one_turn(tiny_engine, requests)
     assert prefills == [(2, max(map(len, ids)))]
 
@@ -202,7 +194,7 @@ def test_a_long_prompt_is_prefilled_in_chunks_with_a_step_of_the_running_stream_
     short, length = (len(engine.prepare(r).ids) for r in (running, long))
     assert length % CHUNK not in (0, 1)  # the last chunk is a short one, and no decode step's shape
     monkeypatch.setattr(batcher_module, "PREFILL_TOKENS", CHUNK)
-    forwards = recorded_forwards(engine.generator, monkeypatch)
+    forwards = recorded_forwards(engine.generation.engine, monkeypatch)
     assert answers_in_one_turn(engine, [running, long]) == alone
     chunks = [(1, CHUNK)] * (length // CHUNK) + [(1, length % CHUNK)]
     between = [shape for chunk in chunks[:-1] for shape in (chunk, (1, 1))]  # each chunk, then the stream's step
@@ -218,7 +210,7 @@ def test_the_choices_of_a_long_prompt_share_its_chunks_and_answer_as_they_would_
     alone = [engine.generate(r)["text"] for r in requests]
     length = len(engine.prepare(requests[0]).ids)
     monkeypatch.setattr(batcher_module, "PREFILL_TOKENS", CHUNK)
-    prefills = recorded_prefills(engine.generator, monkeypatch)
+    prefills = recorded_prefills(engine.generation.engine, monkeypatch)
     assert answers_in_one_turn(engine, requests) == alone
     assert all(shape == (1, CHUNK) for shape in prefills[:-1]) and sum(n for _, n in prefills) == length
 
@@ -227,21 +219,21 @@ def test_a_long_prompt_cancelled_between_its_chunks_frees_its_row_and_the_runnin
     running, long = greedy("Hello world", 40), greedy(LONG_PROMPT, 8)
     alone = [engine.generate(r)["text"] for r in (running, long)]
     monkeypatch.setattr(batcher_module, "PREFILL_TOKENS", CHUNK)
-    generator = engine.generator
+    batcher = engine.generation.engine
     cancelled = []
 
     def cancel_after_the_second_chunk(shape):
         if shape == (1, CHUNK) and forwards.count(shape) == 2:
-            cancelled.append((len(forwards), generator.in_flight()))
-            generator.cancel(sequences[1])  # as the job's stream does when its caller goes away
+            cancelled.append((len(forwards), batcher.in_flight()))
+            batcher.cancel(sequences[1])  # as the job's stream does when its caller goes away
 
-    forwards = recorded_forwards(generator, monkeypatch, cancel_after_the_second_chunk)
+    forwards = recorded_forwards(batcher, monkeypatch, cancel_after_the_second_chunk)
     sequences, boxes = submitted_in_one_turn(engine, [running, long])
     assert whole_text(boxes[0]) == alone[0]
-    assert idle(generator) and boxes[1].empty()  # the cancelled request is told nothing more
+    assert idle(batcher) and boxes[1].empty()  # the cancelled request is told nothing more
     [(number, in_flight)] = cancelled
     assert in_flight == 2 and (1, CHUNK) not in forwards[number:]  # it counted while chunked; no chunk after it
-    assert generator._chunks is None and bool((generator._cache.positions == -1).all())  # its row holds nothing
+    assert batcher.chunks is None and bool((batcher.cache.positions == -1).all())  # its row holds nothing
     assert answers_in_one_turn(engine, [long]) == alone[1:]
 
 
@@ -249,18 +241,18 @@ def test_out_of_memory_in_a_chunk_fails_that_request_only_and_the_running_stream
     running, long = greedy("Hello world", 40), greedy(LONG_PROMPT, 8)
     alone = [engine.generate(r)["text"] for r in (running, long)]
     monkeypatch.setattr(batcher_module, "PREFILL_TOKENS", CHUNK)
-    generator = engine.generator
+    batcher = engine.generation.engine
 
     def out_of_memory_at_the_second_chunk(shape):
         if shape == (1, CHUNK) and forwards.count(shape) == 2:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    forwards = recorded_forwards(generator, monkeypatch, out_of_memory_at_the_second_chunk)
+    forwards = recorded_forwards(batcher, monkeypatch, out_of_memory_at_the_second_chunk)
     _, boxes = submitted_in_one_turn(engine, [running, long])
     failed = boxes[1].get(timeout=60)
     assert isinstance(failed.error, torch.OutOfMemoryError) and failed.oom_event is not None
     assert whole_text(boxes[0]) == alone[0]  # the stream never noticed
-    assert idle(generator) and generator._chunks is None
+    assert idle(batcher) and batcher.chunks is None
     assert answers_in_one_turn(engine, [long]) == alone[1:]
 
 
@@ -273,10 +265,10 @@ def test_a_fault_in_a_chunk_fails_every_request_in_flight_and_the_next_are_serve
         if shape == (1, CHUNK) and forwards.count(shape) == 2:
             raise RuntimeError("a kernel failed")
 
-    forwards = recorded_forwards(engine.generator, monkeypatch, fault_at_the_second_chunk)
+    forwards = recorded_forwards(engine.generation.engine, monkeypatch, fault_at_the_second_chunk)
     _, boxes = submitted_in_one_turn(engine, [running, long])
     assert [type(last_event(box).error) for box in boxes] == [RuntimeError, RuntimeError]
-    assert idle(engine.generator) and forwards.count((1, CHUNK)) == 2  # nothing more of the failed prompt
+    assert idle(engine.generation.engine) and forwards.count((1, CHUNK)) == 2  # nothing more of the failed prompt
     assert answers_in_one_turn(engine, [running, long]) == alone
 
 
@@ -308,7 +300,7 @@ def test_long_and_short_prompts_arriving_at_every_point_of_a_batchs_life_answer_
     try:  # its cache starts empty, to grow around the chunks
         for schedule, expected in zip(requests, alone):
             assert [whole_text(box) for box in submitted_during_forwards(fresh, monkeypatch, schedule)] == expected
-            assert idle(fresh.generator) and bool((fresh.generator._cache.positions == -1).all())
+            assert idle(fresh.generation.engine) and bool((fresh.generation.engine.cache.positions == -1).all())
     finally:
         fresh.close()
 
@@ -326,14 +318,12 @@ def test_a_long_prompts_chunks_are_kept_when_the_cache_reclaims_columns_and_grow
     """The batcher's steps driven one by one (as choice.py's check does), to reach the layout's rarest cases; the
     logits compared with the model's own forward over the same ids."""
     monkeypatch.setattr(batcher_module, "PREFILL_TOKENS", CHUNK)
-    model, windows = engine.generator.model, engine.generator.windows
+    model, windows = engine.generation.engine.model, engine.generation.engine.windows
     batcher = batcher_module.Batcher(model, 8, set(), model.config.num_hidden_layers, windows, start=False)
-    sampling = Sampling(greedy=True, temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0, seed=None)
-    logits = recorded_logits(batcher, monkeypatch)
 
     def sequence(text: str) -> Sequence:
         ids = engine.prepare(greedy(text, 1)).ids
-        return Sequence(ids, 64, sampling, TextStream(engine.detokenizer, ids), lambda event: None)
+        return Sequence(ids, 64, GREEDY, TextStream(engine.generation.detokenizer, ids), lambda event: None)
 
     def own(ids: list[int]) -> torch.Tensor:
         return model(input_ids=torch.tensor([ids])).logits[0, -1]
@@ -345,34 +335,33 @@ def test_a_long_prompts_chunks_are_kept_when_the_cache_reclaims_columns_and_grow
         torch.testing.assert_close(batched, alone, atol=1e-4, rtol=1e-4)
 
     first, second = sequence("Hello world"), sequence("hi")
-    batcher._prefill([first])
+    batcher.prefill([first])
     for _ in range(3):
-        batcher._decode_step()
-    batcher._prefill([second])
-    while batcher._column < column:
-        batcher._decode_step()
+        batcher.decode()
+    batcher.prefill([second])
+    while batcher.column < column:
+        batcher.decode()
     first.cancelled = True
-    batcher._retire()  # the oldest row leaves: the columns before the other's first are free to reclaim
+    batcher.retire()  # the oldest row leaves: the columns before the other's first are free to reclaim
     choices = [sequence(prompt) for _ in range(4)]  # a request's four choices of one long prompt
-    rows_before = batcher._cache.row_capacity
-    batcher._chunks = chunks = batcher._chunks_of(choices)
+    rows_before = batcher.cache.row_capacity
+    chunks = batcher.start_chunks(choices)
     if where == "it ends past the batch's next column":
-        assert chunks.start > batcher._starts[0] > 0 and chunks.end > batcher._column
+        assert chunks.start > batcher.starts[0] > 0 and chunks.end > batcher.column
     else:
-        assert batcher._starts[0] > chunks.start == 0
-    while batcher._chunks is not None:
-        batcher._prefill_chunk(batcher._chunks)
-        batcher._decode_step()
-    assert batcher._cache.row_capacity > rows_before  # the rows grew as the choices joined
-    assert_same(logits[-2][0], own(chunks.prompt))  # the last chunk's: the choices' first token
-    for row, start in enumerate(batcher._starts):  # each row's tokens, in its columns from its first on
-        held = batcher._cache.positions[row]
+        assert batcher.starts[0] > chunks.start == 0
+    while batcher.chunks is not None:
+        last_chunk = batcher.prefill_chunk()
+        batcher.decode()
+    assert batcher.cache.row_capacity > rows_before  # the rows grew as the choices joined
+    assert_same(last_chunk[0], own(chunks.prompt))  # the last chunk's: the choices' first token
+    for row, start in enumerate(batcher.starts):  # each row's tokens, in its columns from its first on
+        held = batcher.cache.positions[row]
         assert bool((held[:start] == -1).all()) and held[start] == 0
     for row in range(1, 5):  # a chunked prompt's row has no gap: its first decode step went right after it
-        assert batcher._cache.positions[row, batcher._starts[row] : batcher._column].tolist() == list(
-            range(batcher._column - batcher._starts[row])
+        assert batcher.cache.positions[row, batcher.starts[row] : batcher.column].tolist() == list(
+            range(batcher.column - batcher.starts[row])
         )
     for _ in range(3):
-        so_far = [s.prompt_ids + s.generated for s in batcher._active]
-        batcher._decode_step()
-        assert_same(logits[-1], torch.stack([own(ids) for ids in so_far]))
+        so_far = [s.prompt_ids + s.generated for s in batcher.active]
+        assert_same(batcher.decode(), torch.stack([own(ids) for ids in so_far]))

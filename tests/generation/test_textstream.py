@@ -4,7 +4,7 @@ tokens is released whole, and stop strings never show, even in part."""
 import pytest
 from tiny_tokenizers import byte_level_tokenizer, metaspace_tokenizer
 
-from worker_transformers.serving.textstream import Detokenizer, TextStream
+from worker_transformers.generation.textstream import Detokenizer, TextStream
 
 TOKENIZERS = {"byte-level": byte_level_tokenizer(), "metaspace": metaspace_tokenizer()}
 ANSWER = " lived in 北海道 with a café 🎉, naïve; ok"

@@ -18,11 +18,10 @@ setting reshapes them), so they are what a forward pass of the same ids gives.
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-
-from worker_transformers.serving.schema import GenerationRequest
 
 _FINITE = 1e30
 MAX_PENALTY = 1e4
@@ -53,23 +52,6 @@ class Sampling:
         """Whether this request's penalties need how often each token was generated."""
         return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
-    @classmethod
-    def of(cls, request: GenerationRequest) -> Sampling:
-        return cls(
-            greedy=request.greedy,
-            temperature=max(request.temperature, MIN_TEMPERATURE),
-            top_k=min(request.top_k, 1 << 31),  # any k past the vocabulary keeps every token
-            top_p=request.top_p,
-            # Past these bounds a penalty already pushes seen tokens to the edge of the distribution; inside them
-            # it stays a finite float32 (3.4e38, the schema's largest, rounds to inf and 0 x inf is nan).
-            repetition_penalty=min(max(request.repetition_penalty, 1 / MAX_PENALTY), MAX_PENALTY),
-            seed=request.seed,
-            presence_penalty=request.presence_penalty,
-            frequency_penalty=request.frequency_penalty,
-            logit_bias=tuple((int(token), bias) for token, bias in (request.logit_bias or {}).items()),
-            logprobs=request.top_logprobs if request.logprobs else None,
-        )
-
     def generator(self, device: torch.device) -> torch.Generator | None:
         """The request's own random stream (None for greedy, which draws nothing)."""
         if self.greedy:
@@ -77,6 +59,10 @@ class Sampling:
         generator = torch.Generator(device=device)
         generator.manual_seed(self.seed if self.seed is not None else random.getrandbits(64))
         return generator
+
+
+# Sampling that draws nothing: the likeliest token, every setting neutral.
+GREEDY = Sampling(greedy=True, temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0, seed=None)
 
 
 class BatchSampler:
@@ -214,6 +200,59 @@ def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor, top: list[int]) -> l
         TokenLogprobs(int(row[1]), row[0], tuple((int(i), v) for v, i in zip(row[2 : 2 + n], row[2 + k : 2 + k + n])))
         for row, n in zip(rows, top)
     ]
+
+
+def rows_logprobs(rows: Sequence[Sampling], logits: torch.Tensor, tokens: torch.Tensor) -> list[TokenLogprobs | None]:
+    """Each row's log-probabilities of its chosen token, for the rows whose request asks for them (None for the
+    others)."""
+    asking = [row for row, sampling in enumerate(rows) if sampling.logprobs is not None]
+    reports: list[TokenLogprobs | None] = [None] * len(rows)
+    if asking:
+        index = torch.tensor(asking, device=logits.device)
+        top = [rows[row].logprobs for row in asking]
+        for row, report in zip(asking, logprobs_of(logits[index], tokens[index], top)):
+            reports[row] = report
+    return reports
+
+
+def penalty_state(
+    rows: Sequence[Sampling],
+    seen_tokens: Sequence[Sequence[int] | torch.Tensor],
+    generated: Sequence[Sequence[int] | torch.Tensor],
+    vocab: int,
+    device: torch.device,
+    *,
+    seen: bool = False,
+    counts: bool = False,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The penalties' state of each row, as `BatchSampler.pick` takes it: `seen` (rows, vocab) marks the tokens
+    of `seen_tokens` (a row's prompt and what it generated), made when a row asks for the repetition penalty or
+    `seen` says so; `counts` (rows, vocab) how often each token of `generated` came, made when a row asks for the
+    presence or frequency penalty or `counts` says so. None for a state nobody needs."""
+    seen_state = counts_state = None
+    if seen or any(r.repetition_penalty != 1.0 for r in rows):
+        seen_state = torch.zeros(len(rows), vocab, dtype=torch.bool, device=device)
+        for row, tokens in enumerate(seen_tokens):
+            if len(tokens):
+                seen_state[row, torch.as_tensor(tokens, device=device)] = True
+    if counts or any(r.counts_tokens for r in rows):
+        counts_state = torch.zeros(len(rows), vocab, device=device)
+        for row, tokens in enumerate(generated):
+            if len(tokens):
+                index = torch.as_tensor(tokens, device=device)
+                counts_state[row].index_add_(0, index, torch.ones(len(index), device=device))
+    return seen_state, counts_state
+
+
+def keep_chosen(seen: torch.Tensor | None, counts: torch.Tensor | None, tokens: torch.Tensor) -> None:
+    """The penalties' state of each row updated with the token it just chose (`tokens`, one a row)."""
+    if seen is None and counts is None:
+        return
+    picked = torch.arange(len(tokens), device=tokens.device)
+    if seen is not None:
+        seen[picked, tokens] = True
+    if counts is not None:
+        counts[picked, tokens] += 1
 
 
 ARGMAX_BLOCK = 1024  # vocabulary entries per block of the CPU's argmax

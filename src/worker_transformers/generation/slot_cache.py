@@ -17,10 +17,23 @@ step amortized.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import NamedTuple
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
+
+
+class _Target(NamedTuple):
+    """Where the forward running now writes: its rows, and the columns from `start` to `end`."""
+
+    rows: slice
+    start: int
+    end: int
+
+
+_NOWHERE = _Target(slice(0, 0), 0, 0)
 
 
 class SlotLayer(CacheLayerMixin):
@@ -44,16 +57,16 @@ class SlotLayer(CacheLayerMixin):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        rows, start, end = self.cache.rows, self.cache.write_start, self.cache.write_end
+        rows, start, end = self.cache.target
         self.keys[rows, :, start:end] = key_states
         self.values[rows, :, start:end] = value_states
         return self.keys[rows, :, :end], self.values[rows, :, :end]
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.cache.write_end, 0
+        return self.cache.target.end, 0
 
     def get_seq_length(self) -> int:
-        return self.cache.write_start
+        return self.cache.target.start
 
     def get_max_length(self) -> int:
         return -1
@@ -76,17 +89,24 @@ class SlotLayer(CacheLayerMixin):
 
 
 class SlotCache(Cache):
-    """The cache handed to the model on every forward of the batch. `rows` and the write columns are set by the
-    batcher before each forward."""
+    """The cache handed to the model on every forward of the batch; `writing` says where that forward writes."""
 
     def __init__(self, num_layers: int, row_capacity: int, column_capacity: int, device: torch.device) -> None:
         super().__init__(layers=[SlotLayer(self) for _ in range(num_layers)])
         self.row_capacity = row_capacity
         self.column_capacity = column_capacity
-        self.rows: slice | torch.Tensor = slice(0, 0)
-        self.write_start = self.write_end = 0
+        self.target = _NOWHERE
         # The position of the token each (row, column) holds; -1 where it holds none.
         self.positions = torch.full((row_capacity, column_capacity), -1, dtype=torch.long, device=device)
+
+    @contextmanager
+    def writing(self, rows: slice, start: int, end: int) -> Iterator[SlotCache]:
+        """The cache for a forward that writes its tokens' keys and values into `rows`, columns `start` to `end`."""
+        self.target = _Target(rows, start, end)
+        try:
+            yield self
+        finally:
+            self.target = _NOWHERE
 
     def resize(self, rows: int, columns: int, keep_rows: int, keep: slice) -> None:
         for layer in self.layers:
@@ -118,38 +138,28 @@ def attention_masks(
     windows: dict[str, int | None],
     dtype: torch.dtype,
     additive: bool,
+    decode: bool = False,
 ) -> dict[str, torch.Tensor] | torch.Tensor:
     """The 4D masks (rows, 1, queries, columns) for each attention kind in `windows` (kind -> sliding window, None
     for full attention): a query sees the cached tokens at or before its own position, within the window. A query
     with no token of its own (left padding: position -1) sees only its own column, so its row of attention stays
     defined; nothing reads what it computes. `additive` gives eager attention's 0 / -inf form instead of booleans.
-    A single kind gives a tensor, as models with one attention kind expect; several give a dict keyed by kind."""
+    A single kind gives a tensor, as models with one attention kind expect; several give a dict keyed by kind.
+
+    `decode`: the same masks for a decode step, in a few operations instead of a dozen: each row's one query is
+    its newest token, at a later position than every other token the row holds, and no row is padding, so a
+    query sees exactly the columns that hold a token (within the window)."""
     kv = kv_positions[:, None, None, :]
     query = query_positions[:, None, :, None]
-    seen = (kv >= 0) & (kv <= query)
-    masks = {
-        kind: _padding_sees_itself(seen if window is None else seen & (query - kv < window), query_positions)
-        for kind, window in windows.items()
-    }
-    return _by_kind(masks, dtype, additive)
-
-
-def decode_masks(
-    kv_positions: torch.Tensor,
-    query_positions: torch.Tensor,
-    windows: dict[str, int | None],
-    dtype: torch.dtype,
-    additive: bool,
-) -> dict[str, torch.Tensor] | torch.Tensor:
-    """`attention_masks` for a decode step, in a few operations instead of a dozen: each row's one query is its
-    newest token, at a later position than every other token the row holds, and no row is padding, so a query
-    sees exactly the columns that hold a token (within the window)."""
-    kv = kv_positions[:, None, None, :]
-    held = kv >= 0
-    masks = {
-        kind: held if window is None else held & (kv > query_positions[:, None, :, None] - window)
-        for kind, window in windows.items()
-    }
+    if decode:
+        held = kv >= 0
+        masks = {kind: held if window is None else held & (kv > query - window) for kind, window in windows.items()}
+    else:
+        seen = (kv >= 0) & (kv <= query)
+        masks = {
+            kind: _padding_sees_itself(seen if window is None else seen & (query - kv < window), query_positions)
+            for kind, window in windows.items()
+        }
     return _by_kind(masks, dtype, additive)
 
 

@@ -18,7 +18,6 @@ the requests that come next.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import threading
 import time
@@ -34,9 +33,10 @@ from transformers.generation.continuous_batching.cb_logits_processors import (
 from transformers.generation.continuous_batching.requests import GenerationOutput, RequestStatus
 
 from worker_transformers.config import ConfigError
-from worker_transformers.serving.events import EngineThread, Sequence
-from worker_transformers.serving.grammar import Grammar, allowed_tokens
-from worker_transformers.serving.sampling import BatchSampler, Sampling, TokenLogprobs, logprobs_of
+from worker_transformers.generation.engine import Engine, new_oom_event
+from worker_transformers.generation.events import Sequence
+from worker_transformers.generation.grammar import Grammar, allowed_tokens
+from worker_transformers.generation.sampling import GREEDY, BatchSampler, TokenLogprobs, penalty_state, rows_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +44,6 @@ PAGE_TOKENS = 32  # tokens per cache page: small pages waste little on short req
 # Tokens one forward takes at most (prompts are prefilled in chunks of it): its attention masks span the whole cache.
 MAX_BATCH_TOKENS = 1024
 _POLL_S = 0.05  # how often the thread checks on the manager while it streams nothing
-_GREEDY = Sampling(greedy=True, temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0, seed=None)
-_oom_events = itertools.count(1)
 
 
 class _WorkerSampler(ContinuousBatchingLogitsProcessor):
@@ -80,7 +78,7 @@ class _WorkerSampler(ContinuousBatchingLogitsProcessor):
             # A request cancelled since it was scheduled samples greedily: nobody reads its token.
             sequences = [self._sequences.get(row) for row in rows]
             self._sampler.set_rows(
-                [s.sampling if s else _GREEDY for s in sequences], [s.generator if s else None for s in sequences]
+                [s.sampling if s else GREEDY for s in sequences], [s.generator if s else None for s in sequences]
             )
             self._rows = rows
         self._tokens = [
@@ -113,38 +111,21 @@ class _WorkerSampler(ContinuousBatchingLogitsProcessor):
         return grammar
 
     def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
-        rows = len(self._rows)
-        counts = None
-        if any(self._generated):
-            counts = torch.zeros(rows, scores.shape[-1], device=scores.device)
-            for row, tokens in enumerate(self._generated):
-                if tokens:
-                    counts[row].index_add_(
-                        0, torch.tensor(tokens, device=scores.device), torch.ones(len(tokens), device=scores.device)
-                    )
-        allowed = allowed_tokens(self._grammars, scores.shape[-1], scores.device)
-        seen = None
-        if any(self._tokens):
-            seen = torch.zeros(rows, scores.shape[-1], dtype=torch.bool, device=scores.device)
-            for row, tokens in enumerate(self._tokens):
-                if tokens:
-                    seen[row, torch.tensor(tokens, device=scores.device)] = True
-        chosen = self._sampler.pick(scores[:rows], seen, counts, allowed)
-        asking = [row for row, sampling in enumerate(self._sampler.rows) if sampling.logprobs is not None]
-        if asking:
-            index = torch.tensor(asking, device=scores.device)
-            top = [self._sampler.rows[row].logprobs for row in asking]
-            for row, report in zip(asking, logprobs_of(scores[index], chosen[index], top)):
-                request_id, position = self._positions[row]
-                if request_id in self._sequences:  # not a request cancelled since it was scheduled
-                    self.logprobs.setdefault(request_id, {})[position] = report
+        rows, samplings = len(self._rows), self._sampler.rows
+        vocab = scores.shape[-1]
+        seen, counts = penalty_state(samplings, self._tokens, self._generated, vocab, scores.device)
+        chosen = self._sampler.pick(scores[:rows], seen, counts, allowed_tokens(self._grammars, vocab, scores.device))
+        for row, report in enumerate(rows_logprobs(samplings, scores[:rows], chosen)):
+            request_id, position = self._positions[row]
+            if report is not None and request_id in self._sequences:  # not a request cancelled since scheduled
+                self.logprobs.setdefault(request_id, {})[position] = report
         kept = torch.full_like(scores, float("-inf"))
         kept[:rows].scatter_(1, chosen[:, None], 0.0)
         kept[rows:] = scores[rows:]  # padding rows, whose tokens the manager drops
         return kept
 
 
-class ContinuousGenerator(EngineThread):
+class ContinuousEngine(Engine):
     """Requests in, through transformers' ContinuousBatchingManager, tokens out to each Sequence."""
 
     def __init__(
@@ -155,9 +136,7 @@ class ContinuousGenerator(EngineThread):
         token_budget: int,
         longest_request: int,
     ) -> None:
-        super().__init__("continuous-batching")
-        self.model = model
-        self.eos_ids = eos_ids
+        super().__init__("continuous-batching", model, eos_ids)
         self._sequences: dict[str, Sequence] = {}  # by request id, while the manager holds them
         self._lock = threading.Lock()
         self._oom_event: int | None = None  # the out-of-memory event of the manager running now, once it has one
@@ -184,10 +163,6 @@ class ContinuousGenerator(EngineThread):
             log.info("continuous batching: a cache of %d tokens does not fit (%s); trying half", tokens, error)
             tokens = max(shortest, tokens // 2 // PAGE_TOKENS * PAGE_TOKENS)
         self._thread.start()
-
-    @property
-    def device(self) -> torch.device:
-        return self.model.device
 
     @property
     def max_request_tokens(self) -> int:
@@ -231,7 +206,7 @@ class ContinuousGenerator(EngineThread):
         return manager
 
     def cancel(self, sequence: Sequence) -> None:
-        sequence.cancelled = True
+        super().cancel(sequence)
         self._forget(sequence)
 
     def in_flight(self) -> int:
@@ -341,8 +316,7 @@ class ContinuousGenerator(EngineThread):
             for sequence in stranded:
                 sequence.fail(error, self._event_of(error))
             self._manager.stop(block=True)
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
+            self._release_memory()
             self._manager = self._start_manager()
             self._oom_event = None
 
@@ -351,7 +325,7 @@ class ContinuousGenerator(EngineThread):
         if not isinstance(error, torch.OutOfMemoryError):
             return None
         if self._oom_event is None:
-            self._oom_event = next(_oom_events)
+            self._oom_event = new_oom_event()
         return self._oom_event
 
 

@@ -2,10 +2,10 @@
 
 import torch
 
-from worker_transformers.serving.slot_cache import attention_masks, decode_masks
+from worker_transformers.generation.slot_cache import attention_masks
 
 
-def test_decode_masks_equal_the_general_masks_for_rows_with_gaps_and_sliding_windows():
+def test_a_decode_steps_quick_masks_equal_the_general_masks_for_rows_with_gaps_and_sliding_windows():
     # Four rows over nine columns: left padding and skipped columns hold -1, and each row's last column holds its
     # newest token, the one the step's query is for.
     kv_positions = torch.tensor(
@@ -20,15 +20,15 @@ def test_decode_masks_equal_the_general_masks_for_rows_with_gaps_and_sliding_win
     windows = {"full_attention": None, "sliding_attention": 3}
     for additive in (False, True):
         general = attention_masks(kv_positions, queries, windows, torch.float32, additive)
-        quick = decode_masks(kv_positions, queries, windows, torch.float32, additive)
+        quick = attention_masks(kv_positions, queries, windows, torch.float32, additive, decode=True)
         assert general.keys() == quick.keys()
         for kind in windows:
             assert torch.equal(general[kind], quick[kind]), kind
-    sliding = decode_masks(kv_positions, queries, windows, torch.float32, False)["sliding_attention"]
+    sliding = attention_masks(kv_positions, queries, windows, torch.float32, False, decode=True)["sliding_attention"]
     assert sliding[1, 0, 0].tolist() == [False] * 5 + [True, False, True, True]
 
 
 def test_a_single_attention_kind_gives_one_mask():
     kv_positions = torch.tensor([[-1, 0, 1]])
-    mask = decode_masks(kv_positions, kv_positions[:, -1:], {"attention": None}, torch.float32, False)
+    mask = attention_masks(kv_positions, kv_positions[:, -1:], {"attention": None}, torch.float32, False, decode=True)
     assert mask.tolist() == [[[[False, True, True]]]]

@@ -19,10 +19,10 @@ from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from worker_transformers.config import ConfigError
-from worker_transformers.serving.batcher import PREFILL_TOKENS, Batcher
-from worker_transformers.serving.events import Sequence
-from worker_transformers.serving.sampling import Sampling
-from worker_transformers.serving.slot_cache import layer_windows
+from worker_transformers.generation.batcher import PREFILL_TOKENS, Batcher
+from worker_transformers.generation.events import Sequence
+from worker_transformers.generation.sampling import GREEDY
+from worker_transformers.generation.slot_cache import layer_windows
 
 log = logging.getLogger(__name__)
 
@@ -76,25 +76,23 @@ def _close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> 
 @torch.inference_mode()
 def batcher_matches_model(model: PreTrainedModel, detokenizer, shape: CacheShape) -> str | None:
     """None when the batcher computes what the model computes on its own; else what differed."""
-    from worker_transformers.serving.textstream import TextStream
+    from worker_transformers.generation.textstream import TextStream
 
     vocab = model.config.get_text_config().vocab_size
-    generator = torch.Generator().manual_seed(0)
-    short, long = (torch.randint(3, vocab, (n,), generator=generator).tolist() for n in (3, 7))
+    draws = torch.Generator().manual_seed(0)
+    short, long = (torch.randint(3, vocab, (n,), generator=draws).tolist() for n in (3, 7))
     batcher = Batcher(model, 2, set(), shape.num_layers, shape.windows, start=False)
-    recorded: list[torch.Tensor] = []
-    forward = batcher._forward
-    batcher._forward = lambda *args: recorded.append(forward(*args)) or recorded[-1]
 
     def sequence(ids: list[int]) -> Sequence:
-        greedy = Sampling(greedy=True, temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0, seed=None)
-        return Sequence(ids, 8, greedy, TextStream(detokenizer, ids), lambda event: None)
+        return Sequence(ids, 8, GREEDY, TextStream(detokenizer, ids), lambda event: None)
 
     first, second = sequence(short), sequence(long)
-    batcher._prefill([first])  # alone
-    batcher._decode_step()
-    batcher._prefill([second])  # joins while the first decodes, and is longer: the first's columns skip ahead
-    batcher._decode_step()
+    recorded = [
+        batcher.prefill([first]),  # alone
+        batcher.decode(),
+        batcher.prefill([second]),  # joins while the first decodes, and is longer: the first's columns skip ahead
+        batcher.decode(),
+    ]
 
     def own(ids: list[int]) -> torch.Tensor:
         return model(input_ids=torch.tensor([ids], device=model.device)).logits[0, -1].float()

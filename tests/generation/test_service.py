@@ -34,7 +34,7 @@ def test_an_end_of_turn_token_ends_with_stop_and_is_not_text(tiny_settings):
         # The tiny model, greedy, repeats " three" after this prompt: make that its end-of-turn token.
         three = engine.tokenizer(" three", add_special_tokens=False)["input_ids"]
         assert len(three) == 1
-        engine.generator.eos_ids = {three[0]}
+        engine.generation.engine.eos_ids = {three[0]}
         out = run(engine, prompt="one, two, three", max_new_tokens=7, temperature=0)
         assert (out["text"], out["finish_reason"], out["usage"]["completion_tokens"]) == ("", "stop", 1)
     finally:
@@ -123,10 +123,10 @@ def test_a_request_that_could_never_fit_the_kv_budget_is_refused_with_its_size_a
     try:
         prompt_tokens = len(engine.tokenizer("one, two, three")["input_ids"])
         # Room for one request of the prompt and 20 new tokens, the layout's slack counted.
-        engine.generator.token_budget = 2 * (prompt_tokens + 20)
+        engine.generation.engine.token_budget = 2 * (prompt_tokens + 20)
         with pytest.raises(RequestError, match=rf"^max_new_tokens: {prompt_tokens} prompt tokens and up to 21 new"):
             run(engine, prompt="one, two, three", max_new_tokens=21, temperature=0)
-        engine.generator.peak_batch = 0
+        engine.generation.engine.peak_batch = 0
         out = run(engine, prompt="one, two, three", max_new_tokens=20, temperature=0)
         assert out["usage"]["completion_tokens"] == 20
 
@@ -140,6 +140,6 @@ def test_a_request_that_could_never_fit_the_kv_budget_is_refused_with_its_size_a
             return await asyncio.gather(one(), one(), one())
 
         assert all(events[-1].completion_tokens == 20 for events in asyncio.run(three_at_once()))
-        assert engine.generator.peak_batch == 1  # each waited for the one before it to leave room
+        assert engine.generation.engine.peak_batch == 1  # each waited for the one before it to leave room
     finally:
         engine.close()

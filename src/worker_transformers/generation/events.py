@@ -1,20 +1,17 @@
-"""A request in flight, what it reports, and the thread that runs it, alike for every engine (batcher.py, serial.py)."""
+"""A request in flight and what it reports, alike for every engine (engine.py): text as it comes, then the end."""
 
 from __future__ import annotations
 
-import ctypes
 import itertools
 import logging
-import threading
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
-from worker_transformers.serving.grammar import Grammar
-from worker_transformers.serving.sampling import Sampling, TokenLogprobs
-from worker_transformers.serving.textstream import TextStream
+from worker_transformers.generation.grammar import Grammar
+from worker_transformers.generation.sampling import Sampling, TokenLogprobs
+from worker_transformers.generation.textstream import TextStream
 
 log = logging.getLogger(__name__)
 
@@ -112,52 +109,3 @@ class Sequence:
             self.finished = True
             self.emit(Failed(error, oom_event))
 
-
-def _gnu_openmp_pause() -> Callable[[int], int] | None:
-    process = ctypes.CDLL(None)  # torch has loaded its OpenMP into the process's global symbols
-    if hasattr(process, "kmp_set_blocktime") or not hasattr(process, "omp_pause_resource_all"):
-        return None  # LLVM's or Intel's OpenMP (their pause stops every thread's team), or none
-    return process.omp_pause_resource_all
-
-
-_openmp_pause = _gnu_openmp_pause()
-_OMP_PAUSE_SOFT = 1
-
-
-def release_openmp_team() -> None:
-    """End the calling thread's idle OpenMP team (GNU OpenMP, which torch's Linux wheels use; elsewhere nothing).
-
-    GNU OpenMP gives each thread that runs parallel work a team of its own, and once the teams' threads
-    outnumber the CPUs, a thread waiting at a barrier sleeps at once instead of spinning: each of a forward's
-    hundreds of small parallel operations then pays for wake-ups, and an engine thread's forward takes up to
-    twice as long as the same forward on the main thread. The thread that loaded and warmed up the model keeps
-    such a team, idle; the engine's thread must be the only one with a team for the model to run at full speed.
-    """
-    if _openmp_pause is not None:
-        _openmp_pause(_OMP_PAUSE_SOFT)
-
-
-class EngineThread:
-    """The thread an engine generates on, and the requests waiting for it: `submit` wakes it, `close` stops it
-    once every request submitted so far is done. Subclasses write `_run`."""
-
-    def __init__(self, name: str) -> None:
-        self._waiting: deque[Sequence] = deque()
-        self._wake = threading.Condition()
-        self._closed = False
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-
-    def _run(self) -> None:
-        raise NotImplementedError
-
-    def submit(self, sequence: Sequence) -> None:
-        release_openmp_team()  # the submitting thread (startup's, the event loop's) computes nothing itself
-        with self._wake:
-            self._waiting.append(sequence)
-            self._wake.notify()
-
-    def close(self) -> None:
-        with self._wake:
-            self._closed = True
-            self._wake.notify()
-        self._thread.join()

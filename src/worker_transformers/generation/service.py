@@ -1,0 +1,180 @@
+"""Generation, the seam the job formats (serving/) talk to: a request in generation's terms (its prompt's token
+ids, sampling settings, stop strings, grammar) in; its events (text as it comes, then the end) out.
+
+`Generation` holds what every request shares: the tokenizer's incremental decoding, the grammar compiler, the
+model's end-of-sequence tokens, and the engine (engine.py) chosen at startup by the ENGINE setting, or by
+choice.py when it is `auto`: the batcher for models it can batch, else `generate` one request at a time, or
+transformers' continuous batching when ENGINE=continuous asks for it. The checks a request must pass before it
+is queued (`check`) come first, so a request that is refused is refused before its first chunk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from worker_transformers.generation import choice
+from worker_transformers.generation.batcher import Batcher, ShedForMemory
+from worker_transformers.generation.continuous import ContinuousEngine
+from worker_transformers.generation.engine import Engine
+from worker_transformers.generation.errors import DeviceFailed, GenerationFailed, OutOfMemory, RequestError
+from worker_transformers.generation.events import Delta, Done, Event, Failed, Sequence
+from worker_transformers.generation.grammar import Grammar, Grammars
+from worker_transformers.generation.sampling import Sampling
+from worker_transformers.generation.serial import SerialEngine
+from worker_transformers.generation.textstream import Detokenizer, TextStream
+from worker_transformers.loading.loader import free_bytes
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Job:
+    """One answer to generate. `grammar` is compiled once per request and never advanced itself: the answer
+    takes a copy (a request's n choices share it)."""
+
+    prompt_ids: list[int]
+    max_new_tokens: int
+    sampling: Sampling
+    stop: list[str]
+    grammar: Grammar | None = None
+
+
+class Generation:
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        max_input_tokens: int,
+        max_batch: int,
+        max_new_tokens: int,
+        engine_setting: str = "auto",
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.detokenizer = Detokenizer(tokenizer)
+        self.model_type = model.config.model_type
+        self.generation_config = model.generation_config
+        eos = _eos_ids(model, tokenizer)
+        self.vocab_size = model.get_output_embeddings().weight.shape[0]
+        self.grammars = Grammars(tokenizer, max(self.vocab_size, len(tokenizer)), eos)
+        self.engine_kind, shape, why = choice.choose(model, self.detokenizer, engine_setting)
+        longest_request = max_input_tokens + max_new_tokens
+        self.engine = _start_engine(self.engine_kind, model, tokenizer, eos, shape, why, max_batch, longest_request)
+
+    @property
+    def concurrency(self) -> int:
+        """Requests the engine runs at once: what the SDK should hand this worker."""
+        return self.engine.max_batch
+
+    def check(self, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling) -> None:
+        """RequestError when the request could never fit the engine's KV cache, or names a token outside the
+        vocabulary."""
+        limit = self.engine.max_request_tokens
+        if limit is not None and len(prompt_ids) + max_new_tokens > limit:
+            raise RequestError(
+                f"max_new_tokens: {len(prompt_ids)} prompt tokens and up to {max_new_tokens} new ones need more KV "
+                f"cache than this worker has ({limit} tokens for one request); send a shorter prompt or ask for "
+                "fewer tokens"
+            )
+        outside = [token for token, _ in sampling.logit_bias if token >= self.vocab_size]
+        if outside:
+            raise RequestError(
+                f"logit_bias: token {outside[0]} is not in this model's vocabulary (0 to {self.vocab_size - 1})"
+            )
+
+    def submit(self, job: Job, emit: Callable[[Event], None]) -> Sequence:
+        sequence = Sequence(
+            prompt_ids=job.prompt_ids,
+            max_new_tokens=job.max_new_tokens,
+            sampling=job.sampling,
+            text=TextStream(self.detokenizer, job.prompt_ids, job.stop),
+            emit=emit,
+            generator=job.sampling.generator(self.engine.device),
+            grammar=None if job.grammar is None else job.grammar.copy(),
+        )
+        self.engine.submit(sequence)
+        return sequence
+
+    async def stream(self, job: Job) -> AsyncIterator[Delta | Done]:
+        """The job's events as the engine produces them. Leaving early (the job was cancelled or timed out) takes
+        the request out of the engine."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[Event] = asyncio.Queue()
+        sequence = self.submit(job, lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+        try:
+            while True:
+                event = _raised(await events.get())
+                yield event
+                if isinstance(event, Done):
+                    return
+        finally:
+            if not sequence.finished:
+                self.engine.cancel(sequence)
+
+    def events(self, job: Job) -> Iterator[Delta | Done]:
+        """The job's events, blocking: for scripts, tests and benchmarks outside an event loop."""
+        events: queue.Queue[Event] = queue.Queue()
+        self.submit(job, events.put)
+        while True:
+            event = _raised(events.get())
+            yield event
+            if isinstance(event, Done):
+                return
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+def _start_engine(kind, model, tokenizer, eos, shape, why, max_batch, longest_request) -> Engine:
+    """The engine `kind` names (choice.py chose it, `why`), started, and what it holds logged."""
+    if kind == "serial":
+        log.info("engine: serial, one request at a time through generate (%s)", why)
+        return SerialEngine(model, eos, tokenizer.pad_token_id)
+    # The KV cache's room: the GPU's free memory, or half the host's (the page cache holds the memory-mapped
+    # weights and the rest of the worker).
+    free = free_bytes(model.device) or 0
+    budget = choice.kv_token_budget(model, shape, free if model.device.type == "cuda" else free // 2)
+    if kind == "batch":
+        engine = Batcher(model, max_batch, eos, shape.num_layers, shape.windows, budget)
+        cache_tokens, what = budget, "a KV budget of"
+    else:
+        engine = ContinuousEngine(model, max_batch, eos, budget, longest_request)
+        cache_tokens, what = engine.cache_tokens, "a paged KV cache of"
+    log.info(
+        "engine: %s (%s), up to %d sequences per step, %s %d tokens (%.2f GB)",
+        kind,
+        why,
+        engine.max_batch,
+        what,
+        cache_tokens,
+        cache_tokens * shape.kv_bytes_per_token / 1e9,
+    )
+    return engine
+
+
+def _raised(event: Event) -> Delta | Done:
+    """The event, or the failure it reports raised as the kind of GenerationFailed the job formats tell apart."""
+    if not isinstance(event, Failed):
+        return event
+    error = event.error
+    if isinstance(error, torch.OutOfMemoryError):
+        raise OutOfMemory(isinstance(error, ShedForMemory), event.oom_event) from error
+    if isinstance(error, torch.AcceleratorError):
+        failed = f"the device failed while generating ({type(error).__name__}); retry the request"
+        raise DeviceFailed(failed) from error
+    raise GenerationFailed(f"generation failed: {type(error).__name__}") from error
+
+
+def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    eos = model.generation_config.eos_token_id
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    if eos is None:
+        return set()
+    return set(eos) if isinstance(eos, list) else {eos}
