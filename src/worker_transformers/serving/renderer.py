@@ -229,8 +229,10 @@ class TemplateRenderers:
         try:
             child.bring_up(self._state, START_LIMIT_S)
         except RendererUnavailable as error:
-            log.error("%s", error)
             with self._changed:
+                if self._closed:  # killed by `close` while it started: nothing failed
+                    return
+                log.error("%s", error)
                 self._members.discard(child)
                 self._starting -= 1
                 self._failure = str(error)
