@@ -252,3 +252,32 @@ def test_kill_all_ends_every_child_of_the_process_even_one_in_a_looping_render(t
     assert len(children) == 2
     time.sleep(0.5)
     assert not any(alive(pid) for pid in children)
+
+
+def test_close_while_children_start_or_render_fails_nothing_but_those_renders(tokenizer):
+    """`close` kills children that another thread is starting or rendering with: that thread alone closes their
+    socket (two threads closing one descriptor would close whatever reused its number)."""
+    tokenizer.chat_template = LOOPS_ON_WORD
+    for _ in range(3):
+        starting = TemplateRenderers.start(5.0, 2)
+        starting.serve(tokenizer)
+        starting.close()  # its child is still importing
+    renderers = TemplateRenderers.start(30.0, 2)
+    renderers.serve(tokenizer)
+    renderers.render([{"role": "user", "content": "Hi"}])
+    outcome = {}
+
+    def looping():
+        try:
+            renderers.render([{"role": "user", "content": "please loop"}])
+        except Exception as error:  # noqa: BLE001 (the test reads what it was)
+            outcome["error"] = error
+
+    thread = threading.Thread(target=looping)
+    thread.start()
+    time.sleep(0.5)
+    [busy] = renderers.pids()
+    renderers.close()
+    thread.join(10)
+    assert isinstance(outcome["error"], RendererUnavailable) and "shutting down" in str(outcome["error"])
+    assert not alive(busy)

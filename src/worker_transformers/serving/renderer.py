@@ -96,7 +96,13 @@ class _Child:
     def alive(self) -> bool:
         return self.process.poll() is None and not self.connection.closed
 
+    def terminate(self) -> None:
+        """SIGKILL, from any thread: whoever is using the connection sees its end of file and then calls `kill`."""
+        self.process.kill()
+
     def kill(self) -> None:
+        """SIGKILL, reaped, and the connection closed: by the one thread that holds this child (its render, its
+        start, or the pool while it is idle), never while another thread reads the socket."""
         _LIVE.discard(self)
         self.process.kill()
         self.process.wait()
@@ -153,9 +159,11 @@ class TemplateRenderers:
         except RenderTimeout:
             self._replace(child)
             raise
-        except (EOFError, OSError):  # the child died (killed by hand, out of memory): this render is lost
-            log.error("a chat-template renderer died (exit code %s); starting another", child.process.poll())
+        except (EOFError, OSError):  # the child died (killed by hand, out of memory, or by `close`)
             self._replace(child)
+            if self._closed:
+                raise RendererUnavailable("the worker is shutting down") from None
+            log.error("a chat-template renderer died (exit code %s); started another", child.process.returncode)
             raise RendererUnavailable("the chat-template renderer died while rendering; send the request again")
         except RenderFailed:
             self._release(child)
@@ -166,10 +174,14 @@ class TemplateRenderers:
     def close(self) -> None:
         with self._changed:
             self._closed = True
-            children, self._members, self._idle, self._unserved = self._members, set(), [], []
+            held = self._idle + self._unserved
+            busy = self._members.difference(held)
+            self._members, self._idle, self._unserved = set(), [], []
             self._changed.notify_all()
-        for child in children:  # a render in flight gets its child's end of file and fails
+        for child in held:
             child.kill()
+        for child in busy:  # rendering or starting: its own thread sees the end of file and closes it
+            child.terminate()
 
     @property
     def children(self) -> int:
@@ -264,7 +276,7 @@ def kill_all() -> None:
     """Kill every renderer child of this process: for an exit that skips `close` and atexit (os._exit), since a
     child busy in a looping template would never see the worker go."""
     for child in list(_LIVE):
-        child.kill()
+        child.terminate()
 
 
 def _serve(connection: Connection) -> None:
