@@ -120,7 +120,7 @@ def test_a_threaded_process_renders_with_fork_warnings_as_errors(tiny_model_dir)
 
 
 def test_a_slow_render_is_stopped_while_the_others_go_on(tokenizer, pool):
-    renderers = pool(tokenizer, LOOPS_ON_WORD, limit_s=4.0)
+    renderers = pool(tokenizer, LOOPS_ON_WORD, limit_s=8.0)  # room for a second child to start on a loaded machine
     renderers.render([{"role": "user", "content": "warm"}])
     outcome = {}
 
@@ -139,7 +139,7 @@ def test_a_slow_render_is_stopped_while_the_others_go_on(tokenizer, pool):
     assert "timeout_after_s" not in outcome  # rendered while the loop still ran
     thread.join(30)
     assert answers == [f"<|im_start|>user\nHello {n}<|im_end|>\n<|im_start|>assistant\n" for n in range(3)]
-    assert 4.0 <= outcome["timeout_after_s"] < 15, outcome
+    assert 8.0 <= outcome["timeout_after_s"] < 20, outcome
     assert not alive(busy)  # the looping child was killed
     assert renderers.render([{"role": "user", "content": "after"}]).endswith("after<|im_end|>\n<|im_start|>assistant\n")
     assert renderers.children <= 2
