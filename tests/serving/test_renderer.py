@@ -194,11 +194,21 @@ def test_a_tokenizer_the_child_cannot_import_is_a_clear_failure(tokenizer, pool,
     finally:
         sys.path.remove(str(tmp_path))
     module.unlink()
+    sys.path.insert(0, str(tmp_path))  # where the children look, the class now gone
     renderers = TemplateRenderers(5.0, 1)
-    renderers.serve(tokenizer)
-    with pytest.raises(RendererUnavailable, match="could not be unpickled.*ModuleNotFoundError.*local_tokenizers"):
-        renderers.render([{"role": "user", "content": "Hi"}])
-    renderers.close()
+    try:
+        renderers.serve(tokenizer)
+        with pytest.raises(RendererUnavailable, match="could not be unpickled.*ModuleNotFoundError.*local_tokenizers"):
+            renderers.render([{"role": "user", "content": "Hi"}])
+        # A failed start is not the pool's end: once the class is back, the next render's child starts.
+        module.write_text(
+            "from transformers import PreTrainedTokenizerFast\nclass LocalTokenizer(PreTrainedTokenizerFast):\n"
+            "    pass\n"
+        )
+        assert renderers.render([{"role": "user", "content": "Hi"}]).startswith("<|im_start|>user\nHi")
+    finally:
+        sys.path.remove(str(tmp_path))
+        renderers.close()
     sys.modules.pop("local_tokenizers", None)
 
 

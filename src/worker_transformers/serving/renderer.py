@@ -219,8 +219,9 @@ class TemplateRenderers:
                     raise RendererUnavailable("the chat-template renderers have no tokenizer yet")
                 now = time.monotonic()
                 if self._starting == 0:
-                    if self._failure is not None:
-                        raise RendererUnavailable(self._failure)
+                    if self._failure is not None:  # told once: the next render tries a new child again
+                        failure, self._failure = self._failure, None
+                        raise RendererUnavailable(failure)
                     if len(self._members) < self.max_children and now >= grow_at:
                         self._start_one()
                 if now >= deadline:
