@@ -122,14 +122,13 @@ def prompts(tok, batch: int) -> list[list[int]]:
 
 
 def measure_current(model, tok, batch: int, steps: int, sampled: bool) -> dict:
-    from worker_transformers.generation.batcher import Batcher
-    from worker_transformers.generation.choice import probe
+    from worker_transformers.generation.batch.batcher import Batcher
+    from worker_transformers.generation.batch.layout import probe
     from worker_transformers.generation.events import Sequence
     from worker_transformers.generation.sampling import Sampling
     from worker_transformers.generation.textstream import Detokenizer, TextStream
 
-    shape = probe(model)
-    batcher = Batcher(model, batch, set(), shape.num_layers, shape.windows)
+    batcher = Batcher(model, batch, set(), probe(model))
     timer = StepTimer(batcher, "decode", batch, tok, lambda: len(batcher.active))
     detokenizer = Detokenizer(tok)
     settings = dict(greedy=not sampled, temperature=0.8, top_k=0, top_p=0.95 if sampled else 1.0)

@@ -169,9 +169,10 @@ class Settings:
         "ENGINE",
         "auto",
         _choice(*ENGINES),
-        "`batch`: continuous batching over the worker's own KV cache; `continuous`: transformers' own continuous "
-        "batching (a paged KV cache); `serial`: one job at a time through `generate` (recurrent and hybrid "
-        "models); `auto` batches (`batch`) wherever the model allows it",
+        "`batch`: continuous batching over the worker's own cache (keys and values, recurrent states); "
+        "`continuous`: transformers' own continuous batching (a paged KV cache, attention layers only); `serial`: "
+        "one job at a time through `generate` (RWKV, RecurrentGemma, flash attention); `auto` batches (`batch`) "
+        "wherever the model allows it and passes its check",
     )
     served_model_name: str | None = setting(
         "SERVED_MODEL_NAME",

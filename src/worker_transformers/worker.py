@@ -87,7 +87,9 @@ def setup(settings: Settings, budget: InitBudget | None = None):
             model_name = settings.served_model_name or location.model_id
             frontend = Frontend(generation, model_name, settings.max_input_tokens, renderers)
             try:
-                loader.warm_up(model, tokenizer, frontend.warm_up_ids())
+                ids = frontend.warm_up_ids()  # the chat template renders, or startup stops here
+                if not generation.warmed_up:
+                    loader.warm_up(model, tokenizer, ids)
             except BaseException:
                 frontend.close()
                 raise

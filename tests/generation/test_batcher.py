@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from worker_transformers.config import Settings
-from worker_transformers.generation import batcher as batcher_module
+from worker_transformers.generation.batch import batcher as batcher_module
 from worker_transformers.generation.events import Done, Failed, Sequence
 from worker_transformers.generation.sampling import GREEDY
 from worker_transformers.serving.schema import GenerationRequest, parse_request
@@ -318,8 +318,8 @@ def test_a_long_prompts_chunks_are_kept_when_the_cache_reclaims_columns_and_grow
     """The batcher's steps driven one by one (as choice.py's check does), to reach the layout's rarest cases; the
     logits compared with the model's own forward over the same ids."""
     monkeypatch.setattr(batcher_module, "PREFILL_TOKENS", CHUNK)
-    model, windows = engine.generation.engine.model, engine.generation.engine.windows
-    batcher = batcher_module.Batcher(model, 8, set(), model.config.num_hidden_layers, windows, start=False)
+    model, layout = engine.generation.engine.model, engine.generation.engine.layout
+    batcher = batcher_module.Batcher(model, 8, set(), layout, start=False)
 
     def sequence(text: str) -> Sequence:
         ids = engine.prepare(greedy(text, 1)).ids
@@ -345,7 +345,7 @@ def test_a_long_prompts_chunks_are_kept_when_the_cache_reclaims_columns_and_grow
     batcher.retire()  # the oldest row leaves: the columns before the other's first are free to reclaim
     choices = [sequence(prompt) for _ in range(4)]  # a request's four choices of one long prompt
     rows_before = batcher.cache.row_capacity
-    chunks = batcher.start_chunks(choices)
+    chunks = batcher.start_chunks(choices, CHUNK)
     if where == "it ends past the batch's next column":
         assert chunks.start > batcher.starts[0] > 0 and chunks.end > batcher.column
     else:

@@ -123,7 +123,8 @@ def test_a_request_that_could_never_fit_the_kv_budget_is_refused_with_its_size_a
     try:
         prompt_tokens = len(engine.tokenizer("one, two, three")["input_ids"])
         # Room for one request of the prompt and 20 new tokens, the layout's slack counted.
-        engine.generation.engine.token_budget = 2 * (prompt_tokens + 20)
+        batcher = engine.generation.engine
+        batcher.memory_budget = 2 * (prompt_tokens + 20) * batcher.layout.kv_bytes_per_token
         with pytest.raises(RequestError, match=rf"^max_new_tokens: {prompt_tokens} prompt tokens and up to 21 new"):
             run(engine, prompt="one, two, three", max_new_tokens=21, temperature=0)
         engine.generation.engine.peak_batch = 0

@@ -1,6 +1,6 @@
 """The engine: what every way of running the model is to the rest of the worker, declared once.
 
-Three engines implement it: the batcher (batcher.py), transformers' continuous batching (continuous.py) and one
+Three engines implement it: the batcher (batch/batcher.py), transformers' continuous batching (continuous.py) and one
 request at a time through `generate` (serial.py). The ENGINE setting, or choice.py when it is `auto`, picks one
 at startup, and service.py holds it. Each runs on a thread of its own: `submit` queues a request (a Sequence,
 events.py) and wakes the thread, which hands the request its tokens as it generates them; `cancel` marks a

@@ -20,7 +20,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from worker_transformers.generation import choice
-from worker_transformers.generation.batcher import Batcher, ShedForMemory
+from worker_transformers.generation.batch.batcher import Batcher, ShedForMemory
 from worker_transformers.generation.continuous import ContinuousEngine
 from worker_transformers.generation.engine import Engine
 from worker_transformers.generation.errors import DeviceFailed, GenerationFailed, OutOfMemory, RequestError
@@ -63,9 +63,15 @@ class Generation:
         eos = _eos_ids(model, tokenizer)
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
         self.grammars = Grammars(tokenizer, max(self.vocab_size, len(tokenizer)), eos)
-        self.engine_kind, shape, why = choice.choose(model, self.detokenizer, engine_setting)
+        self.engine_kind, layout, why = choice.choose(model, self.detokenizer, engine_setting)
         longest_request = max_input_tokens + max_new_tokens
-        self.engine = _start_engine(self.engine_kind, model, tokenizer, eos, shape, why, max_batch, longest_request)
+        self.engine = _start_engine(self.engine_kind, model, tokenizer, eos, layout, why, max_batch, longest_request)
+
+    @property
+    def warmed_up(self) -> bool:
+        """Whether choosing the engine ran it already (the batcher's check: batch/check.py), so that the first
+        job pays no first-call costs without a warm-up generation of its own."""
+        return self.engine_kind == "batch"
 
     @property
     def concurrency(self) -> int:
@@ -131,30 +137,26 @@ class Generation:
         self.engine.close()
 
 
-def _start_engine(kind, model, tokenizer, eos, shape, why, max_batch, longest_request) -> Engine:
+def _start_engine(kind, model, tokenizer, eos, layout, why, max_batch, longest_request) -> Engine:
     """The engine `kind` names (choice.py chose it, `why`), started, and what it holds logged."""
     if kind == "serial":
         log.info("engine: serial, one request at a time through generate (%s)", why)
         return SerialEngine(model, eos, tokenizer.pad_token_id)
-    # The KV cache's room: the GPU's free memory, or half the host's (the page cache holds the memory-mapped
+    # The cache's room: the GPU's free memory, or half the host's (the page cache holds the memory-mapped
     # weights and the rest of the worker).
     free = free_bytes(model.device) or 0
-    budget = choice.kv_token_budget(model, shape, free if model.device.type == "cuda" else free // 2)
+    budget = choice.memory_budget(model, free if model.device.type == "cuda" else free // 2)
     if kind == "batch":
-        engine = Batcher(model, max_batch, eos, shape.num_layers, shape.windows, budget)
-        cache_tokens, what = budget, "a KV budget of"
+        engine = Batcher(model, max_batch, eos, layout, budget)
+        held = f"a cache budget of {budget / 1e9:.2f} GB"
+        if layout.kv_bytes_per_token:
+            held += f" ({budget // layout.kv_bytes_per_token} tokens of keys and values)"
+        if layout.state_bytes_per_row:
+            held += f", recurrent states of {layout.state_bytes_per_row / 1e6:.2f} MB per sequence"
     else:
-        engine = ContinuousEngine(model, max_batch, eos, budget, longest_request)
-        cache_tokens, what = engine.cache_tokens, "a paged KV cache of"
-    log.info(
-        "engine: %s (%s), up to %d sequences per step, %s %d tokens (%.2f GB)",
-        kind,
-        why,
-        engine.max_batch,
-        what,
-        cache_tokens,
-        cache_tokens * shape.kv_bytes_per_token / 1e9,
-    )
+        engine = ContinuousEngine(model, max_batch, eos, budget // max(layout.kv_bytes_per_token, 1), longest_request)
+        held = f"a paged KV cache of {engine.cache_tokens} tokens"
+    log.info("engine: %s (%s), up to %d sequences per step, %s", kind, why, engine.max_batch, held)
     return engine
 
 

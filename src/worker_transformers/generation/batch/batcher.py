@@ -3,7 +3,10 @@
 Each turn of the loop prefills the requests that arrived, all in one forward (left-padded, written straight into
 their cache rows; requests with the same prompt, such as one request's n choices, share one row's prefill, copied
 to the others; prompts that start alike, as a chat template's system prompt makes them, compute that prefix once
-in a forward of its own and copy it), then decodes one token for every sequence in the batch at once. A sequence
+in a forward of its own and copy it), then decodes one token for every sequence in the batch at once. A model
+with recurrent layers (linear attention, convolutions, state-space layers) prefills its prompts unpadded instead,
+a forward for each prompt length, since a padding token would enter the recurrent state where a mask cannot take
+it out again; its rows' states then go on from step to step like the attention layers' keys and values. A sequence
 leaves the batch the step it finishes or is cancelled, and a waiting one takes its row. The step's inputs stay on
 the device: the tokens just chosen are the next step's input and positions advance in place, so the host reads
 back only the chosen tokens, once per step.
@@ -12,7 +15,8 @@ A prompt longer than PREFILL_TOKENS is prefilled in chunks of PREFILL_TOKENS, on
 the batch's, and the batch decodes its step between each two chunks; the requests behind it wait, and it joins
 the batch (with its n choices, which share its chunks) at its last chunk, whose logits give its first token. Its
 tokens are laid out where an unchunked prefill would have put them, so its answer is the one it would have been,
-sliding windows included: every mask comes from the tokens' positions, never from their columns.
+sliding windows included: every mask comes from the tokens' positions, never from their columns; a recurrent
+layer's states go on from chunk to chunk (where the model's code allows it: batch/check.py).
 
 Requests are admitted while their worst-case cache (prompt plus every token they may generate, in the slot
 layout's rows and columns) fits the KV budget worked out at startup, and at most `max_batch` at once; a prefill
@@ -32,11 +36,13 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel
 
+from worker_transformers.generation.batch.layout import CacheLayout, forward_parameters
+from worker_transformers.generation.batch.masks import attention_masks, held_columns
+from worker_transformers.generation.batch.slot_cache import SlotCache
 from worker_transformers.generation.engine import Engine
 from worker_transformers.generation.events import Sequence
 from worker_transformers.generation.grammar import allowed_tokens
 from worker_transformers.generation.sampling import BatchSampler, keep_chosen, penalty_state, rows_logprobs
-from worker_transformers.generation.slot_cache import SlotCache, attention_masks
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +75,7 @@ class Chunks:
     sequences: list[Sequence]
     row: int
     start: int  # the column of the prompt's first token; it ends at `end`, where its row's first decode step goes
+    size: int  # tokens a chunk
     done: int = 0  # the prompt's tokens prefilled so far
 
     @property
@@ -90,22 +97,23 @@ class Batcher(Engine):
         model: PreTrainedModel,
         max_batch: int,
         eos_ids: set[int],
-        num_layers: int,
-        windows: dict[str, int | None],
-        token_budget: int | None = None,
+        layout: CacheLayout,
+        memory_budget: int | None = None,
         start: bool = True,
     ) -> None:
         super().__init__("batcher", model, eos_ids)
         self.dtype = model.dtype
         self.max_batch = max_batch
-        self.windows = windows
-        self.token_budget = token_budget  # cache tokens (rows x columns) the batch may occupy; None: no limit
+        self.layout = layout
+        self.memory_budget = memory_budget  # bytes the batch's cache may occupy; None: no limit
         self.additive_masks = model.config._attn_implementation != "sdpa"
+        # What the model's forward names: a purely recurrent model's takes no positions (nor masks, some).
+        self._takes = forward_parameters(model)
         self.active: list[Sequence] = []  # in row order
         self.starts: list[int] = []  # each row's first cache column
         self.column = 0  # where the next decode step writes
         self.chunks: Chunks | None = None  # the prompt being prefilled in chunks, if any
-        self.cache = SlotCache(num_layers, 0, 0, self.device)
+        self.cache = SlotCache(list(layout.layers), 0, 0, self.device)
         self._last = self._positions = torch.zeros(0, dtype=torch.long, device=self.device)
         self._seen: torch.Tensor | None = None  # (rows, vocab): the repetition penalty's tokens, when one asks
         self._counts: torch.Tensor | None = None  # (rows, vocab): generated tokens' counts, when a penalty asks
@@ -120,8 +128,12 @@ class Batcher(Engine):
 
     @property
     def max_request_tokens(self) -> int | None:
-        """The largest reservation (prompt and new tokens) a request alone can have here; None: no limit."""
-        return None if self.token_budget is None else self.token_budget // LAYOUT_SLACK
+        """The largest reservation (prompt and new tokens) a request alone can have here; None: no limit (no
+        budget, or a recurrent model's fixed state per row whatever the request's length)."""
+        per_token = self.layout.kv_bytes_per_token
+        if self.memory_budget is None or not per_token:
+            return None
+        return max(0, self.memory_budget - self.layout.state_bytes_per_row) // (LAYOUT_SLACK * per_token)
 
     # The batcher's thread: a turn at a time, each step's out-of-memory error kept to the requests it concerns
 
@@ -129,8 +141,8 @@ class Batcher(Engine):
     def _run(self) -> None:
         while (joining := self._admit()) is not None:
             try:
-                if joining and len(joining[0].prompt_ids) > PREFILL_TOKENS:
-                    self.start_chunks(joining)
+                if joining and len(joining[0].prompt_ids) > PREFILL_TOKENS and self.layout.chunked_prefill:
+                    self.start_chunks(joining, PREFILL_TOKENS)
                 if self.chunks is not None:
                     self._prefill_chunk_safely()
                     self.retire()
@@ -172,9 +184,13 @@ class Batcher(Engine):
             return admitted
 
     def _within_budget(self, sequences: list[Sequence]) -> bool:
-        if self.token_budget is None:
+        """Whether these rows fit the budget, each as wide as the layout may make it (its slack times the longest
+        reservation) and each with its recurrent states."""
+        if self.memory_budget is None:
             return True
-        return len(sequences) * LAYOUT_SLACK * max(s.reserved_tokens for s in sequences) <= self.token_budget
+        layout = self.layout
+        row = LAYOUT_SLACK * max(s.reserved_tokens for s in sequences) * layout.kv_bytes_per_token
+        return len(sequences) * (row + layout.state_bytes_per_row) <= self.memory_budget
 
     def _prefill_safely(self, joining: list[Sequence]) -> None:
         try:
@@ -225,7 +241,11 @@ class Batcher(Engine):
 
     def prefill(self, joining: list[Sequence]) -> torch.Tensor:
         """`joining` prefilled in one forward into the rows after the batch's, and joined to it with their first
-        tokens; the forward's logits (one row for each distinct prompt)."""
+        tokens; the forward's logits (one row for each distinct prompt). A recurrent model's prompts are prefilled
+        unpadded, a forward for each length, so that no padding enters a recurrent state."""
+        recurrent = self.cache.recurrent
+        if recurrent:  # prompts of one length in adjacent rows
+            joining = sorted(joining, key=lambda s: len(s.prompt_ids))
         joining, sources = _sharing_prompts(joining)
         computed = len(joining) - len(sources)  # the rows the forward fills; the others copy one of them
         rows = len(self.active)
@@ -235,11 +255,14 @@ class Batcher(Engine):
         start = end - longest
         new_rows, computed_rows = slice(rows, rows + len(joining)), slice(rows, rows + computed)
         self.cache.positions[new_rows] = -1
-        shared = _shared_prefix(joining[:computed])
+        shared = 0 if recurrent else _shared_prefix(joining[:computed])
         try:
-            if shared:
-                self._prefill_prefix(joining[0].prompt_ids[:shared], computed_rows, start)
-            logits = self._prefill_rows(joining[:computed], computed_rows, shared, end)
+            if recurrent:
+                logits = self._prefill_alike(joining[:computed], rows, end)
+            else:
+                if shared:
+                    self._prefill_prefix(joining[0].prompt_ids[:shared], computed_rows, start)
+                logits = self._prefill_rows(joining[:computed], computed_rows, shared, end)
         except BaseException:
             self.cache.positions[new_rows] = -1
             raise
@@ -247,31 +270,31 @@ class Batcher(Engine):
         self._join(joining, sources, logits, end, start if shared else None)
         return logits
 
-    def start_chunks(self, joining: list[Sequence]) -> Chunks:
-        """The long prompt that `joining` share, to be prefilled a chunk a turn. Its place: a row after the
+    def start_chunks(self, joining: list[Sequence], size: int) -> Chunks:
+        """The long prompt that `joining` share, to be prefilled `size` tokens a turn. Its place: a row after the
         batch's, its columns ending where the batch's next column will be once the running rows have decoded a
         step between each two of its chunks. So it ends where its row's first decode step goes (no gap in its
         row), and the batch spans the columns it would span had the prompt joined unchunked after those steps:
         the layout's bound, and the KV budget, hold as they are."""
         length = len(joining[0].prompt_ids)
-        steps = -(-length // PREFILL_TOKENS) - 1 if self.active else 0
+        steps = -(-length // size) - 1 if self.active else 0
         end = max(self.column + steps, length)
-        self.chunks = Chunks(joining, len(self.active), end - length)
+        self.chunks = Chunks(joining, len(self.active), end - length, size)
         return self.chunks
 
     def prefill_chunk(self) -> torch.Tensor:
-        """The long prompt's next PREFILL_TOKENS tokens into its row, their masks from their positions like any
-        prefill's (a sliding window reaches back into the chunks before); after its last chunk, the requests that
-        share it join the batch. The chunk's logits."""
+        """The long prompt's next chunk into its row, their masks from their positions like any prefill's (a
+        sliding window reaches back into the chunks before), its recurrent states going on from the chunk before;
+        after its last chunk, the requests that share it join the batch. The chunk's logits."""
         chunks = self.chunks
         self._make_room(len(self.active), 0)  # and the chunks' row and columns
         row, prompt = chunks.row, chunks.prompt
         if chunks.done == 0:
             self.cache.positions[row] = -1
-        first, last = chunks.done, min(chunks.done + PREFILL_TOKENS, len(prompt))
+        first, last = chunks.done, min(chunks.done + chunks.size, len(prompt))
         ids = torch.tensor([prompt[first:last]], device=self.device)
         positions = torch.arange(first, last, device=self.device)[None]
-        logits = self._forward(ids, positions, slice(row, row + 1), chunks.start + first)
+        logits = self._forward(ids, positions, slice(row, row + 1), chunks.start + first, continuing=first > 0)
         chunks.done = last
         if last < len(prompt):
             return logits
@@ -289,7 +312,9 @@ class Batcher(Engine):
         rows = len(self.active)
         self._make_room(rows, 0)
         live = slice(0, rows)
-        logits = self._forward(self._last[live, None], self._positions[live, None], live, self.column, decode=True)
+        logits = self._forward(
+            self._last[live, None], self._positions[live, None], live, self.column, decode=True, continuing=True
+        )
         seen = self._seen[live] if self._seen is not None else None
         counts = self._counts[live] if self._counts is not None else None
         # Grammars and log-probabilities cost a pass each only in batches with a request that asks for them.
@@ -334,27 +359,35 @@ class Batcher(Engine):
     # What the steps share
 
     def _forward(
-        self, ids: torch.Tensor, positions: torch.Tensor, rows: slice, start: int, decode: bool = False
+        self,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        rows: slice,
+        start: int,
+        decode: bool = False,
+        continuing: bool = False,
     ) -> torch.Tensor:
         """The last position's logits of `ids` (rows, tokens) at `positions` (-1: left padding), written into the
         cache's `rows` at the columns from `start` on: the positions recorded there, every query's masks made
-        from them (a decode step's quickly: its one query is each row's newest token), then the model run."""
+        from them (a decode step's quickly: its one query is each row's newest token), then the model run.
+        `continuing`: the rows' recurrent states go on from what they hold (else the forward starts them)."""
         end = start + ids.shape[1]
-        cache = self.cache
+        cache, layout = self.cache, self.layout
         cache.positions[rows, start:end] = positions
-        masks = attention_masks(
-            cache.positions[rows, :end], positions, self.windows, self.dtype, self.additive_masks, decode
-        )
-        with cache.writing(rows, start, end):
-            out = self.model(
-                input_ids=ids,
-                attention_mask=masks,
-                position_ids=positions if decode else positions.clamp(min=0),
-                past_key_values=cache,
-                cache_position=torch.arange(start, end, device=self.device),
-                use_cache=True,
-                logits_to_keep=1,
+        held = cache.positions[rows, :end]
+        arguments = {"input_ids": ids, layout.cache_argument: cache, "use_cache": True, "logits_to_keep": 1}
+        if "attention_mask" in self._takes:
+            arguments["attention_mask"] = (
+                held_columns(held)
+                if layout.held_mask
+                else attention_masks(held, positions, layout.kinds, self.dtype, self.additive_masks, decode)
             )
+        if "position_ids" in self._takes:
+            arguments["position_ids"] = positions if decode else positions.clamp(min=0)
+        if "cache_position" in self._takes:
+            arguments["cache_position"] = torch.arange(start, end, device=self.device)
+        with cache.writing(rows, start, end, continuing):
+            out = self.model(**arguments)
         return out.logits[:, -1]
 
     def _prefill_prefix(self, prefix: list[int], rows: slice, start: int) -> None:
@@ -363,6 +396,20 @@ class Batcher(Engine):
         positions = torch.arange(len(prefix), device=self.device)[None]
         self._forward(torch.tensor([prefix], device=self.device), positions, slice(rows.start, rows.start + 1), start)
         self.cache.share_columns(rows.start, slice(rows.start + 1, rows.stop), slice(start, start + len(prefix)))
+
+    def _prefill_alike(self, sequences: list[Sequence], first_row: int, end: int) -> torch.Tensor:
+        """The last logits of each prompt (sorted by length), prefilled unpadded into the rows from `first_row` on
+        to end at column `end`: one forward for the prompts of each length."""
+        logits = []
+        row = first_row
+        while row - first_row < len(sequences):
+            length = len(sequences[row - first_row].prompt_ids)
+            alike = [s.prompt_ids for s in sequences[row - first_row :] if len(s.prompt_ids) == length]
+            ids = torch.tensor(alike, device=self.device)
+            positions = torch.arange(length, device=self.device).expand(len(alike), length)
+            logits.append(self._forward(ids, positions, slice(row, row + len(alike)), end - length))
+            row += len(alike)
+        return torch.cat(logits)
 
     def _prefill_rows(self, sequences: list[Sequence], rows: slice, offset: int, end: int) -> torch.Tensor:
         """The last logits of each sequence's prompt from token `offset` on (the tokens before it are in the
