@@ -315,7 +315,7 @@ def test_long_and_short_prompts_arriving_at_every_point_of_a_batchs_life_answer_
 def test_a_long_prompts_chunks_are_kept_when_the_cache_reclaims_columns_and_grows_rows_as_its_choices_join(
     engine, monkeypatch, prompt, column, where
 ):
-    """The batcher's steps driven one by one (as choice.py's check does), to reach the layout's rarest cases; the
+    """The batcher's steps driven one by one (as batch/check.py does), to reach the layout's rarest cases; the
     logits compared with the model's own forward over the same ids."""
     monkeypatch.setattr(batcher_module, "PREFILL_TOKENS", CHUNK)
     model, layout = engine.generation.engine.model, engine.generation.engine.layout

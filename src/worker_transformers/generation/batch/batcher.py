@@ -19,8 +19,9 @@ sliding windows included: every mask comes from the tokens' positions, never fro
 layer's states go on from chunk to chunk (where the model's code allows it: batch/check.py).
 
 Requests are admitted while their worst-case cache (prompt plus every token they may generate, in the slot
-layout's rows and columns) fits the KV budget worked out at startup, and at most `max_batch` at once; a prefill
-takes at most PREFILL_TOKENS tokens per turn, left padding included, a long prompt's chunk too, so that arrivals
+layout's rows and columns, and a row's recurrent states) fits the cache budget worked out at startup, and at most
+`max_batch` at once; a prefill takes at most PREFILL_TOKENS tokens per turn, left padding included, a long
+prompt's chunk too, so that arrivals
 delay the running streams by one bounded forward whatever their length. An out-of-memory error stays with the
 requests that caused it: a prefill that runs out is retried one request at a time and fails only the one that does
 not fit, a chunk that runs out fails its request; a decode step that runs out sheds the newest requests, each told
@@ -88,7 +89,7 @@ class Chunks:
 
 
 class Batcher(Engine):
-    """The batch engine. Its steps, in the order its thread's loop runs them each turn (and choice.py's check and
+    """The batch engine. Its steps, in the order its thread's loop runs them each turn (and check.py and
     the tests run them one by one): `prefill` the requests that join (or `start_chunks` and `prefill_chunk` a
     long prompt), `decode` one token for every row, `retire` the rows that finished."""
 
@@ -119,7 +120,7 @@ class Batcher(Engine):
         self._counts: torch.Tensor | None = None  # (rows, vocab): generated tokens' counts, when a penalty asks
         self._sampler = BatchSampler(self.device)
         self._batch_asks = _Asks(grammar=False, logprobs=False)  # what the rows in the batch ask for
-        if start:  # not for choice.py's check, which drives the steps itself
+        if start:  # not for check.py, which drives the steps itself
             self._thread.start()
 
     def in_flight(self) -> int:
@@ -275,7 +276,7 @@ class Batcher(Engine):
         batch's, its columns ending where the batch's next column will be once the running rows have decoded a
         step between each two of its chunks. So it ends where its row's first decode step goes (no gap in its
         row), and the batch spans the columns it would span had the prompt joined unchunked after those steps:
-        the layout's bound, and the KV budget, hold as they are."""
+        the layout's bound, and the cache budget, hold as they are."""
         length = len(joining[0].prompt_ids)
         steps = -(-length // size) - 1 if self.active else 0
         end = max(self.column + steps, length)

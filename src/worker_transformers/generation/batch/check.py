@@ -51,11 +51,11 @@ def verified_layout(model: PreTrainedModel, detokenizer, layout: CacheLayout) ->
     for candidate in tries:
         try:
             why = _mismatch(model, detokenizer, candidate)
-        except torch.OutOfMemoryError:
-            raise
-        except Exception as error:  # noqa: BLE001 - a model whose code does not take the batcher's inputs
+        except Exception as error:  # a model whose code does not take the batcher's inputs, or no memory for it
             log.debug("the batch engine's check failed", exc_info=True)
             why = f"the batched forward failed ({type(error).__name__}: {str(error)[:200]})"
+            if isinstance(error, torch.OutOfMemoryError) and model.device.type == "cuda":
+                torch.cuda.empty_cache()  # the warm-up generation after it says whether the model fits at all
         if not why:
             return candidate, ""
         first_why = first_why or why

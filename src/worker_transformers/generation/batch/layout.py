@@ -60,11 +60,17 @@ class CacheLayout:
         return any(spec.keeps in (STATE, BOTH) for spec in self.layers)
 
     def describe(self) -> str:
-        """The layer kinds it batches, for the log: 'full_attention, linear_attention (Mamba states)'."""
+        """What it batches, for the log: '3 recurrent layers, 1 attention layers', and the ways around the model's
+        code the check chose (check.py)."""
         counts: dict[str, int] = {}
         for spec in self.layers:
             counts[spec.keeps] = counts.get(spec.keeps, 0) + 1
-        return ", ".join(f"{n} {_WHAT[keeps]}" for keeps, n in counts.items())
+        what = ", ".join(f"{n} {_WHAT[keeps]}" for keeps, n in counts.items())
+        if self.held_mask:
+            what += "; a 2D mask of the tokens each row holds"
+        if not self.chunked_prefill:
+            what += "; long prompts prefilled whole (its layers cannot go on from their states over several tokens)"
+        return what
 
 
 _WHAT = {
@@ -87,7 +93,7 @@ def probe(model: PreTrainedModel) -> CacheLayout:
     ids = torch.zeros(1, 2, dtype=torch.long, device=model.device)
     out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
     cache = getattr(out, argument, None)
-    if not isinstance(cache, DynamicCache):
+    if type(cache) is not DynamicCache:  # a subclass keeps more than its layers (MiniMax's linear cache)
         kind = type(cache).__name__ if cache is not None else "no cache object (its state lives inside the model)"
         return CacheLayout(False, f"its forward keeps {kind}")
     unknown = sorted({type(layer).__name__ for layer in cache.layers if type(layer) not in _KEEPS})
