@@ -47,14 +47,14 @@ def batched_forwards(model, monkeypatch) -> list[tuple[int, int]]:
     return shapes
 
 
-def test_the_check_crosses_the_smallest_window_in_two_chunks_and_costs_six_batched_forwards(detokenizer, monkeypatch):
+def test_the_check_pads_crosses_the_smallest_window_in_two_chunks_and_costs_six_batched_forwards(detokenizer, monkeypatch):
     model = tiny(transformers.MistralConfig, **SMALL, sliding_window=12)
     shapes = batched_forwards(model, monkeypatch)
     engine, layout, _ = choice.choose(model, detokenizer, "auto")
     assert engine == "batch" and layout.kinds == {"attention": Reach(window=12)}
-    # the short prompt and its step, the long one's two chunks (14 tokens: past the window) with a step between,
-    # then both
-    assert shapes == [(1, 3), (1, 1), (1, 7), (1, 1), (1, 7), (2, 1)]
+    # two prompts (3 and 5 tokens) left-padded together and their step, the long one's two chunks (14 tokens: past
+    # the window) with a step between, then all three
+    assert shapes == [(2, 5), (2, 1), (1, 7), (2, 1), (1, 7), (3, 1)]
 
 
 def test_a_model_whose_code_fails_on_the_batchers_inputs_is_served_serially_with_the_reason(
@@ -84,13 +84,13 @@ def test_a_model_that_answers_otherwise_over_the_batchers_cache_is_served_serial
 
     def drifting(*args, **kwargs):
         out = forward(*args, **kwargs)
-        if isinstance(kwargs.get("past_key_values"), SlotCache) and kwargs["input_ids"].shape[0] == 2:
-            out.logits = out.logits + 1.0  # only once two rows decode together
+        if isinstance(kwargs.get("past_key_values"), SlotCache) and kwargs["input_ids"].shape[0] == 3:
+            out.logits = out.logits + 1.0  # only once three rows decode together
         return out
 
     monkeypatch.setattr(model, "forward", drifting)
     engine, _, why = choice.choose(model, detokenizer, "auto")
-    assert (engine, why) == ("serial", "the batched logits differ from the model's own at both decoding")
+    assert (engine, why) == ("serial", "the batched logits differ from the model's own at all three decoding")
 
 
 def test_a_hybrid_is_batched_with_its_layer_kinds_named_and_refused_by_transformers_continuous_batching(detokenizer):

@@ -4,9 +4,10 @@ Each turn of the loop prefills the requests that arrived, all in one forward (le
 their cache rows; requests with the same prompt, such as one request's n choices, share one row's prefill, copied
 to the others; prompts that start alike, as a chat template's system prompt makes them, compute that prefix once
 in a forward of its own and copy it), then decodes one token for every sequence in the batch at once. A model
-with recurrent layers (linear attention, convolutions, state-space layers) prefills its prompts unpadded instead,
-a forward for each prompt length, since a padding token would enter the recurrent state where a mask cannot take
-it out again; its rows' states then go on from step to step like the attention layers' keys and values. A sequence
+with recurrent layers (linear attention, convolutions, state-space layers) tells them which tokens are padding,
+so that none enters a recurrent state, and computes no shared prefix (the padding after it would); where its
+layers take no padding mask (batch/check.py), it prefills unpadded, a forward for each prompt length. Its rows'
+states go on from step to step like the attention layers' keys and values. A sequence
 leaves the batch the step it finishes or is cancelled, and a waiting one takes its row. The step's inputs stay on
 the device: the tokens just chosen are the next step's input and positions advance in place, so the host reads
 back only the chosen tokens, once per step.
@@ -245,7 +246,8 @@ class Batcher(Engine):
         tokens; the forward's logits (one row for each distinct prompt). A recurrent model's prompts are prefilled
         unpadded, a forward for each length, so that no padding enters a recurrent state."""
         recurrent = self.cache.recurrent
-        if recurrent:  # prompts of one length in adjacent rows
+        unpadded = recurrent and not self.layout.padded_prefill
+        if unpadded:  # prompts of one length in adjacent rows
             joining = sorted(joining, key=lambda s: len(s.prompt_ids))
         joining, sources = _sharing_prompts(joining)
         computed = len(joining) - len(sources)  # the rows the forward fills; the others copy one of them
@@ -256,9 +258,10 @@ class Batcher(Engine):
         start = end - longest
         new_rows, computed_rows = slice(rows, rows + len(joining)), slice(rows, rows + computed)
         self.cache.positions[new_rows] = -1
+        # A recurrent state would take in the padding between a shared prefix and each row's rest: no sharing.
         shared = 0 if recurrent else _shared_prefix(joining[:computed])
         try:
-            if recurrent:
+            if unpadded:
                 logits = self._prefill_alike(joining[:computed], rows, end)
             else:
                 if shared:
@@ -367,11 +370,13 @@ class Batcher(Engine):
         start: int,
         decode: bool = False,
         continuing: bool = False,
+        padded: bool = False,
     ) -> torch.Tensor:
         """The last position's logits of `ids` (rows, tokens) at `positions` (-1: left padding), written into the
         cache's `rows` at the columns from `start` on: the positions recorded there, every query's masks made
         from them (a decode step's quickly: its one query is each row's newest token), then the model run.
-        `continuing`: the rows' recurrent states go on from what they hold (else the forward starts them)."""
+        `continuing`: the rows' recurrent states go on from what they hold (else the forward starts them);
+        `padded`: some rows are left-padded (their recurrent layers are told which tokens are padding)."""
         end = start + ids.shape[1]
         cache, layout = self.cache, self.layout
         cache.positions[rows, start:end] = positions
@@ -381,7 +386,7 @@ class Batcher(Engine):
             arguments["attention_mask"] = (
                 held_columns(held)
                 if layout.held_mask
-                else attention_masks(held, positions, layout.kinds, self.dtype, self.additive_masks, decode)
+                else attention_masks(held, positions, layout.kinds, self.dtype, self.additive_masks, decode, padded)
             )
         if "position_ids" in self._takes:
             arguments["position_ids"] = positions if decode else positions.clamp(min=0)
@@ -422,7 +427,8 @@ class Batcher(Engine):
             length = len(sequence.prompt_ids)
             ids[i, width - length + offset :] = torch.tensor(sequence.prompt_ids[offset:])
             positions[i, width - length + offset :] = torch.arange(offset, length)
-        return self._forward(ids.to(self.device), positions.to(self.device), rows, end - width)
+        padded = any(len(s.prompt_ids) - offset < width for s in sequences)
+        return self._forward(ids.to(self.device), positions.to(self.device), rows, end - width, padded=padded)
 
     def _join(
         self, joining: list[Sequence], sources: list[int], logits: torch.Tensor, end: int, start: int | None = None

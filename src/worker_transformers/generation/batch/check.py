@@ -3,12 +3,12 @@
 The batcher builds its own cache and masks (slot_cache.py, masks.py); the model's code must honour them: apply
 the masks it is given, keep in each cache layer what its kind says, go on from the recurrent states a row holds.
 So a few batched steps run and their logits are compared with the model's own, computed without the batcher:
-a short prompt prefilled alone and decoded; a longer one, past the model's smallest sliding window or attention
-chunk so that a window's edge is crossed, prefilled in two chunks while the first decodes, joining it at its
-last chunk (in later columns than the short one's: the batch's layout, gaps and all); then both decoding. Every
-layer runs in each step, so every layer kind the model has is covered.
+two prompts of different lengths prefilled together (left-padded) and decoded; a longer one, past the model's
+smallest sliding window or attention chunk so that a window's edge is crossed, prefilled in two chunks while
+they decode, joining them at its last chunk (in later columns than theirs: the batch's layout, gaps and all);
+then all three decoding. Every layer runs in each step, so every layer kind the model has is covered.
 
-Its cost: six batched forwards and two of the model's own, each of a few tokens (the long prompt's length where
+Its cost: six batched forwards and one of the model's own, each of a few tokens (the long prompt's length where
 a window must be crossed). They also warm the batcher's paths up, so the worker's warm-up generation is not run
 after it (service.py).
 """
@@ -33,20 +33,23 @@ log = logging.getLogger(__name__)
 # the dtype's precision, not a different computation.
 _TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-6}
 _HALF_TOLERANCE = 5e-2
-_SHORT, _LONG = 3, 7  # prompt lengths, the long one made longer to cross a window or chunk
+_SHORT, _MIDDLE, _LONG = 3, 5, 7  # prompt lengths, the long one made longer to cross a window or chunk
 
 
 def verified_layout(model: PreTrainedModel, detokenizer, layout: CacheLayout) -> tuple[CacheLayout | None, str]:
     """(the layout the batcher serves this model with, "") when its logits match the model's own; else (None,
-    what differed or failed). Two ways around what some models' code cannot take are tried after the first: a
-    model of full attention only is given the 2D mask of held columns (Bloom builds its ALiBi bias from one), and
-    a recurrent model whose layers cannot go on from their states over several tokens has its long prompts
-    prefilled whole (Falcon-Mamba)."""
+    what differed or failed). Ways around what some models' code cannot take are tried after the first: a model
+    of full attention only is given the 2D mask of held columns (Bloom builds its ALiBi bias from one); a recurrent
+    model whose layers cannot go on from their states over several tokens prefills long prompts whole
+    (Falcon-Mamba), and one whose layers take no padding mask prefills unpadded, one forward per prompt length."""
     tries = [layout]
     if layout.kinds and all(reach in (None, Reach()) for reach in layout.kinds.values()) and any(layout.kinds.values()):
         tries.append(dataclasses.replace(layout, held_mask=True))
-    if layout.recurrent:
-        tries.append(dataclasses.replace(layout, chunked_prefill=False))
+    if layout.recurrent:  # padded before unpadded, chunked before whole: the faster first
+        tries += [
+            dataclasses.replace(layout, padded_prefill=padded, chunked_prefill=chunked)
+            for padded, chunked in ((True, False), (False, True), (False, False))
+        ]
     first_why = ""
     for candidate in tries:
         try:
@@ -72,41 +75,53 @@ def _mismatch(model: PreTrainedModel, detokenizer, layout: CacheLayout) -> str:
     reaches = [r for reach in layout.kinds.values() if reach for r in (reach.window, reach.chunk) if r]
     long_length = max(_LONG, min(reaches, default=0) + 2)
     half = -(-long_length // 2)
-    short, long = (torch.randint(3, vocab, (n,), generator=draws).tolist() for n in (_SHORT, long_length))
-    batcher = Batcher(model, 2, set(), layout, start=False)
+    lengths = (_SHORT, _MIDDLE, long_length)
+    short, middle, long = (torch.randint(3, vocab, (n,), generator=draws).tolist() for n in lengths)
+    batcher = Batcher(model, 3, set(), layout, start=False)
 
     def sequence(ids: list[int]) -> Sequence:
         return Sequence(ids, 8, GREEDY, TextStream(detokenizer, ids), lambda event: None)
 
-    first, second = sequence(short), sequence(long)
-    steps = {"a prompt prefilled alone": batcher.prefill([first]), "its first decode step": batcher.decode()}
+    first, other, last = sequence(short), sequence(middle), sequence(long)
+    steps = {
+        "two prompts prefilled together": batcher.prefill([first, other]),
+        "their first decode step": batcher.decode(),
+    }
     if layout.chunked_prefill:
-        batcher.start_chunks([second], half)
+        batcher.start_chunks([last], half)
         steps["a longer prompt's first chunk"] = batcher.prefill_chunk()
         steps["a decode step between two chunks"] = batcher.decode()
         steps["the longer prompt joining at its last chunk"] = batcher.prefill_chunk()
     else:
         steps["a decode step"] = batcher.decode()
-        steps["a longer prompt joining"] = batcher.prefill([second])
-    steps["both decoding"] = batcher.decode()
+        steps["a longer prompt joining"] = batcher.prefill([last])
+    steps["all three decoding"] = batcher.decode()
 
-    short_logits = _own_logits(model, short + first.generated[:3], range(_SHORT - 1, _SHORT + 3))
-    long_logits = _own_logits(model, long + second.generated[:1], [half - 1, long_length - 1, long_length])
-    expected = [short_logits[0], short_logits[1]]
+    own = _own_logits(
+        model,
+        [short + first.generated[:3], middle + other.generated[:3], long + last.generated[:1]],
+        [range(_SHORT - 1, _SHORT + 3), range(_MIDDLE - 1, _MIDDLE + 3), [half - 1, long_length - 1, long_length]],
+    )
+    (s0, s1, s2, s3), (m0, m1, m2, m3), (l0, l1, l2) = own
+    expected = [torch.stack([s0, m0]), torch.stack([s1, m1])]
     if layout.chunked_prefill:
-        expected.append(long_logits[0])
-    expected += [short_logits[2], long_logits[1], torch.stack([short_logits[3], long_logits[2]])]
+        expected.append(l0)
+    expected += [torch.stack([s2, m2]), l1, torch.stack([s3, m3, l2])]
     for (step, got), want in zip(steps.items(), expected, strict=True):
         if not _close(got.float().reshape(want.shape), want, model.dtype):
             return f"the batched logits differ from the model's own at {step}"
     return ""
 
 
-def _own_logits(model: PreTrainedModel, ids: list[int], positions) -> list[torch.Tensor]:
-    """The model's own logits after each of `positions` in `ids`, in one forward without the batcher."""
-    keep = torch.tensor(list(positions), device=model.device)  # only these: a long prompt's are many
-    out = model(input_ids=torch.tensor([ids], device=model.device), use_cache=False, logits_to_keep=keep)
-    return list(out.logits[0].float())
+def _own_logits(model: PreTrainedModel, sequences: list[list[int]], positions) -> list[list[torch.Tensor]]:
+    """The model's own logits after each of `positions[i]` in `sequences[i]`, in one forward without the batcher:
+    the shorter sequence padded on the right, which no position before the padding sees, so it needs no mask."""
+    width = max(len(ids) for ids in sequences)
+    ids = torch.tensor([ids + [ids[-1]] * (width - len(ids)) for ids in sequences], device=model.device)
+    kept = sorted({p for wanted in positions for p in wanted})  # only these: a long prompt's logits are many
+    keep = torch.tensor(kept, device=model.device)
+    logits = model(input_ids=ids, use_cache=False, logits_to_keep=keep).logits
+    return [[logits[row, kept.index(p)].float() for p in wanted] for row, wanted in enumerate(positions)]
 
 
 def _close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> bool:

@@ -51,6 +51,9 @@ class CacheLayout:
     state_bytes_per_row: int = 0  # recurrent states of one sequence, every layer: fixed, whatever its length
     cache_argument: str = "past_key_values"  # the forward's name for its cache (Mamba's: cache_params)
     held_mask: bool = False  # give the 2D mask of held columns instead of 4D masks (masks.py, Bloom)
+    # Whether prompts of several lengths may be prefilled together, left-padded: a recurrent layer must then keep
+    # the padding out of its states, given the 2D mask of the forward's tokens (masks.py), as most models' do.
+    padded_prefill: bool = True
     # Whether a long prompt may go in chunks: a recurrent layer must then go on from its states over several
     # tokens, which some models' code cannot (Falcon-Mamba's scan takes no initial state).
     chunked_prefill: bool = True
@@ -68,6 +71,8 @@ class CacheLayout:
         what = ", ".join(f"{n} {_WHAT[keeps]}" for keeps, n in counts.items())
         if self.held_mask:
             what += "; a 2D mask of the tokens each row holds"
+        if self.recurrent and not self.padded_prefill:
+            what += "; prompts prefilled unpadded, one forward per length (its layers take no padding mask)"
         if not self.chunked_prefill:
             what += "; long prompts prefilled whole (its layers cannot go on from their states over several tokens)"
         return what

@@ -6,8 +6,8 @@ mask says which cached token each query may see from the two tokens' positions: 
 its attention kind's reach (a sliding window: the last `window` positions; chunked attention, Llama 4's: the
 positions of its own chunk). Models with several attention kinds (Gemma 2 to 4, gpt-oss, Llama 4) get one mask per
 kind, keyed by the names their config's `layer_types` use, as transformers' own mask functions would build them;
-layer kinds that take no attention mask (linear attention, convolutions, state-space layers) get None, so a
-hybrid's recurrent layers see no padding mask (their prefill never holds padding: batcher.py).
+layer kinds that take no attention mask (linear attention, convolutions, state-space layers) get None, or the 2D
+mask of a left-padded prefill's tokens, with which transformers' models keep the padding out of their states.
 
 Bloom builds its ALiBi bias from a 2D mask of the tokens each row holds, so it is given that instead (`held`):
 with full attention only, a 2D mask of held columns says the same as the 4D one.
@@ -41,6 +41,7 @@ def attention_masks(
     dtype: torch.dtype,
     additive: bool,
     decode: bool = False,
+    padded: bool = False,
 ) -> dict[str, torch.Tensor | None] | torch.Tensor | None:
     """The 4D masks (rows, 1, queries, columns) for each attention kind in `kinds`: a query sees the cached tokens
     at or before its own position, within its kind's reach. A query with no token of its own (left padding:
@@ -51,10 +52,16 @@ def attention_masks(
 
     `decode`: the same masks for a decode step, in a few operations instead of a dozen: each row's one query is
     its newest token, at a later position than every other token the row holds, and no row is padding, so a
-    query sees exactly the columns that hold a token (within its reach)."""
+    query sees exactly the columns that hold a token (within its reach).
+
+    `padded`: a prefill with left padding, whose recurrent kinds are given the 2D mask (rows, queries) of the
+    forward's own tokens, as transformers' models take it: they zero the padding's inputs, so that a recurrent
+    state starts from it unchanged (then the masks are a dict whatever the attention kinds; a purely recurrent
+    model's is that 2D mask alone)."""
     attending = {kind: reach for kind, reach in kinds.items() if reach is not None}
+    recurrent_padding = (query_positions >= 0).long() if padded and len(attending) < len(kinds) else None
     if not attending:
-        return None
+        return recurrent_padding
     kv = kv_positions[:, None, None, :]
     query = query_positions[:, None, :, None]
     if decode:
@@ -67,9 +74,9 @@ def attention_masks(
             for kind, reach in attending.items()
         }
     formed = {kind: _form(mask, dtype, additive) for kind, mask in masks.items()}
-    if len(formed) == 1:
+    if len(formed) == 1 and recurrent_padding is None:
         return next(iter(formed.values()))
-    return {kind: formed.get(kind) for kind in kinds}
+    return {kind: formed.get(kind, recurrent_padding) for kind in kinds}
 
 
 def held_columns(kv_positions: torch.Tensor) -> torch.Tensor:
