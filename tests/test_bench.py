@@ -97,8 +97,8 @@ def test_serve_benchmark_writes_its_table_json_and_plot(tiny_model_dir, tmp_path
     assert "serial baseline" in proc.stdout
 
 
-def load_bench():
-    spec = importlib.util.spec_from_file_location("coldstart", ROOT / "bench" / "coldstart.py")
+def load_bench(name: str = "coldstart"):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -164,6 +164,63 @@ def test_step_overhead_benchmark_measures_the_batcher_and_the_one_before(tmp_pat
     assert report["batch"] == 4 and "batcher" in report["engines"]
     for row in report["engines"].values():
         assert row["greedy_host_ms"] > 0 and row["sampled_host_ms"] > 0 and row["forward_ms"] > 0
+
+
+def test_hybrid_benchmark_models_have_about_100m_parameters_and_qwen3_5s_layer_pattern():
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    bench = load_bench("serve_hybrid")
+    tokens = {"vocab_size": 49152, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2}
+    for family, make_config in bench.FAMILIES.items():
+        config = make_config(tokens)
+        with torch.device("meta"):
+            parameters = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+        assert 90e6 < parameters < 110e6, family
+    layers = bench.FAMILIES["qwen3_5_text"](tokens).layer_types
+    assert layers == (["linear_attention"] * 3 + ["full_attention"]) * (len(layers) // 4)
+
+
+def worker_row(name, concurrency, tok_s, answers=None):
+    latencies = {f"{m}_p{q}_s": 0.1 for m in ("ttft", "itl") for q in (50, 99)}
+    row = {"row": name, "concurrency": concurrency, "requests": 2, "throughput_tok_s": tok_s, **latencies}
+    return {**row, "engine": name.removeprefix("ENGINE="), "answers": answers} if answers else row
+
+
+def test_hybrid_benchmark_checks_answers_against_the_serial_engine_and_takes_medians_of_round_ratios():
+    bench = load_bench("serve_hybrid")
+    rounds = []
+    for batch, serial in ((40.0, 10.0), (90.0, 10.0), (30.0, 5.0)):
+        rows = [
+            worker_row("ENGINE=batch", 8, batch, ["a", "c"]),
+            worker_row("ENGINE=serial", 1, serial, ["a", "b"]),
+            worker_row("ENGINE=serial", 8, serial, ["a", "b"]),
+        ]
+        bench.check_answers(rows)
+        rounds.append([*rows, worker_row(bench.GENERATE, 1, 12.0)])
+    batch = rounds[0][0]
+    assert batch["equal_answers"] == 1 and batch["first_difference"] == {"request": 1, "this": "c", "serial": "b"}
+    assert not any("answers" in row for row in rounds[0])
+    rows = bench.medians(rounds)
+    summary = bench.summary(rounds, rows, 8)
+    assert rows[0]["throughput_tok_s"] == 40.0 and summary["batch_tok_s"] == 40.0 and summary["serial_tok_s"] == 10.0
+    assert summary["batch_over_serial"] == 6.0  # the rounds' ratios 4, 9 and 6, not 40 / 10
+    assert summary["batch_equal_answers"] == 1
+
+
+def test_hybrid_benchmark_reports_a_refused_batch_engine_without_a_ratio(capsys):
+    bench = load_bench("serve_hybrid")
+    refused = {"row": "ENGINE=batch", "refused": "ENGINE=batch, but this model cannot be batched: ..."}
+    rows = [refused, worker_row("ENGINE=serial", 8, 10.0, ["a", "b"])]
+    bench.check_answers(rows)
+    rounds = [[*rows, worker_row(bench.GENERATE, 1, 12.0)]]
+    run = {"family": "mamba2", "architecture": "Mamba2ForCausalLM", "parameters": 98e6, "rows": bench.medians(rounds)}
+    run["summary"] = bench.summary(rounds, run["rows"], 8)
+    assert run["summary"]["batch_over_serial"] is None and run["summary"]["batch_tok_s"] is None
+    bench.print_family(run, "float32", 1)
+    out = capsys.readouterr().out
+    assert "ENGINE=batch       refused: ENGINE=batch, but this model cannot be batched" in out
+    assert "no ratio, ENGINE=batch refused" in out
 
 
 def test_the_gpu_check_says_it_needs_cuda_where_there_is_none():
