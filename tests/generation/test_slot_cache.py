@@ -4,6 +4,7 @@ rows move, grow and copy with their states."""
 import torch
 from transformers.cache_utils import LinearAttentionLayer
 
+from worker_transformers.generation.batch.layout import CacheLayout
 from worker_transformers.generation.batch.slot_cache import ATTENTION, NOTHING, STATE, LayerSpec, SlotCache
 
 KERNEL = 4
@@ -46,7 +47,7 @@ def test_in_place_updates_of_the_rows_a_forward_addresses_land_in_those_rows_onl
 def test_rows_move_grow_and_copy_with_their_states_and_layers_that_keep_nothing_are_skipped():
     specs = [LayerSpec(STATE, number_of_states=2), LayerSpec(ATTENTION), LayerSpec(NOTHING)]
     cache = SlotCache(specs, row_capacity=2, column_capacity=4, device=torch.device("cpu"))
-    assert cache.recurrent
+    assert CacheLayout(True, layers=tuple(specs)).recurrent
     layer = cache.layers[0]
     for index in (0, 1):
         with cache.writing(slice(0, 2), 0, 0):
@@ -56,4 +57,4 @@ def test_rows_move_grow_and_copy_with_their_states_and_layers_that_keep_nothing_
     cache.copy_row(1, 3, width=2)
     cache.move_row(3, 0, width=2)
     assert layer._recurrent[0][:, 0].tolist() == [1, 1, 0, 1] == layer._recurrent[1][:, 0].tolist()
-    assert not SlotCache([LayerSpec(ATTENTION)], 1, 1, torch.device("cpu")).recurrent
+    assert not CacheLayout(True, layers=(LayerSpec(ATTENTION), LayerSpec(NOTHING))).recurrent

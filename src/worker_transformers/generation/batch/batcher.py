@@ -31,6 +31,7 @@ why, until the step fits.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 from dataclasses import dataclass
@@ -243,9 +244,9 @@ class Batcher(Engine):
 
     def prefill(self, joining: list[Sequence]) -> torch.Tensor:
         """`joining` prefilled in one forward into the rows after the batch's, and joined to it with their first
-        tokens; the forward's logits (one row for each distinct prompt). A recurrent model's prompts are prefilled
-        unpadded, a forward for each length, so that no padding enters a recurrent state."""
-        recurrent = self.cache.recurrent
+        tokens; the forward's logits (one row for each distinct prompt). A recurrent model shares no prefix, and one
+        whose layers take no padding mask prefills a forward for each prompt length."""
+        recurrent = self.layout.recurrent
         unpadded = recurrent and not self.layout.padded_prefill
         if unpadded:  # prompts of one length in adjacent rows
             joining = sorted(joining, key=lambda s: len(s.prompt_ids))
@@ -408,9 +409,8 @@ class Batcher(Engine):
         to end at column `end`: one forward for the prompts of each length."""
         logits = []
         row = first_row
-        while row - first_row < len(sequences):
-            length = len(sequences[row - first_row].prompt_ids)
-            alike = [s.prompt_ids for s in sequences[row - first_row :] if len(s.prompt_ids) == length]
+        for length, group in itertools.groupby(sequences, key=lambda s: len(s.prompt_ids)):
+            alike = [s.prompt_ids for s in group]
             ids = torch.tensor(alike, device=self.device)
             positions = torch.arange(length, device=self.device).expand(len(alike), length)
             logits.append(self._forward(ids, positions, slice(row, row + len(alike)), end - length))

@@ -43,7 +43,7 @@ def verified_layout(model: PreTrainedModel, detokenizer, layout: CacheLayout) ->
     model whose layers cannot go on from their states over several tokens prefills long prompts whole
     (Falcon-Mamba), and one whose layers take no padding mask prefills unpadded, one forward per prompt length."""
     tries = [layout]
-    if layout.kinds and all(reach in (None, Reach()) for reach in layout.kinds.values()) and any(layout.kinds.values()):
+    if any(layout.kinds.values()) and all(reach in (None, Reach()) for reach in layout.kinds.values()):
         tries.append(dataclasses.replace(layout, held_mask=True))
     if layout.recurrent:  # padded before unpadded, chunked before whole: the faster first
         tries += [

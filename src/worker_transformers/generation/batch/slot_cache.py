@@ -258,11 +258,6 @@ class SlotCache(Cache):
             return SlotHybridLayer(self, spec.number_of_states)
         return _Nothing()
 
-    @property
-    def recurrent(self) -> bool:
-        """Whether any layer keeps recurrent state: then no padding may enter a prefill (batcher.py)."""
-        return any(isinstance(layer, SlotStateLayer) for layer in self.layers)
-
     @contextmanager
     def writing(self, rows: slice, start: int, end: int, continuing: bool = False) -> Iterator[SlotCache]:
         """The cache for a forward that writes its tokens' keys and values into `rows`, columns `start` to `end`;
