@@ -29,6 +29,7 @@ LIGHT = (
     "startup.readahead",
     "startup.collector",
     "serving.schema",
+    "serving.images",
     "serving.shutdown",
     "serving.renderer",
     "generation.errors",

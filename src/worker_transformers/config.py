@@ -236,6 +236,38 @@ class Settings:
         _choice(*SDK_LOG_LEVELS),
         "The runpod SDK's log level; at `debug` it logs every job's output, so prompts' answers reach the logs",
     )
+    max_images_per_request: int = setting(
+        "MAX_IMAGES_PER_REQUEST",
+        "8",
+        _int_between(0, 256),
+        "Images one chat request may carry (vision-language models); 0 refuses images",
+    )
+    # Bounded by Pillow's own decompression-bomb threshold, which refuses larger images while reading the header.
+    max_image_pixels: int = setting(
+        "MAX_IMAGE_PIXELS",
+        "16777216",
+        _int_between(1, 89_478_485),
+        "Largest image a request may send, in pixels (width times height), checked before it is decoded",
+    )
+    max_image_bytes: int = setting(
+        "MAX_IMAGE_BYTES",
+        "20971520",
+        _int_between(1, 1_073_741_824),
+        "Largest image file a request may send or link to, in bytes; a download stops past it",
+    )
+    image_fetch_timeout_s: int = setting(
+        "IMAGE_FETCH_TIMEOUT_S",
+        "10",
+        _int_between(1, 600),
+        "Seconds that downloading one image from an http(s) URL may take, redirects included",
+    )
+    allow_private_image_urls: bool = setting(
+        "ALLOW_PRIVATE_IMAGE_URLS",
+        "false",
+        _flag,
+        "Fetch image URLs that lead to loopback, private, link-local or other non-public addresses; only where "
+        "callers may reach the worker's own network",
+    )
     hf_token: Secret | None = setting("HF_TOKEN", None, _secret, "Hugging Face token, for private or gated models")
     hf_endpoint: str | None = setting(
         "HF_ENDPOINT", None, _optional_text, "Address of the Hugging Face Hub, for a mirror; unset means huggingface.co"

@@ -1,6 +1,8 @@
 import pytest
+from pydantic import ValidationError
 
-from worker_transformers.serving.schema import DEFAULT_MAX_NEW_TOKENS, RequestError, parse_request
+from worker_transformers.serving.openai.bodies import ChatCompletionBody
+from worker_transformers.serving.schema import DEFAULT_MAX_NEW_TOKENS, RequestError, describe, parse_request
 
 CHAT = [{"role": "user", "content": "hi"}]
 
@@ -80,3 +82,134 @@ def test_every_problem_is_reported_at_once_without_echoing_the_input():
 def test_integer_values_are_accepted_for_float_fields():
     request = parse_request({"prompt": "a", "temperature": 0, "top_p": 1, "repetition_penalty": 2}, 1024)
     assert request.greedy and request.repetition_penalty == 2.0
+
+
+# --- content parts (images for vision-language models)
+
+IMAGE = {"type": "image_url", "image_url": {"url": "https://example.com/cat.png?token=secret", "detail": "low"}}
+
+
+def test_content_parts_keep_their_images_in_order():
+    content = [{"type": "text", "text": "Compare "}, IMAGE, {"type": "text", "text": "and"}, IMAGE]
+    request = parse_request(
+        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": content}]}, 64
+    )
+    assert request.image_urls() == [
+        ("https://example.com/cat.png?token=secret", "messages.1.content.1"),
+        ("https://example.com/cat.png?token=secret", "messages.1.content.3"),
+    ]
+    assert request.template_messages()[1] == {
+        "role": "user",
+        "content": [
+            {"type": "text", "text": "Compare "},
+            {"type": "image"},
+            {"type": "text", "text": "and"},
+            {"type": "image"},
+        ],
+    }
+    assert request.text_size() == len("Be brief.") + len("Compare and")
+
+
+def test_text_parts_alone_are_one_string():
+    content = [{"type": "text", "text": "Hello, "}, {"type": "text", "text": "world"}]
+    request = parse_request({"messages": [{"role": "user", "content": content}]}, 64)
+    assert request.template_messages() == [{"role": "user", "content": "Hello, world"}]
+    assert (request.image_urls(), request.text_size()) == ([], 12)
+    assert parse_request({"prompt": "four"}, 64).text_size() == 4
+
+
+def test_a_required_call_is_added_to_a_system_message_of_parts():
+    tool = {"type": "function", "function": {"name": "f"}}
+    system = {"role": "system", "content": [{"type": "text", "text": "Be brief."}]}
+    request = parse_request({"messages": [system, *CHAT], "tools": [tool], "tool_choice": "required"}, 64)
+    assert request.template_messages()[0] == {
+        "role": "system",
+        "content": "Be brief.\n\nAnswer only with a call of one of the tools.",
+    }
+
+
+@pytest.mark.parametrize(
+    ("content", "role", "says"),
+    [
+        (
+            [{"type": "text", "text": "x"}, {"type": "input_audio", "input_audio": {"data": "...", "format": "wav"}}],
+            "user",
+            "messages.0.content.1.type: 'input_audio' parts are not taken; send text and image_url parts",
+        ),
+        (
+            [{"type": "video_url", "video_url": {"url": "https://x/v.mp4"}}],
+            "user",
+            "messages.0.content.0.type: 'video_url' parts are not taken; send text and image_url parts",
+        ),
+        ([{"text": "x"}], "user", "messages.0.content.0.type: Field required; send text and image_url parts"),
+        (
+            [{"type": "image_url", "image_url": {"url": "file:///etc/passwd"}}],
+            "user",
+            "messages.0.content.0.image_url.url: send an http(s) URL or a data URL (data:image/png;base64,...)",
+        ),
+        ([{"type": "image_url", "image_url": {}}], "user", "messages.0.content.0.image_url.url: Field required"),
+        (
+            [{"type": "image_url", "image_url": {"url": "https://x/a.png", "detail": "max"}}],
+            "user",
+            "messages.0.content.0.image_url.detail: Input should be 'auto', 'low' or 'high'",
+        ),
+        (
+            [{"type": "text", "text": "x", "extra": 1}],
+            "user",
+            "messages.0.content.0.extra: Extra inputs are not permitted",
+        ),
+        (
+            [IMAGE],
+            "system",
+            "messages.0.content.0.type: image_url parts are taken only in user messages; move the image there",
+        ),
+        (5, "user", "messages.0.content: send a string or a list of text and image_url parts"),
+        (
+            ["x"],
+            "user",
+            'messages.0.content.0: send a part as an object such as {"type": "text", "text": "..."}',
+        ),
+    ],
+)
+def test_a_bad_content_part_is_named_by_its_place(content, role, says):
+    assert refused({"messages": [{"role": role, "content": content}]}) == says
+
+
+def test_every_bad_part_is_named_along_with_other_fields():
+    content = [{"type": "file"}, {"type": "text", "text": 1}]
+    assert refused({"messages": [{"role": "user", "content": content}], "temperature": 5}) == (
+        "messages.0.content.0.type: 'file' parts are not taken; send text and image_url parts; "
+        "messages.0.content.1.text: Input should be a valid string; "
+        "temperature: Input should be less than or equal to 2"
+    )
+
+
+def test_an_openai_body_passes_images_through_and_joins_text():
+    text = {"role": "developer", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}
+    user = {"role": "user", "content": [IMAGE, {"type": "text", "text": "What is it?"}]}
+    request = ChatCompletionBody.model_validate({"model": "m", "messages": [text, user]}).to_request(64, {})
+    assert request.template_messages() == [
+        {"role": "system", "content": "ab"},
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]},
+    ]
+    assert request.image_urls() == [(IMAGE["image_url"]["url"], "messages.1.content.0")]
+
+
+@pytest.mark.parametrize(
+    ("message", "says"),
+    [
+        (
+            {"role": "user", "content": [{"type": "text", "text": "x"}, {"type": "input_audio", "input_audio": {}}]},
+            "messages.0.content.1.type: 'input_audio' parts are not taken; send text and image_url parts",
+        ),
+        (
+            {"role": "developer", "content": [IMAGE]},
+            "messages.0.content.0.type: image_url parts are taken only in user messages; move the image there",
+        ),
+    ],
+)
+def test_an_openai_body_names_a_bad_part_by_its_place(message, says):
+    with pytest.raises(ValidationError) as caught:
+        ChatCompletionBody.model_validate({"model": "m", "messages": [message]})
+    assert describe(caught.value) == says
+    assert caught.value.errors()[0]["loc"] == ("messages",)  # the OpenAI error's `param`

@@ -2,6 +2,7 @@
 
 Parsing is strict: unknown fields are refused, "5" is not a number and 1 is not a boolean, so that a
 client's mistake is reported instead of being guessed at. The cap on `max_new_tokens` comes from Settings.
+A message's content may hold images (OpenAI's image_url parts); they are fetched and decoded later (images.py).
 """
 
 from __future__ import annotations
@@ -9,7 +10,8 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
@@ -22,6 +24,7 @@ class Strict(BaseModel):
     """A part of a job: its fields' types exactly as declared, and no field it does not declare."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
+
 
 DEFAULT_MAX_NEW_TOKENS = 256
 
@@ -40,13 +43,69 @@ class ToolCall(Strict):
     function: FunctionCall
 
 
+class TextPart(Strict):
+    type: Literal["text"]
+    text: str
+
+
+DATA_URL_FORM = "data:image/png;base64,..."
+
+
+class ImageUrl(Strict):
+    url: str
+    detail: Literal["auto", "low", "high"] | None = None  # OpenAI's resolution hint; the model's processor decides
+
+    @field_validator("url")
+    @classmethod
+    def _fetchable(cls, url: str) -> str:
+        # The form only; the data itself is read and checked when the images are loaded (images.py).
+        if url[:5].lower() == "data:":
+            return url
+        try:
+            parts = urlsplit(url[:2048])
+            ok = parts.scheme.lower() in ("http", "https") and bool(parts.hostname)
+        except ValueError:  # a malformed address (an unclosed IPv6 bracket)
+            ok = False
+        if not ok:
+            raise ValueError(f"send an http(s) URL or a data URL ({DATA_URL_FORM})")
+        return url
+
+
+class ImagePart(Strict):
+    type: Literal["image_url"]
+    image_url: ImageUrl
+
+
+# OpenAI's content parts that this worker takes; every other kind (audio, video, files) is refused by name.
+ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+PART_KINDS: dict[str, type[Strict]] = {"text": TextPart, "image_url": ImagePart}
+# OpenAI's rule: images come from the user; these roles' content is text (developer: an OpenAI body's system).
+TEXT_ROLES = ("system", "developer", "assistant", "tool")
+
+
 class Message(Strict):
     role: Literal["system", "user", "assistant", "tool"]
     tool_calls: list[ToolCall] | None = Field(None, min_length=1, description="An assistant turn's tool calls")
     tool_call_id: str | None = Field(None, description="A tool turn: the call it answers")
     name: str | None = None
-    # Last, so that its check sees the fields above.
-    content: str | None = Field(None, validate_default=True)
+    # Last, so that its check sees the fields above. A list of parts is checked before (`check_contents`).
+    content: str | list[ContentPart] | None = Field(None, validate_default=True)
+
+    def text(self) -> str:
+        """The content's text: the string, or the text parts' texts joined."""
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content if isinstance(part, TextPart))
+        return self.content or ""
+
+    def template_content(self) -> str | list[dict[str, str]]:
+        """The content as a chat template reads it: text alone as one string; with images, transformers' parts
+        for processor templates, an `{"type": "image"}` placeholder where each image goes."""
+        if not isinstance(self.content, list) or all(isinstance(part, TextPart) for part in self.content):
+            return self.text()
+        return [
+            {"type": "text", "text": part.text} if isinstance(part, TextPart) else {"type": "image"}
+            for part in self.content
+        ]
 
     @field_validator("tool_calls")
     @classmethod
@@ -57,7 +116,7 @@ class Message(Strict):
 
     @field_validator("content")
     @classmethod
-    def _content_unless_calling(cls, content: str | None, info: ValidationInfo) -> str | None:
+    def _content_unless_calling(cls, content: str | list | None, info: ValidationInfo) -> str | list | None:
         if content is not None:
             return content
         if info.data.get("tool_calls") is None:
@@ -166,6 +225,11 @@ class GenerationRequest(Strict):
         None, description="`json_object` or `json_schema`: the answer is JSON, enforced while it is generated"
     )
 
+    @field_validator("messages", mode="before")
+    @classmethod
+    def _content_parts(cls, messages: Any) -> Any:
+        return check_contents(messages)
+
     @field_validator("logit_bias")
     @classmethod
     def _token_ids_and_bounds(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
@@ -247,10 +311,27 @@ class GenerationRequest(Strict):
         required = self.required_tool
         return [t.model_dump(exclude_none=True) for t in self.tools if required in ("*", None, t.function.name)]
 
+    def image_urls(self) -> list[tuple[str, str]]:
+        """Each image part's URL and its place (`messages.0.content.1`), in the order the messages give them."""
+        return [
+            (part.image_url.url, f"messages.{i}.content.{j}")
+            for i, message in enumerate(self.messages or [])
+            if isinstance(message.content, list)
+            for j, part in enumerate(message.content)
+            if isinstance(part, ImagePart)
+        ]
+
+    def text_size(self) -> int:
+        """Characters of text in the input (the prompt, or the messages' contents), to refuse a huge input before
+        tokenizing it."""
+        if self.messages is None:
+            return len(self.prompt)
+        return sum(len(message.text()) for message in self.messages)
+
     def template_messages(self) -> list[dict[str, Any]]:
-        """The messages as the chat template reads them, with the instruction a required call adds to the system
-        message."""
-        messages = [m.model_dump(exclude_none=True) for m in self.messages]
+        """The messages as the chat template reads them (`Message.template_content`), with the instruction a
+        required call adds to the system message."""
+        messages = [m.model_dump(exclude_none=True) | {"content": m.template_content()} for m in self.messages]
         required = self.required_tool
         if required is not None:
             instruction = REQUIRED_CALL if required == "*" else NAMED_CALL.format(name=required)
@@ -259,6 +340,54 @@ class GenerationRequest(Strict):
             else:
                 messages.insert(0, {"role": "system", "content": instruction})
         return messages
+
+
+def check_contents(messages: Any) -> Any:
+    """Check every message's list of content parts, so that a mistake is named by its place
+    (`messages.0.content.1.image_url.url: ...`) rather than by pydantic's union members. Raises ValueError with
+    every problem found; anything else than a list of content parts is left to the model's own checks."""
+    if not isinstance(messages, list):
+        return messages
+    problems = []
+    for i, message in enumerate(messages):
+        if isinstance(message, dict) and "content" in message:
+            problems += _content_problems(message["content"], message.get("role"), f"messages.{i}.content")
+    if problems:
+        raise ValueError("; ".join(problems))
+    return messages
+
+
+def _content_problems(content: Any, role: Any, where: str) -> list[str]:
+    if content is None or isinstance(content, str):
+        return []
+    if not isinstance(content, list):
+        return [f"{where}: send a string or a list of text and image_url parts"]
+    problems = []
+    for j, part in enumerate(content):
+        place = f"{where}.{j}"
+        if not isinstance(part, dict):
+            problems.append(f'{place}: send a part as an object such as {{"type": "text", "text": "..."}}')
+            continue
+        kind = part.get("type")
+        model = PART_KINDS.get(kind) if isinstance(kind, str) else None
+        if model is None:
+            reason = "Field required" if kind is None else f"{_shown(kind)} parts are not taken"
+            problems.append(f"{place}.type: {reason}; send text and image_url parts")
+            continue
+        if model is ImagePart and role in TEXT_ROLES:
+            problems.append(f"{place}.type: image_url parts are taken only in user messages; move the image there")
+            continue
+        try:
+            model.model_validate(part)
+        except ValidationError as error:
+            problems += [f"{place}.{problem}" for problem in _problems(error)]
+    return problems
+
+
+def _shown(value: Any) -> str:
+    """A value the caller sent, short and quoted, for a message."""
+    text = value if isinstance(value, str) else type(value).__name__
+    return repr(text[:40] + "..." if len(text) > 40 else text)
 
 
 def _cap(info: ValidationInfo) -> int:
@@ -319,7 +448,7 @@ def check_text(value: Any, where: tuple[str | int, ...] = ()) -> None:
             ) from None
 
 
-_NAMES_ITS_FIELD = re.compile(r"^[a-z_][a-z_.]*: ")
+_NAMES_ITS_FIELD = re.compile(r"^[a-z_][a-z0-9_.]*: ")
 _PLAIN_NAME = re.compile(r"^[A-Za-z_][\w-]{0,63}$")
 
 
@@ -333,12 +462,17 @@ def field_name(part: str | int) -> str:
 
 def describe(error: ValidationError) -> str:
     """`field.sub: reason; other: reason`, with pydantic's own reasons and no input echoed back."""
+    return "; ".join(_problems(error))
+
+
+def _problems(error: ValidationError) -> list[str]:
     problems = []
     for item in error.errors(include_url=False, include_input=False):
         reason = item["msg"].removeprefix("Value error, ")
-        if not item["loc"] and _NAMES_ITS_FIELD.match(reason):  # a check across fields names the one at fault
+        where = ".".join(field_name(part) for part in item["loc"])
+        # A check across fields names the one at fault; a check of a list names the place in it.
+        if _NAMES_ITS_FIELD.match(reason) and (not where or reason.startswith(f"{where}.")):
             problems.append(reason)
             continue
-        where = ".".join(field_name(part) for part in item["loc"]) or "input"
-        problems.append(f"{where}: {reason}")
-    return "; ".join(problems)
+        problems.append(f"{where or 'input'}: {reason}")
+    return problems

@@ -1,8 +1,8 @@
 """OpenAI request bodies (/v1/chat/completions, /v1/completions), turned into this worker's own request.
 
 The bodies follow OpenAI's API: its field names, defaults (temperature 1, 16 tokens for completions) and
-forms (`stop` as a string or a list, content as a string or text parts). A field whose value this worker
-cannot honour (echo, suffix, best_of, a list of prompts) is refused by name rather than silently ignored; `user`
+forms (`stop` as a string or a list, content as a string or text and image_url parts). A field whose value this
+worker cannot honour (echo, suffix, best_of, a list of prompts) is refused by name rather than silently ignored; `user`
 is accepted and ignored, as it only labels the caller. `top_k` and `repetition_penalty` are accepted as
 extensions, as vLLM does. A sampling field left out takes the model's own default when it has one
 (GENERATION_CONFIG_DEFAULTS), else OpenAI's.
@@ -18,21 +18,19 @@ from pydantic import ConfigDict, Field, field_validator
 
 from worker_transformers.serving.schema import (
     MAX_TOP_LOGPROBS,
+    ContentPart,
     GenerationRequest,
     RequestError,
     ResponseFormat,
     Strict,
+    TextPart,
+    check_contents,
     check_text,
     parse_request,
 )
 
 MAX_CHOICES = 16  # n: each choice is a sequence in the batch
 MAX_COMPLETION_LOGPROBS = 5  # /v1/completions' logprobs, as OpenAI bounds it
-
-
-class TextPart(Strict):
-    type: Literal["text"]
-    text: str
 
 
 class CalledFunction(Strict):
@@ -48,7 +46,7 @@ class MessageToolCall(Strict):
 
 class ChatMessage(Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    content: str | list[ContentPart] | None = None  # checked first by the body (`check_contents`)
     name: str | None = None
     tool_calls: list[MessageToolCall] | None = None
     tool_call_id: str | None = None
@@ -56,10 +54,12 @@ class ChatMessage(Strict):
     def native(self, where: str) -> dict[str, Any]:
         """This message in the worker's own request: developer is system, a call's arguments a mapping."""
         message: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role}
-        if self.content is not None:
-            message["content"] = (
-                self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
-            )
+        if isinstance(self.content, list) and all(isinstance(p, TextPart) for p in self.content):
+            message["content"] = "".join(p.text for p in self.content)
+        elif isinstance(self.content, list):  # with images: the parts as they are, for the worker's request
+            message["content"] = [p.model_dump(exclude_none=True) for p in self.content]
+        elif self.content is not None:
+            message["content"] = self.content
         for key in ("name", "tool_call_id"):
             if getattr(self, key) is not None:
                 message[key] = getattr(self, key)
@@ -153,6 +153,11 @@ class ChatCompletionBody(_Common):
     tools: list[Any] | None = None  # checked by the worker's own request (schema.py)
     tool_choice: Any = None
     parallel_tool_calls: bool | None = None
+
+    @field_validator("messages", mode="before")
+    @classmethod
+    def _content_parts(cls, messages: Any) -> Any:
+        return check_contents(messages)
 
     @field_validator("parallel_tool_calls")
     @classmethod
