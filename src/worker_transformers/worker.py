@@ -24,6 +24,7 @@ from worker_transformers.model import weights
 from worker_transformers.model.errors import ModelNotFound, UnsupportedWeights
 from worker_transformers.model.sources import resolve
 from worker_transformers.serving.handlers import Handler, failed_init_handler, make_handler
+from worker_transformers.serving.images import ImageLimits
 from worker_transformers.serving.renderer import TEMPLATE_TIMEOUT_S, TemplateRenderers
 from worker_transformers.serving.shutdown import Shutdown, exit_now
 from worker_transformers.startup import prefetch
@@ -69,6 +70,9 @@ def setup(settings: Settings, budget: InitBudget | None = None):
                 loader.import_model_code(location, settings)
             with budget.phase("tokenizer"):
                 tokenizer = loader.load_tokenizer(location, settings)
+                processor = loader.load_processor(location, settings, tokenizer)
+                if processor is not None and not tokenizer.chat_template:  # kept with the processor's files
+                    tokenizer.chat_template = processor.chat_template
                 if settings.chat_template is not None:
                     use_chat_template(tokenizer, settings.chat_template)
         with budget.phase("model"):
@@ -76,6 +80,7 @@ def setup(settings: Settings, budget: InitBudget | None = None):
         with budget.phase("weights"):
             model = loader.load_weights(location, settings, files, empty)
         with budget.phase("warm-up"):
+            images = image_prompts(processor, tokenizer)
             generation = Generation(
                 model,
                 tokenizer,
@@ -83,9 +88,11 @@ def setup(settings: Settings, budget: InitBudget | None = None):
                 settings.max_concurrency,
                 settings.max_new_tokens,
                 settings.engine,
+                images.sample(_render_sample(tokenizer)) if images is not None else None,
             )
             model_name = settings.served_model_name or location.model_id
-            frontend = Frontend(generation, model_name, settings.max_input_tokens, renderers)
+            limits = ImageLimits.from_settings(settings)
+            frontend = Frontend(generation, model_name, settings.max_input_tokens, renderers, images, limits)
             try:
                 ids = frontend.warm_up_ids()  # the chat template renders, or startup stops here
                 if not generation.warmed_up:
@@ -99,6 +106,24 @@ def setup(settings: Settings, budget: InitBudget | None = None):
     finally:
         reading.stop()
     return frontend
+
+
+def image_prompts(processor, tokenizer):
+    """The processor's way in for image requests; None when the model takes none, or has no chat template to
+    place its images with (then it serves text only, and says so)."""
+    if processor is None:
+        return None
+    if not tokenizer.chat_template:
+        log.warning("the model has an image processor but no chat template to place images with: it serves text only")
+        return None
+    from worker_transformers.serving.processing import ImagePrompts
+
+    return ImagePrompts(processor)
+
+
+def _render_sample(tokenizer):
+    """The chat template applied to startup's own sample chat, in this process: its content is the worker's."""
+    return lambda messages: tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
 def use_chat_template(tokenizer, template: str) -> None:

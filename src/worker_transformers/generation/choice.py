@@ -21,12 +21,20 @@ from worker_transformers.generation.batch.batcher import PREFILL_TOKENS
 from worker_transformers.generation.batch.check import verified_layout
 from worker_transformers.generation.batch.layout import CacheLayout, probe
 from worker_transformers.generation.batch.slot_cache import ATTENTION
+from worker_transformers.generation.vision import Pixels, VisionModel
 
 log = logging.getLogger(__name__)
 
 
-def choose(model: PreTrainedModel, detokenizer, forced: str) -> tuple[str, CacheLayout, str]:
-    """(engine, cache layout, why): the batcher where the model allows it (or ENGINE says so), else serial.
+def choose(
+    model: PreTrainedModel,
+    detokenizer,
+    forced: str,
+    vision: VisionModel | None = None,
+    image_prompt: tuple[list[int], Pixels] | None = None,
+) -> tuple[str, CacheLayout, str]:
+    """(engine, cache layout, why): the batcher where the model allows it (or ENGINE says so), else serial. A
+    vision-language model's `image_prompt` (a sample the processor made) must batch too (batch/check.py).
     Transformers' continuous batching serves only when ENGINE=continuous asks for it: on the CPU benchmark it
     is no faster than the batcher (README, Concurrency and batching)."""
     layout = probe(model)
@@ -43,7 +51,7 @@ def choose(model: PreTrainedModel, detokenizer, forced: str) -> tuple[str, Cache
                 f"model has {layout.describe()}; use ENGINE=auto or ENGINE=batch"
             )
         return "continuous", layout, "ENGINE=continuous"
-    verified, mismatch = verified_layout(model, detokenizer, layout)
+    verified, mismatch = verified_layout(model, detokenizer, layout, vision, image_prompt)
     if verified is None:
         if forced == "batch":
             raise ConfigError(f"ENGINE=batch, but {mismatch}; use ENGINE=auto")
@@ -53,10 +61,19 @@ def choose(model: PreTrainedModel, detokenizer, forced: str) -> tuple[str, Cache
 
 
 def memory_budget(model: PreTrainedModel, free_bytes: int) -> int:
-    """Bytes the batch's cache may occupy: the memory free after loading, less what a full prefill's activations
-    take (the MLP's two intermediate projections and a few hidden-sized buffers per prompt token)."""
-    text = model.config.get_text_config()
-    hidden = text.hidden_size
-    intermediate = getattr(text, "intermediate_size", None) or 4 * hidden
-    activations = PREFILL_TOKENS * (2 * intermediate + 4 * hidden) * model.dtype.itemsize
-    return max(0, int(0.9 * free_bytes) - activations)
+    """Bytes the batch's cache may occupy: the memory free after loading (the vision tower's weights included),
+    less what a full prefill's activations take (the MLP's two intermediate projections and a few hidden-sized
+    buffers per prompt token), and for a vision-language model as much again for its vision tower's layers over as
+    many image patches."""
+    activations = _activations(model.config.get_text_config())
+    vision = getattr(model.config, "vision_config", None)
+    if vision is not None and getattr(vision, "hidden_size", None):
+        activations += _activations(vision)
+    return max(0, int(0.9 * free_bytes) - activations * model.dtype.itemsize)
+
+
+def _activations(config) -> int:
+    """Values a forward of PREFILL_TOKENS tokens holds at once in one of `config`'s layers."""
+    hidden = config.hidden_size
+    intermediate = getattr(config, "intermediate_size", None) or 4 * hidden
+    return PREFILL_TOKENS * (2 * intermediate + 4 * hidden)

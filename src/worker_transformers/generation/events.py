@@ -12,6 +12,7 @@ import torch
 from worker_transformers.generation.grammar import Grammar
 from worker_transformers.generation.sampling import Sampling, TokenLogprobs
 from worker_transformers.generation.textstream import TextStream
+from worker_transformers.generation.vision import Pixels
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,7 @@ class Sequence:
     emit: Callable[[Event], None]
     generator: torch.Generator | None = None  # the request's own random stream (sampling.py)
     grammar: Grammar | None = None  # what the answer must be (grammar.py)
+    pixels: Pixels | None = None  # the prompt's processed images (vision.py)
     generated: list[int] = field(default_factory=list)
     unreported: list[TokenLogprobs] = field(default_factory=list)  # log-probabilities not yet in an event
     cancelled: bool = False  # set by the consumer when nobody wants the rest any more

@@ -4,7 +4,8 @@ Recurrent and hybrid models (Mamba, RecurrentGemma, Jamba, ...) keep a state per
 how to build and advance, and that no shared key/value layout describes. So they are served one request at a
 time, exactly as `generate` would answer, with the same behaviour as the batcher: each token is chosen by the
 same sampler (a logits processor that leaves only its choice standing, so `generate` runs greedy and keeps
-it), turned into text, checked for stop strings and cancellation after every step.
+it), turned into text, checked for stop strings and cancellation after every step. An image request's processed
+images go to `generate` as its processor made them.
 """
 
 from __future__ import annotations
@@ -112,9 +113,11 @@ class SerialEngine(Engine):
         config = copy.copy(self.config)
         config.max_new_tokens = sequence.max_new_tokens
         choose = _Choose(sequence, self.device)
+        pixels = sequence.pixels.arguments(set(sequence.pixels.tensors), self.device) if sequence.pixels else {}
         self.model.generate(
             input_ids=ids,
             attention_mask=torch.ones_like(ids),
+            **pixels,
             generation_config=config,
             logits_processor=[choose],
             stopping_criteria=[_Accept(sequence, self.eos_ids, choose)],

@@ -29,6 +29,7 @@ from worker_transformers.generation.grammar import Grammar, Grammars
 from worker_transformers.generation.sampling import Sampling
 from worker_transformers.generation.serial import SerialEngine
 from worker_transformers.generation.textstream import Detokenizer, TextStream
+from worker_transformers.generation.vision import Pixels, VisionModel
 from worker_transformers.loading.loader import free_bytes
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,7 @@ class Job:
     sampling: Sampling
     stop: list[str]
     grammar: Grammar | None = None
+    pixels: Pixels | None = None  # the prompt's processed images, for a vision-language model
 
 
 class Generation:
@@ -55,7 +57,10 @@ class Generation:
         max_batch: int,
         max_new_tokens: int,
         engine_setting: str = "auto",
+        image_prompt: tuple[list[int], Pixels] | None = None,
     ) -> None:
+        """`image_prompt`: for a model that takes images, a sample image prompt its processor made (its ids and
+        processed images), with which the batcher is checked; None: the worker takes no images."""
         self.tokenizer = tokenizer
         self.detokenizer = Detokenizer(tokenizer)
         self.model_type = model.config.model_type
@@ -63,9 +68,14 @@ class Generation:
         eos = _eos_ids(model, tokenizer)
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
         self.grammars = Grammars(tokenizer, max(self.vocab_size, len(tokenizer)), eos)
-        self.engine_kind, layout, why = choice.choose(model, self.detokenizer, engine_setting)
+        self.vision = VisionModel.of(model) if image_prompt is not None else None
+        self.engine_kind, layout, why = choice.choose(
+            model, self.detokenizer, engine_setting, self.vision, image_prompt
+        )
         longest_request = max_input_tokens + max_new_tokens
-        self.engine = _start_engine(self.engine_kind, model, tokenizer, eos, layout, why, max_batch, longest_request)
+        self.engine = _start_engine(
+            self.engine_kind, model, tokenizer, eos, layout, why, max_batch, longest_request, self.vision
+        )
 
     @property
     def warmed_up(self) -> bool:
@@ -78,9 +88,14 @@ class Generation:
         """Requests the engine runs at once: what the SDK should hand this worker."""
         return self.engine.max_batch
 
-    def check(self, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling) -> None:
-        """RequestError when the request could never fit the engine's KV cache, or names a token outside the
-        vocabulary."""
+    def check(self, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling, images: int = 0) -> None:
+        """RequestError when the request could never fit the engine's KV cache, names a token outside the
+        vocabulary, or has `images` the engine cannot take."""
+        if images and self.engine_kind == "continuous":
+            raise RequestError(
+                "messages: ENGINE=continuous (transformers' continuous batching) takes no images; send text only, "
+                "or serve this model with ENGINE=auto"
+            )
         limit = self.engine.max_request_tokens
         if limit is not None and len(prompt_ids) + max_new_tokens > limit:
             raise RequestError(
@@ -103,6 +118,7 @@ class Generation:
             emit=emit,
             generator=job.sampling.generator(self.engine.device),
             grammar=None if job.grammar is None else job.grammar.copy(),
+            pixels=job.pixels,
         )
         self.engine.submit(sequence)
         return sequence
@@ -137,7 +153,7 @@ class Generation:
         self.engine.close()
 
 
-def _start_engine(kind, model, tokenizer, eos, layout, why, max_batch, longest_request) -> Engine:
+def _start_engine(kind, model, tokenizer, eos, layout, why, max_batch, longest_request, vision) -> Engine:
     """The engine `kind` names (choice.py chose it, `why`), started, and what it holds logged."""
     if kind == "serial":
         log.info("engine: serial, one request at a time through generate (%s)", why)
@@ -147,7 +163,7 @@ def _start_engine(kind, model, tokenizer, eos, layout, why, max_batch, longest_r
     free = free_bytes(model.device) or 0
     budget = choice.memory_budget(model, free if model.device.type == "cuda" else free // 2)
     if kind == "batch":
-        engine = Batcher(model, max_batch, eos, layout, budget)
+        engine = Batcher(model, max_batch, eos, layout, budget, vision=vision)
         held = f"a cache budget of {budget / 1e9:.2f} GB"
         if layout.kv_bytes_per_token:
             held += f" ({budget // layout.kv_bytes_per_token} tokens of keys and values)"

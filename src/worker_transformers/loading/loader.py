@@ -15,12 +15,13 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoProcessor, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+from transformers.models.auto.processing_auto import PROCESSOR_MAPPING
+from transformers.processing_utils import ProcessorMixin
 
 from worker_transformers.config import Settings
-from worker_transformers.loading import checkpoint, placement
+from worker_transformers.loading import architecture, checkpoint, placement
 from worker_transformers.model.sources import ModelLocation
 from worker_transformers.model.weights import DTYPE_SIZES, WeightFile
 from worker_transformers.startup import prefetch
@@ -56,13 +57,18 @@ def _check_remote_code(location: ModelLocation, settings: Settings) -> None:
 def import_model_code(location: ModelLocation, settings: Settings) -> None:
     """Import the model's architecture now. transformers imports it lazily on first use, and that import
     is over a second for Llama (torch.distributed, dynamo): it belongs with the other imports, which the
-    weight prefetch runs alongside, not inside the load."""
+    weight prefetch runs alongside, not inside the load. A model transformers cannot generate text with is
+    refused here, by name."""
     _check_remote_code(location, settings)
     config = AutoConfig.from_pretrained(
         location.path, local_files_only=True, trust_remote_code=settings.trust_remote_code
     )
-    if type(config) in MODEL_FOR_CAUSAL_LM_MAPPING:
-        MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]  # the lookup imports the module
+    if architecture.model_class(config, location.path) is None and not getattr(config, "auto_map", None):
+        raise LoadError(
+            f"{location.model_id}: model_type {config.model_type!r} ({type(config).__name__}) has no class in "
+            "transformers that generates text (neither a causal LM nor an image-text-to-text model); serve a "
+            "text-generation or vision-language checkpoint"
+        )
 
 
 def load_tokenizer(location: ModelLocation, settings: Settings) -> PreTrainedTokenizerBase:
@@ -82,6 +88,68 @@ def load_tokenizer(location: ModelLocation, settings: Settings) -> PreTrainedTok
             f"{location.model_id}: the tokenizer in {location.path} {what}; the copy is damaged: fetch the model "
             "again with its tokenizer files (rebuild the image if it is baked)"
         ) from None
+
+
+def load_processor(location: ModelLocation, settings: Settings, tokenizer) -> ProcessorMixin | None:
+    """The processor that turns a vision-language model's images into its inputs (architecture.py), with the
+    worker's tokenizer (CHAT_TEMPLATE included); None for a model that takes no images."""
+    config = AutoConfig.from_pretrained(
+        location.path, local_files_only=True, trust_remote_code=settings.trust_remote_code
+    )
+    if not architecture.takes_images(config, location.path):
+        return None
+    own = PROCESSOR_MAPPING[type(config)] if type(config) in PROCESSOR_MAPPING else None
+    try:
+        if own is None:  # the model's own code names it
+            processor = AutoProcessor.from_pretrained(
+                location.path, local_files_only=True, trust_remote_code=settings.trust_remote_code
+            )
+        else:
+            processor = _images_only(own).from_pretrained(location.path, local_files_only=True)
+    except TOKENIZER_FILE_ERRORS as error:  # a damaged or incomplete processor file: the message says which
+        damaged = _damaged_json(location.path, (*architecture.PROCESSOR_FILES, "chat_template.json"))
+        what = damaged or f"cannot be loaded ({type(error).__name__}: {(str(error).splitlines() or [''])[0][:200]})"
+        raise LoadError(
+            f"{location.model_id}: the image processor in {location.path} {what}; the copy is damaged: fetch the "
+            "model again with its processor files (rebuild the image if it is baked)"
+        ) from None
+    if not isinstance(processor, ProcessorMixin) or getattr(processor, "image_processor", None) is None:
+        raise LoadError(
+            f"{location.model_id}: {location.path} has no image processor transformers can load for "
+            f"{type(config).__name__}; fetch the model again with its processor files"
+        )
+    processor.tokenizer = tokenizer  # one tokenizer for text and image requests
+    return processor
+
+
+class _NoVideo(ProcessorMixin):
+    """After a processor class in the order of bases, before ProcessorMixin: takes the video processor its
+    __init__ passes on (None), so that ProcessorMixin, told of no video processor, gets none."""
+
+    def __init__(self, *args, video_processor=None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+
+
+def _images_only(processor_class: type[ProcessorMixin]) -> type[ProcessorMixin]:
+    """`processor_class` without its video processor: the worker takes no video, and every video processor needs
+    torchvision, which an image processor does not (transformers falls back to Pillow without it). A processor is
+    made of the parts `get_attributes` names, given positionally in that order: the video processor, last of them,
+    is left out of the parts and given as None to the class's own __init__, which passes it on to _NoVideo."""
+    attributes = processor_class.get_attributes()
+    if attributes[-1:] != ["video_processor"]:
+        return processor_class
+
+    class ImagesOnly(processor_class, _NoVideo):
+        @classmethod
+        def get_attributes(cls) -> list[str]:
+            return attributes[:-1]
+
+        @classmethod
+        def from_args_and_dict(cls, args, processor_dict, **kwargs):
+            return super().from_args_and_dict([*args, None], processor_dict, **kwargs)
+
+    ImagesOnly.__name__ = ImagesOnly.__qualname__ = processor_class.__name__
+    return ImagesOnly
 
 
 TOKENIZER_FILE_ERRORS = (KeyError, TypeError, ValueError, OSError)
@@ -152,7 +220,10 @@ def load_weights(
 
 
 def _from_pretrained(location: ModelLocation, settings: Settings, device: torch.device, dtype: torch.dtype | None):
-    model, report = AutoModelForCausalLM.from_pretrained(
+    config = AutoConfig.from_pretrained(
+        location.path, local_files_only=True, trust_remote_code=settings.trust_remote_code
+    )
+    model, report = architecture.auto_class(config, location.path).from_pretrained(
         location.path,
         local_files_only=True,
         trust_remote_code=settings.trust_remote_code,

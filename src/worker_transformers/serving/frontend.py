@@ -20,6 +20,9 @@ from worker_transformers.generation.service import Generation, Job
 from worker_transformers.loading.loader import LoadError
 from worker_transformers.serving import plain
 from worker_transformers.serving.answer import Answer
+from worker_transformers.generation.vision import Pixels
+from worker_transformers.serving.images import ImageLimits
+from worker_transformers.serving.processing import ImagePrompts
 from worker_transformers.serving.prompt import Prompts
 from worker_transformers.serving.renderer import TemplateRenderers
 from worker_transformers.serving.schema import GenerationRequest, RequestError
@@ -33,6 +36,7 @@ class Prepared:
 
     ids: list[int]
     grammar: Grammar | None = None
+    pixels: Pixels | None = None  # its processed images, for a vision-language model
 
 
 class Frontend:
@@ -42,26 +46,30 @@ class Frontend:
         model_name: str,
         max_input_tokens: int,
         renderers: TemplateRenderers | None = None,
+        images: ImagePrompts | None = None,
+        image_limits: ImageLimits | None = None,
     ) -> None:
         """`renderers`: the chat-template renderers startup began before its imports (prompt.py makes a pool of
-        one when there are none)."""
+        one when there are none). `images`: the model's processor, for a model that takes images."""
         self.generation = generation
         self.tokenizer = generation.tokenizer
         self.model_name = model_name
-        self.prompts = Prompts(generation.tokenizer, model_name, max_input_tokens, renderers)
+        self.prompts = Prompts(generation.tokenizer, model_name, max_input_tokens, renderers, images, image_limits)
 
     def prepare(self, request: GenerationRequest) -> Prepared:
         """The request's token ids (prompt.py) and grammar; RequestError when it could never fit the KV cache,
         names a token outside the vocabulary, or has a schema that cannot be enforced."""
-        ids = self.prompts.ids(request)
-        self.generation.check(ids, request.max_new_tokens, sampling_of(request))
+        ids, pixels = self.prompts.inputs(request)
+        self.generation.check(ids, request.max_new_tokens, sampling_of(request), pixels.images if pixels else 0)
         schema = request.json_schema()
         if request.required_tool is not None:
             schema = forced_call_schema(request), "tools"
-        return Prepared(ids, None if schema is None else self.generation.grammars.compile(*schema))
+        return Prepared(ids, None if schema is None else self.generation.grammars.compile(*schema), pixels)
 
     def job(self, request: GenerationRequest, prepared: Prepared) -> Job:
-        return Job(prepared.ids, request.max_new_tokens, sampling_of(request), request.stop, prepared.grammar)
+        return Job(
+            prepared.ids, request.max_new_tokens, sampling_of(request), request.stop, prepared.grammar, prepared.pixels
+        )
 
     def submit(self, request: GenerationRequest, prepared: Prepared, emit: Callable[[Event], None]) -> Sequence:
         return self.generation.submit(self.job(request, prepared), emit)

@@ -1,7 +1,10 @@
 """A request's input as token ids: the chat template applied to messages, or the prompt as is, and the caps.
 
 The chat template renders in a child process (renderer.py): one that has not answered within
-TEMPLATE_TIMEOUT_S is killed and the job fails with a message naming the template.
+TEMPLATE_TIMEOUT_S is killed and the job fails with a message naming the template. A chat with images (for a
+vision-language model) renders a placeholder for each; its images are fetched and decoded (images.py) and go
+with the rendered text through the model's processor (processing.py), which expands each placeholder into the
+image's tokens: MAX_INPUT_TOKENS counts those.
 """
 
 from __future__ import annotations
@@ -10,6 +13,9 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
+from worker_transformers.generation.vision import Pixels
+from worker_transformers.serving.images import ImageLimits, load_images
+from worker_transformers.serving.processing import ImagePrompts
 from worker_transformers.serving.renderer import TEMPLATE_TIMEOUT_S, RenderFailed, RenderTimeout, TemplateRenderers
 from worker_transformers.serving.schema import GenerationRequest, RequestError
 
@@ -29,10 +35,15 @@ class Prompts:
         model_name: str,
         max_input_tokens: int,
         renderers: TemplateRenderers | None = None,
+        images: ImagePrompts | None = None,
+        image_limits: ImageLimits | None = None,
     ) -> None:
         """`renderers`: the pool of template renderers, started early (startup starts its first child before its
-        own imports) and given this tokenizer here; without one, a pool of one child is made."""
+        own imports) and given this tokenizer here; without one, a pool of one child is made. `images`: the model's
+        processor, for a model that takes images (None: images are refused), within `image_limits`."""
         self.tokenizer = tokenizer
+        self.images = images
+        self.image_limits = image_limits or ImageLimits()
         self.model_name = model_name
         self.max_input_tokens = max_input_tokens
         self._renderers = renderers or TemplateRenderers(TEMPLATE_TIMEOUT_S, max_children=1)
@@ -42,12 +53,25 @@ class Prompts:
             self._renderers.close()
 
     def ids(self, request: GenerationRequest) -> list[int]:
-        """Token ids of the request's input. Raises RequestError naming the field."""
+        """Token ids of the request's input (a text request's). Raises RequestError naming the field."""
+        return self.inputs(request)[0]
+
+    def inputs(self, request: GenerationRequest) -> tuple[list[int], Pixels | None]:
+        """Token ids of the request's input, and its processed images when it has some. Raises RequestError naming
+        the field."""
         self._check_size(request)
+        pixels = None
         if request.messages is not None:
+            urls = request.image_urls()
+            if urls and self.images is None:
+                raise RequestError(f"{urls[0][1]}: {self.model_name} takes no images; send text only")
+            images = load_images(urls, self.image_limits) if urls else []
             text = self.render(request.template_messages(), request.template_tools())
-            # The template already holds the special tokens (BOS, turn markers); do not add them twice.
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            if images:
+                ids, pixels = self._processed(text, images)
+            else:
+                # The template already holds the special tokens (BOS, turn markers); do not add them twice.
+                ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         else:
             ids = self.tokenizer(request.prompt)["input_ids"]
         if len(ids) > self.max_input_tokens:
@@ -57,7 +81,14 @@ class Prompts:
             )
         if not ids:
             raise RequestError("prompt: the text has no tokens")
-        return ids
+        return ids, pixels
+
+    def _processed(self, text: str, images: list) -> tuple[list[int], Pixels]:
+        try:
+            return self.images.inputs(text, images)
+        except ValueError as error:  # the processor's refusal: an image it cannot resize, placeholders not matched
+            reason = (str(error).splitlines() or [""])[0][:200]
+            raise RequestError(f"messages: the model's image processor refused the images ({reason})") from None
 
     def render(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> str:
         """The chat template applied to `messages` (and `tools`, when the request has them), within
@@ -82,9 +113,7 @@ class Prompts:
         """Refuse text far beyond MAX_INPUT_TOKENS before tokenizing it: tokenizing megabytes costs seconds of
         CPU, only to refuse them afterwards."""
         field = "messages" if request.messages is not None else "prompt"
-        size = (
-            sum(len(m.content or "") for m in request.messages) if request.messages is not None else len(request.prompt)
-        )
+        size = request.text_size()
         limit = CHARS_PER_TOKEN_LIMIT * self.max_input_tokens
         if size > limit:
             raise RequestError(

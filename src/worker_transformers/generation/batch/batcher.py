@@ -46,6 +46,7 @@ from worker_transformers.generation.engine import Engine
 from worker_transformers.generation.events import Sequence
 from worker_transformers.generation.grammar import allowed_tokens
 from worker_transformers.generation.sampling import BatchSampler, keep_chosen, penalty_state, rows_logprobs
+from worker_transformers.generation.vision import Pixels, VisionModel
 
 log = logging.getLogger(__name__)
 
@@ -103,12 +104,14 @@ class Batcher(Engine):
         layout: CacheLayout,
         memory_budget: int | None = None,
         start: bool = True,
+        vision: VisionModel | None = None,
     ) -> None:
         super().__init__("batcher", model, eos_ids)
         self.dtype = model.dtype
         self.max_batch = max_batch
         self.layout = layout
         self.memory_budget = memory_budget  # bytes the batch's cache may occupy; None: no limit
+        self.vision = vision  # what an image prompt's prefill needs (vision.py); None: the model takes no images
         self.additive_masks = model.config._attn_implementation != "sdpa"
         # What the model's forward names: a purely recurrent model's takes no positions (nor masks, some).
         self._takes = forward_parameters(model)
@@ -118,6 +121,8 @@ class Batcher(Engine):
         self.chunks: Chunks | None = None  # the prompt being prefilled in chunks, if any
         self.cache = SlotCache(list(layout.layers), 0, 0, self.device)
         self._last = self._positions = torch.zeros(0, dtype=torch.long, device=self.device)
+        # Each row's rotary position less its token position: 0, except after an image under multimodal RoPE.
+        self._offsets = torch.zeros(0, dtype=torch.long, device=self.device)
         self._seen: torch.Tensor | None = None  # (rows, vocab): the repetition penalty's tokens, when one asks
         self._counts: torch.Tensor | None = None  # (rows, vocab): generated tokens' counts, when a penalty asks
         self._sampler = BatchSampler(self.device)
@@ -144,7 +149,8 @@ class Batcher(Engine):
     def _run(self) -> None:
         while (joining := self._admit()) is not None:
             try:
-                if joining and len(joining[0].prompt_ids) > PREFILL_TOKENS and self.layout.chunked_prefill:
+                first = joining[0] if joining else None
+                if first and len(first.prompt_ids) > PREFILL_TOKENS and self.layout.chunked_prefill and not first.pixels:
                     self.start_chunks(joining, PREFILL_TOKENS)
                 if self.chunks is not None:
                     self._prefill_chunk_safely()
@@ -252,25 +258,31 @@ class Batcher(Engine):
             joining = sorted(joining, key=lambda s: len(s.prompt_ids))
         joining, sources = _sharing_prompts(joining)
         computed = len(joining) - len(sources)  # the rows the forward fills; the others copy one of them
+        texts = [s for s in joining[:computed] if s.pixels is None]  # first: the image prompts come after them
         rows = len(self.active)
         longest = max(len(s.prompt_ids) for s in joining)
         self._make_room(rows + len(joining), longest)
         end = max(self.column, longest)  # the prompts end at the column the batch writes next
         start = end - longest
-        new_rows, computed_rows = slice(rows, rows + len(joining)), slice(rows, rows + computed)
+        new_rows, text_rows = slice(rows, rows + len(joining)), slice(rows, rows + len(texts))
         self.cache.positions[new_rows] = -1
+        self._offsets[new_rows] = 0
         # A recurrent state would take in the padding between a shared prefix and each row's rest: no sharing.
-        shared = 0 if recurrent else _shared_prefix(joining[:computed])
+        shared = 0 if recurrent else _shared_prefix(texts)
+        logits = []
         try:
-            if unpadded:
-                logits = self._prefill_alike(joining[:computed], rows, end)
-            else:
+            if unpadded and texts:
+                logits.append(self._prefill_alike(texts, rows, end))
+            elif texts:
                 if shared:
-                    self._prefill_prefix(joining[0].prompt_ids[:shared], computed_rows, start)
-                logits = self._prefill_rows(joining[:computed], computed_rows, shared, end)
+                    self._prefill_prefix(texts[0].prompt_ids[:shared], text_rows, start)
+                logits.append(self._prefill_rows(texts, text_rows, shared, end))
+            for row, sequence in enumerate(joining[len(texts) : computed], start=text_rows.stop):
+                logits.append(self._prefill_image(sequence, row, end))
         except BaseException:
             self.cache.positions[new_rows] = -1
             raise
+        logits = torch.cat(logits)
         # each row's first column: where its prompt begins, or the prefix it shares with the others
         self._join(joining, sources, logits, end, start if shared else None)
         return logits
@@ -308,6 +320,7 @@ class Batcher(Engine):
         if row != rows:  # rows the batch freed meanwhile: its row comes right after the batch's
             self.cache.move_row(row, rows, chunks.end)
         self.cache.positions[rows + 1 : rows + len(joining)] = -1
+        self._offsets[rows : rows + len(joining)] = 0
         self.chunks = None
         self._join(joining, [0] * (len(joining) - 1), logits, chunks.end)
         return logits
@@ -317,8 +330,10 @@ class Batcher(Engine):
         rows = len(self.active)
         self._make_room(rows, 0)
         live = slice(0, rows)
+        positions = self._positions[live, None]
+        rotary = positions + self._offsets[live, None] if self.vision and self.vision.rope_index else None
         logits = self._forward(
-            self._last[live, None], self._positions[live, None], live, self.column, decode=True, continuing=True
+            self._last[live, None], positions, live, self.column, decode=True, continuing=True, rotary=rotary
         )
         seen = self._seen[live] if self._seen is not None else None
         counts = self._counts[live] if self._counts is not None else None
@@ -349,7 +364,7 @@ class Batcher(Engine):
             last = len(self.active) - 1
             if row != last:
                 self.cache.move_row(last, row, self.column)
-                for state in (self._last, self._positions, self._seen, self._counts):
+                for state in (self._last, self._positions, self._offsets, self._seen, self._counts):
                     if state is not None:
                         state[row] = state[last]
                 self.active[row], self.starts[row] = self.active[last], self.starts[last]
@@ -372,12 +387,17 @@ class Batcher(Engine):
         decode: bool = False,
         continuing: bool = False,
         padded: bool = False,
+        rotary: torch.Tensor | None = None,
+        pixels: Pixels | None = None,
+        blocks: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The last position's logits of `ids` (rows, tokens) at `positions` (-1: left padding), written into the
         cache's `rows` at the columns from `start` on: the positions recorded there, every query's masks made
         from them (a decode step's quickly: its one query is each row's newest token), then the model run.
         `continuing`: the rows' recurrent states go on from what they hold (else the forward starts them);
-        `padded`: some rows are left-padded (their recurrent layers are told which tokens are padding)."""
+        `padded`: some rows are left-padded (their recurrent layers are told which tokens are padding). An image
+        prompt's prefill (`_prefill_image`) gives its processed `pixels`, its rotary positions where they are not
+        its token positions (`rotary`) and its image `blocks` where the model's images see themselves both ways."""
         end = start + ids.shape[1]
         cache, layout = self.cache, self.layout
         cache.positions[rows, start:end] = positions
@@ -387,10 +407,14 @@ class Batcher(Engine):
             arguments["attention_mask"] = (
                 held_columns(held)
                 if layout.held_mask
-                else attention_masks(held, positions, layout.kinds, self.dtype, self.additive_masks, decode, padded)
+                else attention_masks(
+                    held, positions, layout.kinds, self.dtype, self.additive_masks, decode, padded, blocks
+                )
             )
         if "position_ids" in self._takes:
-            arguments["position_ids"] = positions if decode else positions.clamp(min=0)
+            arguments["position_ids"] = rotary if rotary is not None else positions if decode else positions.clamp(min=0)
+        if pixels is not None:
+            arguments.update(pixels.arguments(self._takes, self.device))
         if "cache_position" in self._takes:
             arguments["cache_position"] = torch.arange(start, end, device=self.device)
         with cache.writing(rows, start, end, continuing):
@@ -417,6 +441,21 @@ class Batcher(Engine):
             row += len(alike)
         return torch.cat(logits)
 
+    def _prefill_image(self, sequence: Sequence, row: int, end: int) -> torch.Tensor:
+        """The last logits of an image prompt, prefilled in a forward of its own (its pixels are its own, and it
+        is never padded) into `row` to end at column `end`, with its rotary positions and image blocks as the
+        model has them (vision.py)."""
+        ids = torch.tensor([sequence.prompt_ids], device=self.device)
+        length = ids.shape[1]
+        rotary = self.vision.rotary_positions(ids, sequence.pixels)
+        if rotary is not None:
+            rotary, self._offsets[row] = rotary
+        blocks = self.vision.image_blocks(ids) if self.layout.image_blocks else None
+        positions = torch.arange(length, device=self.device)[None]
+        return self._forward(
+            ids, positions, slice(row, row + 1), end - length, rotary=rotary, pixels=sequence.pixels, blocks=blocks
+        )
+
     def _prefill_rows(self, sequences: list[Sequence], rows: slice, offset: int, end: int) -> torch.Tensor:
         """The last logits of each sequence's prompt from token `offset` on (the tokens before it are in the
         cache already), prefilled into `rows`, left-padded to end at column `end`."""
@@ -442,6 +481,7 @@ class Batcher(Engine):
         new_rows = slice(rows, rows + len(joining))
         for copy, source in enumerate(sources, start=rows + computed):
             self.cache.copy_row(rows + source, copy, end)
+            self._offsets[copy] = self._offsets[rows + source]
         if sources:
             logits = logits[torch.tensor([*range(computed), *sources], device=self.device)]
         samplings = [s.sampling for s in joining]
@@ -510,6 +550,7 @@ class Batcher(Engine):
         if row_capacity != self._last.shape[0]:
             self._last = _grown(self._last, row_capacity)
             self._positions = _grown(self._positions, row_capacity)
+            self._offsets = _grown(self._offsets, row_capacity)
             if self._seen is not None:
                 self._seen = _grown(self._seen, row_capacity)
             if self._counts is not None:
@@ -536,13 +577,14 @@ class Batcher(Engine):
 
 
 def _sharing_prompts(joining: list[Sequence]) -> tuple[list[Sequence], list[int]]:
-    """The joining requests with one of each prompt first, then the requests whose prompt is among those (a
-    request's n choices), and for each of the latter the index of the first with its prompt: their prefill is
-    computed once and copied."""
-    first: dict[tuple[int, ...], int] = {}
+    """The joining requests with one of each prompt first (text prompts, then image prompts), then the requests
+    whose prompt is among those (a request's n choices), and for each of the latter the index of the first with
+    its prompt: their prefill is computed once and copied. An image prompt is the same only with the same
+    processed images (a request's n choices share them): image tokens are alike whatever the image."""
+    first: dict[tuple, int] = {}
     distinct, sharing, sources = [], [], []
-    for sequence in joining:
-        key = tuple(sequence.prompt_ids)
+    for sequence in sorted(joining, key=lambda s: s.pixels is not None):  # stable: the order kept otherwise
+        key = (tuple(sequence.prompt_ids), sequence.pixels)
         if key in first:
             sharing.append(sequence)
             sources.append(first[key])

@@ -8,9 +8,14 @@ smallest sliding window or attention chunk so that a window's edge is crossed, p
 they decode, joining them at its last chunk (in later columns than theirs: the batch's layout, gaps and all);
 then all three decoding. Every layer runs in each step, so every layer kind the model has is covered.
 
+A vision-language model also prefills an image prompt (a sample the processor made at startup) beside a text
+prompt and decodes them a step, against the model's own forwards of each alone: that covers what the model does
+with images that the batcher must match (its multimodal rotary positions, its vision tower's features in place of
+the image tokens), and says whether the image's tokens see each other both ways (Gemma 3's) or causally.
+
 Its cost: six batched forwards and one of the model's own, each of a few tokens (the long prompt's length where
-a window must be crossed). They also warm the batcher's paths up, so the worker's warm-up generation is not run
-after it (service.py).
+a window must be crossed), and for images two batched and two of the model's own with the sample image. They also
+warm the batcher's paths up, so the worker's warm-up generation is not run after it (service.py).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from worker_transformers.generation.batch.layout import CacheLayout
 from worker_transformers.generation.batch.masks import Reach
 from worker_transformers.generation.events import Sequence
 from worker_transformers.generation.sampling import GREEDY
+from worker_transformers.generation.vision import Pixels, VisionModel
 
 log = logging.getLogger(__name__)
 
@@ -36,12 +42,20 @@ _HALF_TOLERANCE = 5e-2
 _SHORT, _MIDDLE, _LONG = 3, 5, 7  # prompt lengths, the long one made longer to cross a window or chunk
 
 
-def verified_layout(model: PreTrainedModel, detokenizer, layout: CacheLayout) -> tuple[CacheLayout | None, str]:
+def verified_layout(
+    model: PreTrainedModel,
+    detokenizer,
+    layout: CacheLayout,
+    vision: VisionModel | None = None,
+    image_prompt: tuple[list[int], Pixels] | None = None,
+) -> tuple[CacheLayout | None, str]:
     """(the layout the batcher serves this model with, "") when its logits match the model's own; else (None,
     what differed or failed). Ways around what some models' code cannot take are tried after the first: a model
     of full attention only is given the 2D mask of held columns (Bloom builds its ALiBi bias from one); a recurrent
     model whose layers cannot go on from their states over several tokens prefills long prompts whole
-    (Falcon-Mamba), and one whose layers take no padding mask prefills unpadded, one forward per prompt length."""
+    (Falcon-Mamba), and one whose layers take no padding mask prefills unpadded, one forward per prompt length.
+    With an `image_prompt` (its ids and processed images), the layout must batch it too: its image tokens seeing
+    each other causally, or else both ways."""
     tries = [layout]
     if any(layout.kinds.values()) and all(reach in (None, Reach()) for reach in layout.kinds.values()):
         tries.append(dataclasses.replace(layout, held_mask=True))
@@ -59,10 +73,52 @@ def verified_layout(model: PreTrainedModel, detokenizer, layout: CacheLayout) ->
             why = f"the batched forward failed ({type(error).__name__}: {str(error)[:200]})"
             if isinstance(error, torch.OutOfMemoryError) and model.device.type == "cuda":
                 torch.cuda.empty_cache()  # the warm-up generation after it says whether the model fits at all
+        if not why and image_prompt is not None:
+            candidate, why = _with_images(model, detokenizer, candidate, vision, image_prompt)
         if not why:
             return candidate, ""
         first_why = first_why or why
     return None, first_why
+
+
+def _with_images(model, detokenizer, layout: CacheLayout, vision: VisionModel, image_prompt) -> tuple[CacheLayout, str]:
+    """The layout with the image blocks the model's logits need (none first), or what differed."""
+    why = ""
+    for blocks in (False, True):
+        candidate = dataclasses.replace(layout, image_blocks=blocks)
+        try:
+            why = _image_mismatch(model, detokenizer, candidate, vision, image_prompt)
+        except Exception as error:  # a model whose code does not take the batcher's inputs, or no memory for it
+            log.debug("the batch engine's image check failed", exc_info=True)
+            why = f"the batched image prefill failed ({type(error).__name__}: {str(error)[:200]})"
+        if not why:
+            return candidate, ""
+    return layout, why
+
+
+@torch.inference_mode()
+def _image_mismatch(model, detokenizer, layout: CacheLayout, vision: VisionModel, image_prompt) -> str:
+    """What differs between the batcher's logits for an image prompt beside a text prompt and the model's own
+    for each alone, or ""."""
+    from worker_transformers.generation.textstream import TextStream
+
+    ids, pixels = image_prompt
+    vocab = model.config.get_text_config().vocab_size
+    text = torch.randint(3, vocab, (_MIDDLE,), generator=torch.Generator().manual_seed(1)).tolist()
+    batcher = Batcher(model, 2, set(), layout, start=False, vision=vision)
+    imaged = Sequence(ids, 8, GREEDY, TextStream(detokenizer, ids), lambda event: None, pixels=pixels)
+    plain = Sequence(text, 8, GREEDY, TextStream(detokenizer, text), lambda event: None)
+    steps = {"an image prompt prefilled beside a text prompt": batcher.prefill([imaged, plain])}
+    steps["their first decode step"] = batcher.decode()
+    [[t0, t1]] = _own_logits(model, [text + plain.generated[:1]], [[_MIDDLE - 1, _MIDDLE]])
+    own_ids = torch.tensor([ids + imaged.generated[:1]], device=model.device)
+    arguments = pixels.extended(1).arguments(set(pixels.tensors), model.device)
+    logits = model(input_ids=own_ids, use_cache=False, **arguments).logits[0, -2:].float()
+    # The batcher's rows: text prompts first, then image prompts.
+    for (step, got), want in zip(steps.items(), [torch.stack([t0, logits[0]]), torch.stack([t1, logits[1]])]):
+        if not _close(got.float().reshape(want.shape), want, model.dtype):
+            return f"the batched logits differ from the model's own at {step}"
+    return ""
 
 
 @torch.inference_mode()

@@ -57,6 +57,8 @@ class CacheLayout:
     # Whether a long prompt may go in chunks: a recurrent layer must then go on from its states over several
     # tokens, which some models' code cannot (Falcon-Mamba's scan takes no initial state).
     chunked_prefill: bool = True
+    # Whether an image's tokens see each other both ways in the prefill (Gemma 3's do: masks.py, vision.py).
+    image_blocks: bool = False
 
     @property
     def recurrent(self) -> bool:
@@ -75,6 +77,8 @@ class CacheLayout:
             what += "; prompts prefilled unpadded, one forward per length (its layers take no padding mask)"
         if not self.chunked_prefill:
             what += "; long prompts prefilled whole (its layers cannot go on from their states over several tokens)"
+        if self.image_blocks:
+            what += "; an image's tokens see each other both ways"
         return what
 
 

@@ -42,6 +42,7 @@ def attention_masks(
     additive: bool,
     decode: bool = False,
     padded: bool = False,
+    blocks: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor | None] | torch.Tensor | None:
     """The 4D masks (rows, 1, queries, columns) for each attention kind in `kinds`: a query sees the cached tokens
     at or before its own position, within its kind's reach. A query with no token of its own (left padding:
@@ -57,7 +58,11 @@ def attention_masks(
     `padded`: a prefill with left padding, whose recurrent kinds are given the 2D mask (rows, queries) of the
     forward's own tokens, as transformers' models take it: they zero the padding's inputs, so that a recurrent
     state starts from it unchanged (then the masks are a dict whatever the attention kinds; a purely recurrent
-    model's is that 2D mask alone)."""
+    model's is that 2D mask alone).
+
+    `blocks`: (rows, queries) the image each of the forward's queries belongs to (-1: none), for a model whose
+    image tokens see each other both ways (Gemma 3): a query also sees the later tokens of its own image, within
+    its kind's reach."""
     attending = {kind: reach for kind, reach in kinds.items() if reach is not None}
     recurrent_padding = (query_positions >= 0).long() if padded and len(attending) < len(kinds) else None
     if not attending:
@@ -69,6 +74,8 @@ def attention_masks(
         masks = {kind: _within(held, kv, query, reach) for kind, reach in attending.items()}
     else:
         seen = (kv >= 0) & (kv <= query)
+        if blocks is not None:
+            seen = seen | _same_image(blocks, kv_positions.shape[1])
         masks = {
             kind: _padding_sees_itself(_within(seen, kv, query, reach), query_positions)
             for kind, reach in attending.items()
@@ -91,6 +98,14 @@ def _within(seen: torch.Tensor, kv: torch.Tensor, query: torch.Tensor, reach: Re
     if reach.chunk is not None:
         seen = seen & (kv.div(reach.chunk, rounding_mode="floor") == query.div(reach.chunk, rounding_mode="floor"))
     return seen
+
+
+def _same_image(blocks: torch.Tensor, columns: int) -> torch.Tensor:
+    """(rows, 1, queries, columns): whether a query and a column hold tokens of one image. The queries are the
+    forward's own tokens, in the last columns; an image lies within one forward."""
+    held = torch.full((blocks.shape[0], columns), -1, dtype=blocks.dtype, device=blocks.device)
+    held[:, columns - blocks.shape[1] :] = blocks
+    return (blocks[:, None, :, None] == held[:, None, None, :]) & (blocks >= 0)[:, None, :, None]
 
 
 def _padding_sees_itself(mask: torch.Tensor, query_positions: torch.Tensor) -> torch.Tensor:
