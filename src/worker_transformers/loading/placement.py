@@ -1,15 +1,16 @@
 """The fast path: an empty model of the right shape, then the checkpoint's bytes moved straight into it.
 
 `from_pretrained` is general: it renames and fuses keys, quantizes, offloads, and walks every tensor through
-that machinery. Most checkpoints need none of it: their tensor names and shapes are the model's own. For
+that machinery. Most checkpoints need none of it: their tensors are the model's own, under its names or under
+names transformers only renames (the legacy names of many vision-language checkpoints, checkpoint.rename). For
 those, this module
 - builds the model with weight initialisation skipped (the weights are overwritten anyway) and the
   non-persistent buffers (rotary frequencies) computed as usual, directly on the target device;
 - on the CPU, points each parameter at the memory-mapped file (no copy: the page cache is the weights);
 - on CUDA, streams the files in large chunks through pinned host buffers, copied to the GPU with
   `non_blocking=True` on a side stream while the next chunks are read (streaming.py).
-Anything else (quantized, custom code, renamed keys, float32-pinned modules, tied weights stored twice) raises
-NotEligible, and the caller uses `from_pretrained`.
+Anything else (quantized, custom code, tensors from_pretrained fuses, splits or transposes, names it does not
+map, float32-pinned modules, tied weights stored twice) raises NotEligible, and the caller uses `from_pretrained`.
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedModel
+from transformers import AutoConfig, GenerationConfig, PreTrainedModel
 from transformers.initialization import no_init_weights
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
+from worker_transformers.loading import architecture, checkpoint
 from worker_transformers.loading.streaming import TORCH_DTYPES, CudaTransfers, Transfers, stream_weights
 from worker_transformers.model.weights import FLOAT_DTYPES, WeightFile
 
@@ -49,6 +50,7 @@ class EmptyModel:
     path: Path
     device: torch.device
     targets: dict[str, torch.Tensor]  # each checkpoint tensor's destination
+    names: dict[str, str]  # each checkpoint tensor's name in the model
     tied_missing: set[str]  # tied names the checkpoint leaves out
 
 
@@ -56,18 +58,18 @@ def build_empty(path: Path, files: list[WeightFile], device: torch.device, dtype
     """The model from `path` built empty on `device`, or NotEligible. `dtype` None keeps the checkpoint's.
     Its cost is Python building the module tree, whatever the size of the weights."""
     config = AutoConfig.from_pretrained(path, local_files_only=True)
-    _check_eligible(config)
+    model_class = _eligible_class(config, path)
     dtype = dtype or checkpoint_dtype(config, files)
     with no_init_weights(), torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = model_class._from_config(config, dtype=dtype)
     try:
-        targets, tied_missing = _targets(model, files)
+        targets, tied_missing, names = _targets(model, files)
     except NotEligible:
         model = None  # the traceback holds this frame, and so the model, for as long as the caller keeps it
         if device.type == "cuda":
             torch.cuda.empty_cache()  # from_pretrained needs that memory next
         raise
-    return EmptyModel(model, path, device, targets, tied_missing)
+    return EmptyModel(model, path, device, targets, names, tied_missing)
 
 
 def fill(empty: EmptyModel, files: list[WeightFile], transfers: Transfers | None = None) -> PreTrainedModel:
@@ -75,7 +77,7 @@ def fill(empty: EmptyModel, files: list[WeightFile], transfers: Transfers | None
     CUDA, unless `transfers` says how."""
     model = empty.model
     if transfers is None and empty.device.type == "cpu":
-        _map_from_files(model, files, empty.targets)
+        _map_from_files(model, files, empty.targets, empty.names)
     else:
         stream_weights(files, empty.targets, transfers or CudaTransfers(empty.device))
     model.tie_weights(missing_keys=empty.tied_missing, recompute_mapping=False)
@@ -89,41 +91,58 @@ def fill(empty: EmptyModel, files: list[WeightFile], transfers: Transfers | None
     return model.eval()
 
 
-def _check_eligible(config) -> None:
+def _eligible_class(config, path: Path) -> type[PreTrainedModel]:
     if getattr(config, "quantization_config", None) is not None:
         raise NotEligible("the checkpoint is quantized")
     if getattr(config, "auto_map", None):
         raise NotEligible("the model ships its own code")
-    try:
-        model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
-    except KeyError:
-        raise NotEligible(f"{type(config).__name__} has no causal-LM class in transformers") from None
+    model_class = architecture.model_class(config, path)
+    if model_class is None:
+        raise NotEligible(f"{type(config).__name__} has no class in transformers to generate with")
     if model_class._keep_in_fp32_modules or getattr(model_class, "_keep_in_fp32_modules_strict", None):
         raise NotEligible(f"{model_class.__name__} keeps some modules in float32")
+    return model_class
 
 
-def _targets(model: PreTrainedModel, files: list[WeightFile]) -> tuple[dict[str, torch.Tensor], set[str]]:
-    """Each checkpoint tensor's destination in the model, and the tied names the checkpoint leaves out."""
+def _targets(
+    model: PreTrainedModel, files: list[WeightFile]
+) -> tuple[dict[str, torch.Tensor], set[str], dict[str, str]]:
+    """Each checkpoint tensor's destination in the model, the tied names the checkpoint leaves out, and each
+    checkpoint tensor's name in the model."""
     state = model.state_dict()
     tied = model.all_tied_weights_keys  # {target: source}
     stored = {t.name: t for f in files for t in f.tensors}
-    unknown = stored.keys() - state.keys()
+    renaming = checkpoint.rename(model, stored)
+    if renaming.converted:
+        example = renaming.converted[0]
+        raise NotEligible(f"from_pretrained converts some tensors, not only renames them (e.g. {example!r})")
+    if renaming.prefixed:  # a base model's checkpoint: left to from_pretrained, as ever
+        raise NotEligible(
+            f"checkpoint names differ from the model's by the prefix {model.base_model_prefix!r} "
+            f"(e.g. {renaming.prefixed[0]!r})"
+        )
+    names = renaming.model_names
+    unknown = sorted(name for name, renamed in names.items() if renamed not in state)
     if unknown:
-        raise NotEligible(f"checkpoint names differ from the model's (e.g. {sorted(unknown)[0]!r})")
-    missing = state.keys() - stored.keys()
+        raise NotEligible(f"checkpoint names differ from the model's (e.g. {unknown[0]!r})")
+    if len(set(names.values())) < len(names):
+        raise NotEligible("two of the checkpoint's tensors have the same name in the model")
+    missing = state.keys() - names.values()
     if missing - tied.keys():
         raise NotEligible(f"the checkpoint lacks {len(missing - tied.keys())} of the model's tensors")
-    if any(tied[name] not in stored for name in missing) or tied.keys() & stored.keys():
+    if any(tied[name] not in names.values() for name in missing) or tied.keys() & names.values():
         raise NotEligible("tied weights are stored in an unusual way")
     for name, entry in stored.items():
-        if tuple(state[name].shape) != entry.shape:
+        if tuple(state[names[name]].shape) != entry.shape:
             raise NotEligible(
-                f"{name} has shape {entry.shape} in the checkpoint, {tuple(state[name].shape)} in the model"
+                f"{name} has shape {entry.shape} in the checkpoint, {tuple(state[names[name]].shape)} in the model"
             )
-    return {name: state[name] for name in stored}, missing
+    return {name: state[names[name]] for name in stored}, missing, names
 
 
-def _map_from_files(model: PreTrainedModel, files: list[WeightFile], targets: dict[str, torch.Tensor]) -> None:
+def _map_from_files(
+    model: PreTrainedModel, files: list[WeightFile], targets: dict[str, torch.Tensor], names: dict[str, str]
+) -> None:
     """CPU: parameters backed by the memory-mapped files (copy-on-write, so the files never change).
     Registered on their modules directly: `load_state_dict` walks every module and runs its hooks, which
     took longer than the mapping itself for a small model."""
@@ -134,7 +153,7 @@ def _map_from_files(model: PreTrainedModel, files: list[WeightFile], targets: di
                 tensor = mapped.get_tensor(entry.name)
                 if tensor.dtype != targets[entry.name].dtype:
                     tensor = tensor.to(targets[entry.name].dtype)
-                module_name, _, attribute = entry.name.rpartition(".")
+                module_name, _, attribute = names[entry.name].rpartition(".")
                 module = modules[module_name]
                 if isinstance(getattr(module, attribute), torch.nn.Parameter):
                     module.register_parameter(attribute, torch.nn.Parameter(tensor))  # requires_grad: fill()
