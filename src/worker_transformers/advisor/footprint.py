@@ -1,8 +1,11 @@
 """How much GPU memory a model needs in this worker, from the model's own files. Light: no torch.
 
-The shape comes from config.json, the parameter count per dtype from the safetensors headers (a few kB at the
-start of each file, so nothing else is read). The worst case is sized: MAX_CONCURRENCY jobs, each with a full
-prompt and a full answer, on the batcher as it is written.
+The shape comes from config.json (the language model's: a vision-language model's text_config), the parameter
+count per dtype from the safetensors headers (a few kB at the start of each file, so nothing else is read): all
+of the weights, a vision tower's included. A config.json that leaves some of the shape to its class's defaults
+(many vision-language ones do, in text_config) is completed by transformers' config class, imported only then.
+The worst case is sized: MAX_CONCURRENCY jobs, each with a full prompt and a full answer, on the batcher as it
+is written.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ class FootprintError(ValueError):
 
 @dataclass(frozen=True)
 class ModelShape:
-    layers: int
+    layers: int  # the layers that keep keys and values: a hybrid model's linear-attention layers keep a fixed state
     kv_heads: int
     head_dim: int
     hidden_size: int
@@ -66,9 +69,14 @@ class Footprint:
         return self.weights + self.kv_cache + self.activations + self.runtime
 
 
+# layer_types entries whose layers cache every token's key and value (at worst: a sliding window caps its own).
+ATTENTION_LAYERS = {"full_attention", "sliding_attention", "chunked_attention", "attention"}
+REQUIRED_KEYS = ("num_hidden_layers", "num_attention_heads", "hidden_size")
+SHAPE_KEYS = (*REQUIRED_KEYS, "num_key_value_heads", "head_dim", "intermediate_size")
+
+
 def shape_from_config(config: Mapping, parameters: Mapping[str, int], where: str = "config.json") -> ModelShape:
-    # Multimodal checkpoints keep the language model's shape under text_config.
-    text = config.get("text_config") or config
+    text = text_config(config)
 
     def need(key: str) -> int:
         if not isinstance(text.get(key), int):
@@ -80,13 +88,49 @@ def shape_from_config(config: Mapping, parameters: Mapping[str, int], where: str
 
     heads, hidden = need("num_attention_heads"), need("hidden_size")
     return ModelShape(
-        layers=need("num_hidden_layers"),
+        layers=_attention_layers(text, need("num_hidden_layers")),
         kv_heads=text.get("num_key_value_heads") or heads,  # absent means plain multi-head attention
         head_dim=text.get("head_dim") or hidden // heads,
         hidden_size=hidden,
         intermediate_size=text.get("intermediate_size") or 4 * hidden,
         parameters=dict(parameters),
     )
+
+
+def _attention_layers(text: Mapping, layers: int) -> int:
+    kinds = text.get("layer_types")
+    if not isinstance(kinds, list) or len(kinds) != layers:
+        return layers
+    return sum(1 for kind in kinds if kind in ATTENTION_LAYERS)
+
+
+def text_config(config: Mapping) -> Mapping:
+    """The language model's fields: a multimodal checkpoint's text_config (older ones keep them at the top level,
+    as text models do), with those the file leaves out taken from its config class's defaults."""
+    text = config.get("text_config") or config
+    # A text model's config.json that omits kv heads or head_dim means the usual defaults (shape_from_config); a
+    # text_config's omissions mean its class's, which differ by model (Gemma 3: 4 kv heads of 8, head_dim 256).
+    if all(isinstance(text.get(key), int) for key in (SHAPE_KEYS if text is not config else REQUIRED_KEYS)):
+        return text
+    return {**_class_defaults(config), **text}
+
+
+def _class_defaults(config: Mapping) -> Mapping:
+    """The text config transformers builds from `config` (from its text_config alone, when that names its
+    model_type); empty when transformers has no class for it (custom code) or refuses its fields."""
+    try:
+        from huggingface_hub.errors import StrictDataclassError
+        from transformers import AutoConfig  # seconds to import, with torch: only for a config.json that needs it
+    except ImportError:
+        return {}
+    nested = config.get("text_config") or {}
+    source = nested if nested.get("model_type") else config
+    fields = {key: value for key, value in source.items() if key != "model_type"}
+    try:
+        built = AutoConfig.for_model(source.get("model_type"), **fields)
+    except (ValueError, KeyError, TypeError, StrictDataclassError):  # an unknown model_type, fields it refuses
+        return {}
+    return built.get_text_config().to_dict()
 
 
 def read_parameters(folder: Path) -> dict[str, int]:
@@ -121,7 +165,7 @@ def footprint(shape: ModelShape, dtype: str, concurrency: int, max_input_tokens:
     )
     kv_per_token = 2 * shape.layers * shape.kv_heads * shape.head_dim * width  # a key and a value per layer
     full_cache = concurrency * (max_input_tokens + max_new_tokens) * kv_per_token
-    kv_cache = full_cache + full_cache // shape.layers
+    kv_cache = full_cache + full_cache // max(shape.layers, 1)
     # The peak while a full prompt is prefilled: the MLP's two intermediate projections and a few hidden-sized
     # buffers per token. Attention runs in SDPA's memory-efficient kernels and only the last token's logits
     # are kept, so neither grows with the square of the prompt or with the vocabulary.
