@@ -14,6 +14,7 @@ import io
 import queue
 
 import pytest
+from PIL import Image
 from tiny_vlms import FAMILIES, image_message, load, make_tiny_vlm, reference, sample_images
 
 from worker_transformers.config import Settings
@@ -268,3 +269,31 @@ def test_a_text_only_model_refuses_an_image_naming_the_part(tiny_model_dir):
         assert answered["usage"]["completion_tokens"] >= 1
     finally:
         frontend.close()
+
+
+def test_a_request_with_two_images_answers_as_the_processor_and_generate(served):
+    _, frontend, _, folder, loaded = served
+    first, second = sample_images()[:2]
+    body = image_chat(first)
+    body["messages"][0]["content"].insert(1, {"type": "image_url", "image_url": {"url": data_url(second, "JPEG")}})
+    second_as_sent = Image.open(io.BytesIO(base64.b64decode(data_url(second, "JPEG").split(",", 1)[1]))).convert("RGB")
+    messages = image_message(first)
+    messages[0]["content"].insert(1, {"type": "image", "image": second_as_sent})
+    assert answers(frontend, [body]) == [reference(folder, messages, NEW_TOKENS, loaded=loaded)]
+
+
+def test_n_choices_of_an_image_request_share_its_prefill_and_each_answer_as_alone(served):
+    """One request's choices share its processed images, so its prefill is computed once and copied."""
+    _, frontend, _, folder, loaded = served
+    image = sample_images()[2]
+    request = parse_request(image_chat(image), 64)
+    prepared = frontend.prepare(request)
+    events: queue.Queue = queue.Queue()
+    with frontend.generation.engine.one_turn():
+        choices = [frontend.submit(request, prepared, events.put) for _ in range(3)]
+    finished = 0
+    while finished < len(choices):
+        event = events.get(timeout=60)
+        assert not isinstance(event, Failed), event.error
+        finished += isinstance(event, Done)
+    assert [c.generated for c in choices] == [own(loaded, folder, image)] * 3

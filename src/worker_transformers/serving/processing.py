@@ -29,7 +29,9 @@ class ImagePrompts:
         """The token ids of `text` (a rendered chat holding one placeholder per image) and its processed images."""
         bos = self.tokenizer.bos_token
         options: dict[str, Any] = {"add_special_tokens": False} if bos and text.startswith(bos) else {}
-        out = self.processor(text=[text], images=images, return_tensors="pt", **options)
+        # As apply_chat_template passes them: the text as it is, its images as a batch of one (a list per prompt);
+        # every processor takes that form, and not all take a flat list of a prompt's several images.
+        out = self.processor(text=text, images=[images], return_tensors="pt", **options)
         ids = out["input_ids"][0].tolist()
         tensors = {name: value for name, value in out.items() if name not in _PROMPT_OUTPUTS}
         return ids, Pixels(tensors, len(images))

@@ -7,7 +7,9 @@ in a forward of its own and copy it), then decodes one token for every sequence 
 with recurrent layers (linear attention, convolutions, state-space layers) tells them which tokens are padding,
 so that none enters a recurrent state, and computes no shared prefix (the padding after it would); where its
 layers take no padding mask (batch/check.py), it prefills unpadded, a forward for each prompt length. Its rows'
-states go on from step to step like the attention layers' keys and values. A sequence
+states go on from step to step like the attention layers' keys and values. An image prompt (a vision-language
+model's) is prefilled in a forward of its own with its processed images, after the text prompts that join with
+it, and never in chunks; its multimodal rotary offset, if the model has one, goes with its row (vision.py). A sequence
 leaves the batch the step it finishes or is cancelled, and a waiting one takes its row. The step's inputs stay on
 the device: the tokens just chosen are the next step's input and positions advance in place, so the host reads
 back only the chosen tokens, once per step.
