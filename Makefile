@@ -13,7 +13,7 @@ IMAGE_PYTHON ?= $(shell python$(IMAGE_PYTHON_VERSION) -c 'import sys; print(sys.
   || ls -d $${PYENV_ROOT:-$$HOME/.pyenv}/versions/$(IMAGE_PYTHON_VERSION).*/bin/python$(IMAGE_PYTHON_VERSION) 2>/dev/null \
   | sort -V | tail -n 1)
 
-.PHONY: demo test test-image model openai-server bench bench-serve bench-hybrid bench-coldstart bench-render bench-gpu docker-check clean
+.PHONY: demo test test-image model openai-server bench bench-serve bench-hybrid bench-vision bench-coldstart bench-render bench-gpu docker-check clean
 
 $(STAMPS)/venv: pyproject.toml
 	@mkdir -p $(STAMPS)
@@ -55,7 +55,7 @@ openai-server: model
 	$(PY) -m worker_transformers.openai_server --port $(PORT)
 
 # Benchmarks print a table and write JSON + PNG under bench/out/.
-bench: bench-coldstart bench-serve bench-hybrid bench-render
+bench: bench-coldstart bench-serve bench-hybrid bench-vision bench-render
 
 bench-serve: model
 	$(PY) bench/serve.py --json bench/out/serve.json
@@ -63,6 +63,10 @@ bench-serve: model
 # Synthetic hybrid and recurrent models (Qwen3.5, Mamba 2): ENGINE=batch against ENGINE=serial and generate.
 bench-hybrid: model
 	$(PY) bench/serve_hybrid.py --json bench/out/serve_hybrid.json
+
+# Image requests on a synthetic Qwen 2.5-VL (~100M text model): ENGINE=batch against ENGINE=serial and generate.
+bench-vision: model
+	$(PY) bench/serve_vision.py --json bench/out/serve_vision.json
 
 # The chat template rendered in a child process (serving/renderer.py) against in-process, per request.
 bench-render: model

@@ -223,6 +223,50 @@ def test_hybrid_benchmark_reports_a_refused_batch_engine_without_a_ratio(capsys)
     assert "no ratio, ENGINE=batch refused" in out
 
 
+def test_vision_benchmark_model_has_a_100m_text_model_a_small_vision_tower_and_images_of_64_to_256_tokens():
+    import torch
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    bench = load_bench("serve_vision")
+    args = bench.arguments([])
+    config, image_processor = bench.vlm_config(bench.vision_tokenizer("tiny"), args)
+    config.text_config.vocab_size = 49156  # the default model's tokenizer and Qwen's four vision tokens
+    with torch.device("meta"):
+        model = Qwen2_5_VLForConditionalGeneration(config)
+    vision = sum(p.numel() for p in model.model.visual.parameters())
+    assert 90e6 < sum(p.numel() for p in model.parameters()) - vision < 110e6
+    assert 2e6 < vision < 10e6
+    tokens = [bench.image_tokens(image_processor, image) for image in bench.sample_images()]
+    assert all(64 <= n <= args.image_tokens <= 256 for n in tokens) and len(set(tokens)) > 1
+
+
+@pytest.mark.slow
+def test_vision_benchmark_runs_image_requests_through_both_engines_and_generate_with_equal_answers(tmp_path):
+    out = tmp_path / "serve_vision.json"
+    tiny = ["--tokenizer", "tiny", "--hidden", "64", "--layers", "2", "--vision-depth", "1", "--vision-hidden", "64",
+            "--image-tokens", "16", "--requests", "3", "--new-tokens", "4", "--levels", "1,2"]  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "bench/serve_vision.py", "--json", str(out), *tiny],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())
+    assert report["levels"] == [1, 2] and report["machine"]["cores"] > 0
+    assert report["model"]["architecture"] == "Qwen2_5_VLForConditionalGeneration"
+    assert all(0 < n <= 16 for n in report["model"]["image_tokens"])
+    rows = [(row["row"], row["concurrency"]) for row in report["rows"]]
+    assert rows == [("ENGINE=batch", 1), ("ENGINE=batch", 2), ("ENGINE=serial", 1), ("ENGINE=serial", 2),
+                    ("generate, serial", 1)]  # fmt: skip
+    assert [row.get("engine") for row in report["rows"]] == ["batch", "batch", "serial", "serial", None]
+    for row in report["rows"]:
+        assert row["equal_answers"] == 3, row.get("first_difference")
+        assert row["output_tokens"] > 0 and row["throughput_tok_s"] > 0 and row["ttft_p50_s"] > 0
+    for level in report["summary"]:
+        assert level["batch_over_serial"] > 0 and level["batch_over_generate"] > 0
+        assert level["batch_equal_answers"] == 3
+    assert "batch / serial engine" in proc.stdout and "image tokens per image" in proc.stdout
+
+
 def test_the_gpu_check_says_it_needs_cuda_where_there_is_none():
     proc = subprocess.run([sys.executable, "bench/gpu.py"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "needs a CUDA device" in proc.stderr
