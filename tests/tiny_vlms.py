@@ -766,7 +766,9 @@ def make_tiny_vlm(family: str, folder: Path) -> Path:
         **spec.processor_kwargs,
     )
     torch.manual_seed(0)
-    model = spec.model_cls(spec.config).to(torch.float32).eval()
+    model = spec.model_cls(spec.config).eval()
+    if model.dtype != torch.float32:  # (not unconditionally: .to casts Llama 4's complex RoPE buffer to real)
+        model = model.to(torch.float32)
     with torch.no_grad():
         for param in model.parameters():
             # Some weights start at zero (Gemma 3's mm_input_projection_weight): images would all look the same.

@@ -1,8 +1,10 @@
 """Vision-language models answer image requests exactly as transformers' own processor and `generate` do, batched.
 
-Tiny random checkpoints of six families (tests/tiny_vlms.py: Qwen 2.5-VL and Qwen 3-VL with their multimodal
-RoPE, Gemma 3 whose image tokens see each other both ways, Idefics 3 with split images, LLaVA, Gemma 4), started
-by the real startup: the batch engine serves each, and an image request answers as transformers' processor ->
+Tiny random checkpoints of every family tests/tiny_vlms.py can build here (Qwen 2.5-VL, Qwen 3-VL and Qwen 3.5
+with their multimodal RoPE, Qwen 3.5 with linear attention too, Gemma 3 whose image tokens see each other both
+ways, Idefics 3 with split images, LLaVA, Gemma 4; with torchvision, Mistral 3 and Llama 4), started by the real
+startup: the batch engine serves each (Llama 4: serial, see SERIAL), and an image request answers as
+transformers' processor ->
 generate answers the same chat; two image requests in one prefill (whose token ids are alike, the images not) and
 an image request beside a text one each answer as alone; streamed text equals the whole; the serial engine answers
 images the same way.
@@ -79,11 +81,18 @@ def own(loaded, folder, image=None, text: str = QUESTION) -> list[int]:
 BOTH_WAYS = {"gemma3"}
 
 
-def test_the_batch_engine_serves_it_checked_with_an_image(served):
+# Served one request at a time: Llama 4's layers without rotary embeddings scale their queries by a temperature
+# read from the cache's length, the batch's column rather than each row's position, and the startup check's long
+# prompt (past its 8192-token attention chunk) crosses the temperature's first step, 8192 (README, Concurrency).
+SERIAL = {"llama4"}
+
+
+def test_the_engine_serves_it_checked_with_an_image(served):
     family, frontend, *_ = served
-    assert frontend.generation.engine_kind == "batch"
     assert frontend.generation.vision is not None
-    assert frontend.generation.engine.layout.image_blocks == (family in BOTH_WAYS)
+    assert frontend.generation.engine_kind == ("serial" if family in SERIAL else "batch")
+    if family not in SERIAL:
+        assert frontend.generation.engine.layout.image_blocks == (family in BOTH_WAYS)
 
 
 def test_an_image_request_answers_as_the_processor_and_generate(served):
