@@ -140,22 +140,27 @@ def _llama_text(tok, **extra) -> dict:
     )
 
 
-def _qwen2_5_vl() -> _Spec:
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
+_QWEN_SPECIALS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+_QWEN_PATCH, _QWEN_MERGE = 8, 2
+
+
+def _qwen(config_cls, model_cls, processor_cls, text: dict, vision: dict, normalize: bool) -> _Spec:
+    """A Qwen vision-language family (2.5-VL, 3-VL, 3.5): what they share (their vision tokens, the image processor,
+    the sizes of both towers), with the family's own text and vision settings on top."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    specials = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
-    tok = _tokenizer(byte_level_tokenizer, specials)
-    start, end, image, video = _ids(tok, *specials)
-    patch, merge = 8, 2
-    unit = patch * merge  # one image token per unit x unit pixels
+    tok = _tokenizer(byte_level_tokenizer, _QWEN_SPECIALS)
+    start, end, image, video = _ids(tok, *_QWEN_SPECIALS)
+    unit = _QWEN_PATCH * _QWEN_MERGE  # one image token per unit x unit pixels
     image_processor = Qwen2VLImageProcessorPil(
         size={"shortest_edge": 4 * unit * unit, "longest_edge": 16 * unit * unit},
-        patch_size=patch,
+        patch_size=_QWEN_PATCH,
         temporal_patch_size=2,
-        merge_size=merge,
+        merge_size=_QWEN_MERGE,
+        **({"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]} if normalize else {}),
     )
-    config = Qwen2_5_VLConfig(
+    ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    config = config_cls(
         text_config=dict(
             vocab_size=len(tok),
             hidden_size=32,
@@ -165,168 +170,73 @@ def _qwen2_5_vl() -> _Spec:
             num_key_value_heads=1,
             max_position_embeddings=1024,
             initializer_range=INIT,
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
-            bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
+            **ids,
+            **text,
         ),
         vision_config=dict(
             depth=2,
             hidden_size=32,
             intermediate_size=64,
             num_heads=2,
-            patch_size=patch,
-            spatial_merge_size=merge,
+            patch_size=_QWEN_PATCH,
+            spatial_merge_size=_QWEN_MERGE,
             temporal_patch_size=2,
-            window_size=2 * unit,
             out_hidden_size=32,
-            fullatt_block_indexes=[1],
             initializer_range=INIT,
+            **vision,
         ),
         image_token_id=image,
         video_token_id=video,
         vision_start_token_id=start,
         vision_end_token_id=end,
         initializer_range=INIT,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
+        **ids,
     )
-    return _Spec(tok, image_processor, Qwen2_5_VLProcessor, config, Qwen2_5_VLForConditionalGeneration, QWEN_TEMPLATE)
+    return _Spec(tok, image_processor, processor_cls, config, model_cls, QWEN_TEMPLATE)
+
+
+def _qwen2_5_vl() -> _Spec:
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
+
+    text = {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}}
+    vision = {"window_size": 2 * _QWEN_PATCH * _QWEN_MERGE, "fullatt_block_indexes": [1]}
+    return _qwen(
+        Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor, text, vision, normalize=False
+    )
 
 
 def _qwen3_vl() -> _Spec:
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    specials = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
-    tok = _tokenizer(byte_level_tokenizer, specials)
-    start, end, image, video = _ids(tok, *specials)
-    patch, merge = 8, 2
-    unit = patch * merge
-    image_processor = Qwen2VLImageProcessorPil(
-        size={"shortest_edge": 4 * unit * unit, "longest_edge": 16 * unit * unit},
-        patch_size=patch,
-        temporal_patch_size=2,
-        merge_size=merge,
-        image_mean=[0.5, 0.5, 0.5],
-        image_std=[0.5, 0.5, 0.5],
-    )
-    config = Qwen3VLConfig(
-        text_config=dict(
-            vocab_size=len(tok),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            head_dim=16,
-            max_position_embeddings=1024,
-            initializer_range=INIT,
-            rope_parameters={
-                "rope_type": "default",
-                "rope_theta": 10000.0,
-                "mrope_section": [2, 3, 3],
-                "mrope_interleaved": True,
-            },
-            bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
-        ),
-        vision_config=dict(
-            depth=2,
-            hidden_size=32,
-            intermediate_size=64,
-            num_heads=2,
-            patch_size=patch,
-            spatial_merge_size=merge,
-            temporal_patch_size=2,
-            out_hidden_size=32,
-            num_position_embeddings=64,
-            deepstack_visual_indexes=[0],
-            initializer_range=INIT,
-        ),
-        image_token_id=image,
-        video_token_id=video,
-        vision_start_token_id=start,
-        vision_end_token_id=end,
-        initializer_range=INIT,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    return _Spec(tok, image_processor, Qwen3VLProcessor, config, Qwen3VLForConditionalGeneration, QWEN_TEMPLATE)
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3], "mrope_interleaved": True}
+    text = {"head_dim": 16, "rope_parameters": rope}
+    vision = {"num_position_embeddings": 64, "deepstack_visual_indexes": [0]}
+    return _qwen(Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor, text, vision, normalize=True)
 
 
 def _qwen3_5() -> _Spec:
     from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration, Qwen3VLProcessor
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    specials = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
-    tok = _tokenizer(byte_level_tokenizer, specials)
-    start, end, image, video = _ids(tok, *specials)
-    patch, merge = 8, 2
-    unit = patch * merge
-    image_processor = Qwen2VLImageProcessorPil(
-        size={"shortest_edge": 4 * unit * unit, "longest_edge": 16 * unit * unit},
-        patch_size=patch,
-        temporal_patch_size=2,
-        merge_size=merge,
-        image_mean=[0.5, 0.5, 0.5],
-        image_std=[0.5, 0.5, 0.5],
+    text = dict(
+        # Qwen 3.5's hybrid: Gated DeltaNet (linear attention, a recurrent state) then gated full attention.
+        layer_types=["linear_attention", "full_attention"],
+        head_dim=32,
+        linear_conv_kernel_dim=4,
+        linear_key_head_dim=8,
+        linear_value_head_dim=8,
+        linear_num_key_heads=2,
+        linear_num_value_heads=4,
+        # A quarter of the head rotates (8 dims, 4 frequencies), interleaved T/H/W as in the real checkpoints.
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": 10000.0,
+            "partial_rotary_factor": 0.25,
+            "mrope_section": [2, 1, 1],
+            "mrope_interleaved": True,
+        },
     )
-    config = Qwen3_5Config(
-        text_config=dict(
-            vocab_size=len(tok),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            # Qwen 3.5's hybrid: Gated DeltaNet (linear attention, a recurrent state) then gated full attention.
-            layer_types=["linear_attention", "full_attention"],
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            head_dim=32,
-            linear_conv_kernel_dim=4,
-            linear_key_head_dim=8,
-            linear_value_head_dim=8,
-            linear_num_key_heads=2,
-            linear_num_value_heads=4,
-            max_position_embeddings=1024,
-            initializer_range=INIT,
-            # A quarter of the head rotates (8 dims, 4 frequencies), interleaved T/H/W as in the real checkpoints.
-            rope_parameters={
-                "rope_type": "default",
-                "rope_theta": 10000.0,
-                "partial_rotary_factor": 0.25,
-                "mrope_section": [2, 1, 1],
-                "mrope_interleaved": True,
-            },
-            bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
-        ),
-        vision_config=dict(
-            depth=2,
-            hidden_size=32,
-            intermediate_size=64,
-            num_heads=2,
-            patch_size=patch,
-            spatial_merge_size=merge,
-            temporal_patch_size=2,
-            out_hidden_size=32,
-            num_position_embeddings=64,
-            initializer_range=INIT,
-        ),
-        image_token_id=image,
-        video_token_id=video,
-        vision_start_token_id=start,
-        vision_end_token_id=end,
-        initializer_range=INIT,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    return _Spec(tok, image_processor, Qwen3VLProcessor, config, Qwen3_5ForConditionalGeneration, QWEN_TEMPLATE)
+    vision = {"num_position_embeddings": 64}
+    return _qwen(Qwen3_5Config, Qwen3_5ForConditionalGeneration, Qwen3VLProcessor, text, vision, normalize=True)
 
 
 def _gemma3() -> _Spec:
