@@ -8,14 +8,14 @@
 
 # RunPod's own PyTorch image, pinned: RunPod hosts keep their popular base images cached, so a worker's first
 # pull fetches only this project's layers. CUDA 12.8.1 (Hopper and Blackwell included; the host's driver must
-# support CUDA 12.8), torch 2.8.0, Python 3.12, Ubuntu 22.04.
+# support CUDA 12.8), torch 2.8.0 and torchvision 0.23.0, Python 3.12, Ubuntu 22.04.
 ARG BASE_IMAGE=runpod/pytorch:1.0.2-cu1281-torch280-ubuntu2204
 ARG MODEL_SOURCE=cached
 ARG MODEL_NAME=HuggingFaceTB/SmolLM2-135M-Instruct
 ARG MODEL_REVISION=
 
 FROM ${BASE_IMAGE} AS runtime
-# No system packages: the worker needs Python and torch, and the base has both.
+# No system packages: the worker needs Python, torch and (for image processors) torchvision, and the base has them.
 # pip byte-compiles what it installs, so imports at cold start read .pyc files. The base's PIP_CACHE_DIR points
 # into /workspace; pointing it at the cache mount keeps downloaded wheels out of the image and across builds.
 COPY builder/requirements.txt /opt/worker/requirements.txt

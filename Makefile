@@ -4,7 +4,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMPS := .stamps
 
-# The image's own stack (BASE_IMAGE, IMAGE_PYTHON_VERSION, IMAGE_TORCH_VERSION), named in one place.
+# The image's own stack (BASE_IMAGE, IMAGE_PYTHON_VERSION, IMAGE_TORCH_VERSION, IMAGE_TORCHVISION_VERSION), named
+# in one place.
 include builder/image_stack.env
 IMAGE_VENV := .venv-image
 IMAGE_PY := $(IMAGE_VENV)/bin/python
@@ -24,15 +25,15 @@ $(STAMPS)/venv: pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev]"
 	@touch $@
 
-# Exactly the image's pins (builder/requirements.txt) and its base's torch, on its base's Python. PyPI's torch for
-# Linux is the CUDA build (~3.5 GB with its libraries, kept in pip's cache); it runs on the CPU.
+# Exactly the image's pins (builder/requirements.txt) and its base's torch and torchvision, on its base's Python.
+# PyPI's torch for Linux is the CUDA build (~3.5 GB with its libraries, kept in pip's cache); it runs on the CPU.
 $(STAMPS)/venv-image: pyproject.toml builder/requirements.txt builder/image_stack.env
 	@test -n "$(IMAGE_PYTHON)" || { echo "Python $(IMAGE_PYTHON_VERSION) not found: install it or set IMAGE_PYTHON" >&2; exit 1; }
 	@mkdir -p $(STAMPS)
 	$(IMAGE_PYTHON) -m venv --clear $(IMAGE_VENV)
 	$(IMAGE_PY) -m pip install --quiet --upgrade pip
-	$(IMAGE_PY) -m pip install --quiet torch==$(IMAGE_TORCH_VERSION) -r builder/requirements.txt \
-	  -c builder/requirements.txt -e ".[dev]"
+	$(IMAGE_PY) -m pip install --quiet torch==$(IMAGE_TORCH_VERSION) torchvision==$(IMAGE_TORCHVISION_VERSION) \
+	  -r builder/requirements.txt -c builder/requirements.txt -e ".[dev]"
 	@touch $@
 
 model: $(STAMPS)/venv

@@ -27,6 +27,7 @@ def test_the_image_pins_every_runtime_dependency_exactly():
 def test_the_image_pins_agree_with_pyproject_and_leave_torch_to_the_base_image():
     pinned = image_requirements()
     assert "torch" not in pinned, "torch comes from the base image, built for its CUDA"
+    assert "torchvision" not in pinned, "torchvision comes from the base image, built for its torch"
     dependencies = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     for line in dependencies:
         wanted = Requirement(line)
@@ -45,7 +46,7 @@ def image_stack() -> dict[str, str]:
 
 def test_the_dockerfile_s_base_is_the_image_stack_tested():
     stack = image_stack()
-    assert set(stack) == {"BASE_IMAGE", "IMAGE_PYTHON_VERSION", "IMAGE_TORCH_VERSION"}, stack
+    assert set(stack) == {"BASE_IMAGE", "IMAGE_PYTHON_VERSION", "IMAGE_TORCH_VERSION", "IMAGE_TORCHVISION_VERSION"}
     [default] = re.findall(r"^ARG BASE_IMAGE=(\S+)$", (ROOT / "Dockerfile").read_text(), re.MULTILINE)
     assert default == stack["BASE_IMAGE"], "the Dockerfile's BASE_IMAGE and builder/image_stack.env disagree"
     # RunPod's tags name their torch: runpod/pytorch:1.0.2-cu1281-torch280-ubuntu2204 holds torch 2.8.0.
@@ -63,8 +64,9 @@ def test_make_test_image_installs_that_stack_and_exactly_the_image_s_pins():
     ).stdout
     stack = image_stack()
     assert re.search(rf"python{re.escape(stack['IMAGE_PYTHON_VERSION'])} -m venv", plan), plan
-    install = plan.replace("\\\n", " ")
-    assert f"torch=={stack['IMAGE_TORCH_VERSION']} -r builder/requirements.txt" in install, install
+    install = " ".join(plan.replace("\\\n", " ").split())
+    pins = f"torch=={stack['IMAGE_TORCH_VERSION']} torchvision=={stack['IMAGE_TORCHVISION_VERSION']}"
+    assert f"{pins} -r builder/requirements.txt" in install, install
     assert "-c builder/requirements.txt" in install, install
 
 

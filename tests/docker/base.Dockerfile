@@ -1,5 +1,5 @@
-# The stand-in base image (see base_image.sh): Debian 12 from debootstrap with the image's Python and torch, to
-# which this adds the environment RunPod's base images set.
+# The stand-in base image (see base_image.sh): Debian 12 from debootstrap with the image's Python, torch and
+# torchvision, to which this adds the environment RunPod's base images set.
 FROM localhost/worker-transformers-rootfs:stand-in
 
 # pip vendors its own CA bundle; point it and requests at the system one, which holds this machine's CAs.
@@ -14,6 +14,6 @@ ENV PYTHONUNBUFFERED=True \
     HF_HOME=/workspace/.cache/huggingface/ \
     HF_XET_HIGH_PERFORMANCE=1
 
-RUN python -c "import torch; print('torch', torch.__version__)"
+RUN python -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)"
 
 CMD ["/bin/bash"]

@@ -3,15 +3,18 @@
 # The real base (the Dockerfile's BASE_IMAGE default) is pulled from Docker Hub, which this machine cannot
 # reach. The stand-in carries what the Dockerfile relies on, of the same stack (builder/image_stack.env): its
 # Python (this machine's build of that version, copied to /usr/local) with pip, `python` on PATH, the same torch
-# already installed (PyPI's build, which is the CUDA one, with its CUDA libraries: it runs on the CPU), and the
-# environment RunPod's base images set (pip cache and HF_HOME under /workspace, system packages writable by pip).
+# and torchvision already installed (PyPI's builds, which are the CUDA ones, with their CUDA libraries: they run on
+# the CPU), and the environment RunPod's base images set (pip cache and HF_HOME under /workspace, system packages
+# writable by pip).
 # The system under it is Debian's (debootstrap; RunPod's is Ubuntu, which Debian's registry does not serve).
 # It is made once and kept as a `docker save` tarball in BASE_CACHE, so later runs load it instead.
 
 BASE_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=builder/image_stack.env
 source "$BASE_DIR/../../builder/image_stack.env"
-BASE_TAG=${BASE_TAG:-localhost/worker-transformers-base:py${IMAGE_PYTHON_VERSION}-torch${IMAGE_TORCH_VERSION}}
+# The tag names the whole stack, so a base made for another one (without torchvision, say) is never taken for it.
+BASE_STACK=py${IMAGE_PYTHON_VERSION}-torch${IMAGE_TORCH_VERSION}-torchvision${IMAGE_TORCHVISION_VERSION}
+BASE_TAG=${BASE_TAG:-localhost/worker-transformers-base:$BASE_STACK}
 BASE_CACHE=${BASE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/worker-transformers/docker-base}
 # What the copied Python's modules link to, besides the C library (no Tk: tkinter is left out).
 BASE_PACKAGES=ca-certificates,libssl3,libffi8,libsqlite3-0,libbz2-1.0,liblzma5,zlib1g,libreadline8,libncursesw6,libuuid1,libexpat1,libnsl2,libtirpc3
@@ -28,9 +31,10 @@ base_image() {  # base_image WORK PYTHON: tag BASE_TAG in the running engine, fr
   }
   local wheels="$work/base-wheels"
   rm -rf "$wheels" && mkdir -p "$wheels"
-  # torch and what it needs, for that Python: from pip's cache when the image's venv was made on this machine.
+  # torch, torchvision and what they need, for that Python: from pip's cache when the image's venv was made here.
   "$python" -m pip download --quiet --dest "$wheels" --only-binary=:all: "torch==$IMAGE_TORCH_VERSION" \
-    2>"$work/pip-download.log" || { cat "$work/pip-download.log" >&2; return 1; }
+    "torchvision==$IMAGE_TORCHVISION_VERSION" 2>"$work/pip-download.log" \
+    || { cat "$work/pip-download.log" >&2; return 1; }
   local key cached
   key=$(cat "$BASE_DIR/base_image.sh" "$BASE_DIR/base.Dockerfile" "$BASE_DIR/../../builder/image_stack.env" \
     <(echo "$version") <(ls "$wheels") | sha256sum | cut -c1-16)
@@ -60,9 +64,10 @@ base_image() {  # base_image WORK PYTHON: tag BASE_TAG in the running engine, fr
   chroot "$rootfs" ldconfig
   mv "$wheels" "$rootfs/wheels"
   chroot "$rootfs" python -m pip install --quiet --no-index --no-cache-dir --find-links /wheels \
-    "torch==$IMAGE_TORCH_VERSION" >"$work/pip-install.log" 2>&1 || { tail -n 20 "$work/pip-install.log" >&2; return 1; }
+    "torch==$IMAGE_TORCH_VERSION" "torchvision==$IMAGE_TORCHVISION_VERSION" >"$work/pip-install.log" 2>&1 \
+    || { tail -n 20 "$work/pip-install.log" >&2; return 1; }
   rm -rf "$rootfs/wheels"
-  chroot "$rootfs" python -c "import torch; print('torch', torch.__version__)" >/dev/null
+  chroot "$rootfs" python -c "import torch, torchvision; print(torch.__version__, torchvision.__version__)" >/dev/null
   tar -C "$rootfs" --numeric-owner -c . | "$DOCKER" import - localhost/worker-transformers-rootfs:stand-in >/dev/null
   rm -rf "$rootfs"
 
