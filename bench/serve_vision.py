@@ -188,14 +188,17 @@ def write_model(folder: Path, args, images: list) -> dict:
     import torch
     from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
 
-    from tests.tiny_vlms import QWEN_TEMPLATE, _needs_video_processor, _torchvision, _without_video
+    from tests.tiny_vlms import QWEN_TEMPLATE, build_processor
 
     tok = vision_tokenizer(args.tokenizer)
     config, image_processor = vlm_config(tok, args)
-    processor_cls = Qwen2_5_VLProcessor
-    if _needs_video_processor(processor_cls) and not _torchvision():
-        processor_cls = _without_video(processor_cls)
-    processor = processor_cls(image_processor=image_processor, tokenizer=tok, chat_template=QWEN_TEMPLATE)
+    processor = build_processor(
+        Qwen2_5_VLProcessor,
+        config.model_type,
+        image_processor=image_processor,
+        tokenizer=tok,
+        chat_template=QWEN_TEMPLATE,
+    )
     torch.manual_seed(0)
     model = Qwen2_5_VLForConditionalGeneration(config).to(getattr(torch, args.dtype)).eval()
     model.generation_config.do_sample = False

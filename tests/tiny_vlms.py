@@ -640,6 +640,17 @@ def _video_processor(model_type: str, image_processor):
     return cls(**{k: getattr(image_processor, k) for k in shared if k in valid and hasattr(image_processor, k)})
 
 
+def build_processor(processor_cls: type, model_type: str, **parts):
+    """`processor_cls` made of `parts` (its image processor, tokenizer, chat template, ...), with the video processor
+    it insists on where torchvision is installed, and without one (`_without_video`) where it is not."""
+    if _needs_video_processor(processor_cls):
+        if _torchvision():
+            parts["video_processor"] = _video_processor(model_type, parts["image_processor"])
+        else:
+            processor_cls = _without_video(processor_cls)
+    return processor_cls(**parts)
+
+
 def available(family: str) -> bool:
     """Whether `family` can be built and run in this environment (the torchvision-only ones need torchvision)."""
     if family not in _BUILDERS:
@@ -661,18 +672,12 @@ def make_tiny_vlm(family: str, folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     spec = _BUILDERS[family]()
     spec.tokenizer.chat_template = spec.chat_template
-    processor_cls = spec.processor_cls
-    extra = {}
-    if _needs_video_processor(processor_cls):
-        if _torchvision():  # then the processor insists on a video processor
-            extra["video_processor"] = _video_processor(spec.config.model_type, spec.image_processor)
-        else:
-            processor_cls = _without_video(processor_cls)
-    processor = processor_cls(
+    processor = build_processor(
+        spec.processor_cls,
+        spec.config.model_type,
         image_processor=spec.image_processor,
         tokenizer=spec.tokenizer,
         chat_template=spec.chat_template,
-        **extra,
         **spec.processor_kwargs,
     )
     torch.manual_seed(0)
