@@ -52,10 +52,6 @@ class Prompts:
         else:  # nothing to render: messages are refused (`render`), and no child is kept for them
             self._renderers.close()
 
-    def ids(self, request: GenerationRequest) -> list[int]:
-        """Token ids of the request's input (a text request's). Raises RequestError naming the field."""
-        return self.inputs(request)[0]
-
     def inputs(self, request: GenerationRequest) -> tuple[list[int], Pixels | None]:
         """Token ids of the request's input, and its processed images when it has some. Raises RequestError naming
         the field."""
