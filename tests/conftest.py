@@ -196,3 +196,44 @@ def make_tool_model(folder: Path) -> Path:
 @pytest.fixture(scope="session")
 def tool_model_dir(tmp_path_factory) -> Path:
     return make_tool_model(tmp_path_factory.mktemp("tool-model"))
+
+
+# The local OpenAI server (serving/openai/server.py) over real HTTP, in front of the worker's real handler and the
+# tiny tool-calling model above, started once a session, and the real `openai` client pointed at it.
+@pytest.fixture(scope="session")
+def tool_engine(tool_model_dir):
+    from worker_transformers.worker import setup
+
+    engine = setup(Settings.from_env({"MODEL_NAME": str(tool_model_dir), "MAX_NEW_TOKENS": "32"}))
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="session")
+def tool_url(tool_engine, tool_model_dir):
+    import threading
+    import time
+
+    import uvicorn
+    from api_server import free_port
+
+    from worker_transformers.serving.handlers import make_handler
+    from worker_transformers.serving.openai.server import make_app
+
+    handler = make_handler(tool_engine, Settings.from_env({"MODEL_NAME": str(tool_model_dir), "MAX_NEW_TOKENS": "32"}))
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(make_app(handler), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.01)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join()
+
+
+@pytest.fixture(scope="session")
+def tool_client(tool_url):
+    import openai
+
+    return openai.OpenAI(base_url=f"{tool_url}/openai/v1", api_key="unused", max_retries=0)

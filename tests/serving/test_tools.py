@@ -7,7 +7,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from worker_transformers.serving.schema import GenerationRequest
-from worker_transformers.serving.tools import (
+from worker_transformers.serving.tools.reader import (
     Call,
     CallReader,
     ForcedCallReader,

@@ -17,7 +17,7 @@ from transformers import PreTrainedTokenizerBase
 from worker_transformers.generation.events import Delta, Done
 from worker_transformers.generation.sampling import TokenLogprobs
 from worker_transformers.serving.schema import GenerationRequest
-from worker_transformers.serving.tools import Call, CallReader, ForcedCallReader, Reasoning, ToolFormat, call_reader
+from worker_transformers.serving.tools.reader import Call, CallReader, ForcedCallReader, Reasoning, ToolFormat, call_reader
 
 
 @dataclass(frozen=True)

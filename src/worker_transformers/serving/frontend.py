@@ -26,7 +26,7 @@ from worker_transformers.serving.processing import ImagePrompts
 from worker_transformers.serving.prompt import Prompts
 from worker_transformers.serving.renderer import TemplateRenderers
 from worker_transformers.serving.schema import GenerationRequest, RequestError
-from worker_transformers.serving.tools import forced_call_schema
+from worker_transformers.serving.tools.reader import forced_call_schema
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from transformers import PreTrainedTokenizerBase
 from worker_transformers.generation.events import Done
 from worker_transformers.serving.answer import Answer, Piece, finish_reason, gather, logprobs_json, read, usage
 from worker_transformers.serving.schema import GenerationRequest, RequestError, parse_request
-from worker_transformers.serving.tools import Call, Reasoning, ToolCallFailed, ToolFormat
+from worker_transformers.serving.tools.reader import Call, Reasoning, ToolCallFailed, ToolFormat
 
 
 class PlainJobs:

@@ -46,31 +46,18 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def engine(tool_model_dir):
-    engine = setup(Settings.from_env({"MODEL_NAME": str(tool_model_dir), "MAX_NEW_TOKENS": "32"}))
-    yield engine
-    engine.close()
+def engine(tool_engine):
+    return tool_engine
 
 
 @pytest.fixture(scope="module")
-def base_url(engine, tool_model_dir):
-    import uvicorn
-
-    handler = make_handler(engine, Settings.from_env({"MODEL_NAME": str(tool_model_dir), "MAX_NEW_TOKENS": "32"}))
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(make_app(handler), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.01)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join()
+def base_url(tool_url):
+    return tool_url
 
 
 @pytest.fixture(scope="module")
-def client(base_url):
-    return openai.OpenAI(base_url=f"{base_url}/openai/v1", api_key="unused", max_retries=0)
+def client(tool_client):
+    return tool_client
 
 
 @pytest.fixture(scope="module")

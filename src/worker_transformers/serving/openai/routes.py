@@ -32,7 +32,7 @@ from worker_transformers.serving.frontend import Frontend
 from worker_transformers.serving.openai.bodies import ChatCompletionBody, CompletionBody
 from worker_transformers.serving.openai.protocol import DONE, ROUTES, error_body, error_result, failure_code
 from worker_transformers.serving.schema import GenerationRequest, RequestError, describe
-from worker_transformers.serving.tools import Call, Reasoning, ToolCallFailed, ToolFormat
+from worker_transformers.serving.tools.reader import Call, Reasoning, ToolCallFailed, ToolFormat
 
 OWNER = "worker-transformers"
 

@@ -37,6 +37,23 @@ class ToolCallFailed(RuntimeError):
         self.code = code
 
 
+# A call streams as a CallStart (its id and name, as soon as they are known), then CallArguments (fragments of its
+# arguments, as they are generated: none for formats whose arguments are not JSON as written), then the whole Call
+# once it has ended. The fragments sent are always the start of the Call's arguments; whoever streamed them sends
+# the rest (`Call.arguments[len(sent):]`), so a whole answer and a streamed one always agree.
+
+
+@dataclass(frozen=True)
+class CallStart:
+    id: str
+    name: str
+
+
+@dataclass(frozen=True)
+class CallArguments:
+    text: str  # the next fragment of the current call's arguments (JSON text)
+
+
 @dataclass(frozen=True)
 class Call:
     id: str
@@ -52,7 +69,7 @@ class Reasoning:
     text: str
 
 
-Piece = str | Reasoning | Call  # a str is answer text
+Piece = str | Reasoning | CallStart | CallArguments | Call  # a str is answer text
 
 
 @dataclass(frozen=True)
