@@ -91,3 +91,20 @@ def test_a_prompt_ending_in_a_byte_token_followed_by_bytes_that_are_no_character
     assert answer == tokenizer.decode([*broken, *words], skip_special_tokens=True)
     assert answer.endswith(" then go on") and answer.startswith("\ufffd")
     assert released[-1] != answer, "the words after the bytes were held back to the end"
+
+
+@pytest.mark.parametrize("name", TOKENIZERS)
+def test_special_tokens_show_only_in_a_stream_that_keeps_them(name):
+    """A reader of a model's markup (tool calls, reasoning) needs its markers, and many are special tokens."""
+    tokenizer = TOKENIZERS[name]
+    prompt_ids = tokenizer("The capital of")["input_ids"]
+    answer = tokenizer("<|im_start|> lived<|im_end|> in 北海道", add_special_tokens=False)["input_ids"]
+    texts = {}
+    for keep in (False, True):
+        text = TextStream(Detokenizer(tokenizer), prompt_ids, keep_special_tokens=keep)
+        for token in answer:
+            text.push(token)
+        text.finish()
+        texts[keep] = text.release(final=True)
+    assert "<|im_start|>" not in texts[False] and "北海道" in texts[False]
+    assert texts[True].count("<|im_start|>") == texts[True].count("<|im_end|>") == 1 and "北海道" in texts[True]

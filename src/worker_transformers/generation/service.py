@@ -46,6 +46,7 @@ class Job:
     stop: list[str]
     grammar: Grammar | None = None
     pixels: Pixels | None = None  # the prompt's processed images, for a vision-language model
+    keep_special_tokens: bool = False  # the text shows them: a reader of the model's markup needs them
 
 
 class Generation:
@@ -114,7 +115,7 @@ class Generation:
             prompt_ids=job.prompt_ids,
             max_new_tokens=job.max_new_tokens,
             sampling=job.sampling,
-            text=TextStream(self.detokenizer, job.prompt_ids, job.stop),
+            text=TextStream(self.detokenizer, job.prompt_ids, job.stop, job.keep_special_tokens),
             emit=emit,
             generator=job.sampling.generator(self.engine.device),
             grammar=None if job.grammar is None else job.grammar.copy(),

@@ -36,10 +36,13 @@ Decode = Callable[[Sequence[int]], str]
 
 
 class Detokenizer:
-    """How one tokenizer's ids become text, worked out once (the engine keeps one for its tokenizer)."""
+    """How one tokenizer's ids become text, worked out once (the engine keeps one for its tokenizer). Special tokens
+    are left out of the text, unless a stream keeps them (`TextStream(keep_special_tokens=True)`): the markers of
+    many models' tool calls and reasoning are special tokens, and whoever reads that markup needs them."""
 
     def __init__(self, tokenizer) -> None:
         self.decode: Decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
+        self.decode_special: Decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=False)
         backend = getattr(tokenizer, "_tokenizer", None)
         self.backend = backend if isinstance(backend, Tokenizer) else None
         decoder = self.backend.decoder if self.backend is not None else None
@@ -56,8 +59,8 @@ class Detokenizer:
 class _WindowDecoder:
     """Decode a short window of recent tokens and release what it adds to the settled part, at clean boundaries."""
 
-    def __init__(self, detokenizer: Detokenizer, seed: Sequence[int]) -> None:
-        self._decode = detokenizer.decode
+    def __init__(self, detokenizer: Detokenizer, seed: Sequence[int], decode: Decode) -> None:
+        self._decode = decode
         self._byte_tokens = detokenizer.byte_tokens
         self._ids = list(seed)
         self._prefix = 0  # window start: tokens before it are settled
@@ -80,9 +83,16 @@ class _WindowDecoder:
 
 
 class TextStream:
-    def __init__(self, detokenizer: Detokenizer, prompt_ids: Sequence[int], stop: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        detokenizer: Detokenizer,
+        prompt_ids: Sequence[int],
+        stop: Sequence[str] = (),
+        keep_special_tokens: bool = False,
+    ) -> None:
         """`prompt_ids` are the ids the generated ones follow."""
         self._detokenizer = detokenizer
+        self._decode = detokenizer.decode_special if keep_special_tokens else detokenizer.decode
         self._seed = list(prompt_ids[-SEED_TOKENS:])
         # A run of byte tokens decodes as one group, so the prompt's trailing byte tokens (Llama 2's and Gemma's
         # "\n" is <0x0A>, which ends most chat prompts) would run on into the answer's first ones: followed by
@@ -91,7 +101,8 @@ class TextStream:
         while self._seed and self._seed[-1] in detokenizer.byte_tokens:
             self._seed.pop()
         if detokenizer.use_decode_stream:
-            stream, backend = DecodeStream(ids=self._seed, skip_special_tokens=True), detokenizer.backend
+            stream = DecodeStream(ids=self._seed, skip_special_tokens=not keep_special_tokens)
+            backend = detokenizer.backend
             self._step = lambda token_id: stream.step(backend, token_id)
         else:
             self._step = self._window_step
@@ -124,7 +135,7 @@ class TextStream:
     def _window_step(self, token_id: int) -> str | None:
         if self._window is None:
             seed = (self._seed + self._ids[: self._accounted])[-SEED_TOKENS:]
-            self._window = _WindowDecoder(self._detokenizer, seed)
+            self._window = _WindowDecoder(self._detokenizer, seed, self._decode)
         return self._window.step(token_id)
 
     def finish(self) -> None:
@@ -132,7 +143,7 @@ class TextStream:
         decoding of the prompt's tail and the answer, less the tail's own text."""
         if self.stopped or not self._ids:
             return
-        decode = self._detokenizer.decode
+        decode = self._decode
         whole, seed = decode(self._seed + self._ids), decode(self._seed)
         if whole.startswith(seed) and whole[len(seed) :].startswith(self._decoded):
             rest = whole[len(seed) + len(self._decoded) :]
