@@ -17,11 +17,41 @@ from worker_transformers.generation.vision import Pixels
 from worker_transformers.serving.images import ImageLimits, load_images
 from worker_transformers.serving.processing import ImagePrompts
 from worker_transformers.serving.renderer import TEMPLATE_TIMEOUT_S, RenderFailed, RenderTimeout, TemplateRenderers
-from worker_transformers.serving.schema import GenerationRequest, RequestError
+from worker_transformers.serving.schema import GenerationRequest, RequestError, field_name
 
 # Tokens average 3-5 characters of text; no real prompt averages 16, so text past 16 per allowed token is
 # refused unread.
 CHARS_PER_TOKEN_LIMIT = 16
+
+
+# What the worker and transformers pass the chat template themselves: a request cannot set these.
+RESERVED_VARIABLES = frozenset(
+    {"messages", "tools", "documents", "add_generation_prompt", "continue_final_message", "tokenize", "chat_template"}
+)
+# The tokenizer's special tokens, which transformers passes every template; not worth listing as its variables.
+SPECIAL_TOKEN_VARIABLES = frozenset(
+    {"bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token", "raise_exception"}
+)
+
+
+def template_variables(tokenizer: PreTrainedTokenizerBase) -> frozenset[str]:
+    """The variables the tokenizer's chat template reads without setting them (`enable_thinking`,
+    `reasoning_effort`, `messages`, ...): what a request may pass it. Every named template counts (a tokenizer may
+    keep several: `default`, `tool_use`)."""
+    from jinja2 import meta
+    from jinja2.exceptions import TemplateSyntaxError
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    templates = tokenizer.chat_template
+    sources = list(templates.values()) if isinstance(templates, dict) else [templates] if templates else []
+    names: set[str] = set()
+    for source in sources:
+        try:
+            environment = _compile_jinja_template(source).environment
+            names |= meta.find_undeclared_variables(environment.parse(source))
+        except TemplateSyntaxError:  # a broken template fails where it is rendered, with its own message
+            continue
+    return frozenset(names)
 
 
 class TemplateTimeout(RequestError):
@@ -47,22 +77,24 @@ class Prompts:
         self.model_name = model_name
         self.max_input_tokens = max_input_tokens
         self._renderers = renderers or TemplateRenderers(TEMPLATE_TIMEOUT_S, max_children=1)
+        self.template_variables = template_variables(tokenizer)
         if tokenizer.chat_template:
             self._renderers.serve(tokenizer)
         else:  # nothing to render: messages are refused (`render`), and no child is kept for them
             self._renderers.close()
 
-    def inputs(self, request: GenerationRequest) -> tuple[list[int], Pixels | None]:
-        """Token ids of the request's input, and its processed images when it has some. Raises RequestError naming
-        the field."""
+    def inputs(self, request: GenerationRequest) -> tuple[list[int], Pixels | None, str | None]:
+        """Token ids of the request's input, its processed images when it has some, and the chat as the template
+        wrote it (None for a prompt). Raises RequestError naming the field."""
         self._check_size(request)
-        pixels = None
+        pixels, text = None, None
         if request.messages is not None:
             urls = request.image_urls()
             if urls and self.images is None:
                 raise RequestError(f"{urls[0][1]}: {self.model_name} takes no images; send text only")
             images = load_images(urls, self.image_limits) if urls else []
-            text = self.render(request.template_messages(), request.template_tools())
+            variables = self._checked_variables(request)
+            text = self.render(request.template_messages(), request.template_tools(), variables)
             if images:
                 ids, pixels = self._processed(text, images)
             else:
@@ -77,7 +109,7 @@ class Prompts:
             )
         if not ids:
             raise RequestError("prompt: the text has no tokens")
-        return ids, pixels
+        return ids, pixels, text
 
     def _processed(self, text: str, images: list) -> tuple[list[int], Pixels]:
         try:
@@ -86,13 +118,18 @@ class Prompts:
             reason = (str(error).splitlines() or [""])[0][:200]
             raise RequestError(f"messages: the model's image processor refused the images ({reason})") from None
 
-    def render(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> str:
-        """The chat template applied to `messages` (and `tools`, when the request has them), within
-        TEMPLATE_TIMEOUT_S."""
+    def render(
+        self,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]] | None = None,
+        variables: dict[str, Any] | None = None,
+    ) -> str:
+        """The chat template applied to `messages` (and `tools`, and its own `variables`, when the request has
+        them), within TEMPLATE_TIMEOUT_S."""
         if not self.tokenizer.chat_template:
             raise RequestError("messages: this model has no chat template; send prompt instead")
         try:
-            return self._renderers.render(messages, tools)
+            return self._renderers.render(messages, tools, variables)
         except RenderTimeout:
             raise TemplateTimeout(
                 f"messages: the chat template of {self.model_name} did not finish rendering them within "
@@ -104,6 +141,23 @@ class Prompts:
 
     def close(self) -> None:
         self._renderers.close()
+
+    def _checked_variables(self, request: GenerationRequest) -> dict[str, Any]:
+        """The request's variables for the chat template (`chat_template_kwargs`, `reasoning_effort`), each one the
+        template reads: one it does not would change nothing, silently."""
+        variables = request.template_variables()
+        for name in variables:
+            field = "reasoning_effort" if name == "reasoning_effort" and request.reasoning_effort else None
+            field = field or f"chat_template_kwargs.{field_name(name)}"
+            if name in RESERVED_VARIABLES:
+                raise RequestError(f"{field}: the worker sets {name!r} itself; leave it out")
+            if name not in self.template_variables:
+                known = sorted(self.template_variables - RESERVED_VARIABLES - SPECIAL_TOKEN_VARIABLES)
+                reads = f"it reads {', '.join(known)}" if known else "it reads no variables of its own"
+                raise RequestError(
+                    f"{field}: the chat template of {self.model_name} does not read {name!r} ({reads}); leave it out"
+                )
+        return variables
 
     def _check_size(self, request: GenerationRequest) -> None:
         """Refuse text far beyond MAX_INPUT_TOKENS before tokenizing it: tokenizing megabytes costs seconds of

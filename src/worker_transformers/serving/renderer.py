@@ -84,8 +84,10 @@ class _Child:
             self.kill()
             raise RendererUnavailable(f"the chat-template renderer could not start: {answer[1]}")
 
-    def render(self, messages: list[dict[str, Any]], tools: list | None, limit_s: float) -> str:
-        self.connection.send((messages, tools))
+    def render(
+        self, messages: list[dict[str, Any]], tools: list | None, variables: dict[str, Any], limit_s: float
+    ) -> str:
+        self.connection.send((messages, tools, variables))
         if not self.connection.poll(limit_s):
             raise RenderTimeout
         kind, detail = self.connection.recv()
@@ -150,12 +152,15 @@ class TemplateRenderers:
         for child in waiting:
             self._bring_up_later(child)
 
-    def render(self, messages: list[dict[str, Any]], tools: list | None = None) -> str:
-        """The chat template applied to `messages` (and `tools`) with the generation prompt. Raises RenderTimeout
-        past the limit, RenderFailed when the template raises, RendererUnavailable when no child can start."""
+    def render(
+        self, messages: list[dict[str, Any]], tools: list | None = None, variables: dict[str, Any] | None = None
+    ) -> str:
+        """The chat template applied to `messages` (and `tools`, and the template's own `variables` such as
+        `enable_thinking`) with the generation prompt. Raises RenderTimeout past the limit, RenderFailed when the
+        template raises, RendererUnavailable when no child can start."""
         child = self._take()
         try:
-            text = child.render(messages, tools, self.limit_s)
+            text = child.render(messages, tools, variables or {}, self.limit_s)
         except RenderTimeout:
             self._replace(child)
             raise
@@ -298,11 +303,13 @@ def _serve(connection: Connection) -> None:
     connection.send(("ready", ""))
     while True:
         try:
-            messages, tools = connection.recv()
+            messages, tools, variables = connection.recv()
         except EOFError:  # the worker closed its end, or exited
             return
         try:
-            text = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
+            text = tokenizer.apply_chat_template(
+                messages, tools=tools, add_generation_prompt=True, tokenize=False, **variables
+            )
         except Exception as error:  # jinja2's TemplateError from raise_exception, or a template that is broken
             connection.send(("error", f"{type(error).__name__}: {error}"))
         else:

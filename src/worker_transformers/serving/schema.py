@@ -88,6 +88,9 @@ class Message(Strict):
     tool_calls: list[ToolCall] | None = Field(None, min_length=1, description="An assistant turn's tool calls")
     tool_call_id: str | None = Field(None, description="A tool turn: the call it answers")
     name: str | None = None
+    reasoning_content: str | None = Field(
+        None, description="An assistant turn's reasoning, for templates that show it (thinking models)"
+    )
     # Last, so that its check sees the fields above. A list of parts is checked before (`check_contents`).
     content: str | list[ContentPart] | None = Field(None, validate_default=True)
 
@@ -151,7 +154,7 @@ class NamedToolChoice(Strict):
 
 ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
 
-# A required call is forced while decoding (tools.py); the prompt says so too, so the model expects to make it.
+# A required call is forced while decoding (tools/reader.py); the prompt says so too, so the model expects to make it.
 REQUIRED_CALL = "Answer only with a call of one of the tools."
 NAMED_CALL = "Answer only with a call of the function `{name}`."
 
@@ -177,6 +180,9 @@ class ResponseFormat(Strict):
             raise ValueError("send json_schema exactly when type is 'json_schema'")
         return self
 
+
+# OpenAI's reasoning efforts; a template that reads `reasoning_effort` gets the value as it is.
+ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh"]
 
 LOGIT_BIAS = 100.0  # OpenAI's bound: -100 bans a token, 100 all but forces it
 MAX_TOP_LOGPROBS = 20
@@ -208,6 +214,7 @@ class GenerationRequest(Strict):
     tool_choice: ToolChoice | None = Field(
         None, description="`auto` (the default with tools), `none`, `required`, or one function by name"
     )
+    parallel_tool_calls: bool = Field(True, description="false: at most one tool call in the answer")
     presence_penalty: float = Field(
         0.0, ge=-2.0, le=2.0, description="Lowers the logit of every token generated so far"
     )
@@ -223,6 +230,12 @@ class GenerationRequest(Strict):
     )
     response_format: ResponseFormat | None = Field(
         None, description="`json_object` or `json_schema`: the answer is JSON, enforced while it is generated"
+    )
+    reasoning_effort: ReasoningEffort | None = Field(
+        None, description="How much a reasoning model thinks, passed to its chat template (gpt-oss reads it)"
+    )
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        None, description="Variables for the chat template, such as `enable_thinking`; each must be one it reads"
     )
 
     @field_validator("messages", mode="before")
@@ -265,6 +278,9 @@ class GenerationRequest(Strict):
             raise ValueError("tools: only a chat (messages) can call tools")
         if self.tool_choice is not None and self.tools is None:
             raise ValueError("tool_choice: send tools to choose from")
+        for name in ("chat_template_kwargs", "reasoning_effort"):
+            if getattr(self, name) is not None and self.messages is None:
+                raise ValueError(f"{name}: only a chat (messages) goes through the chat template; send messages")
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs: send logprobs true too")
         if self.json_schema() is not None and self.required_tool is not None:
@@ -310,6 +326,14 @@ class GenerationRequest(Strict):
             return None
         required = self.required_tool
         return [t.model_dump(exclude_none=True) for t in self.tools if required in ("*", None, t.function.name)]
+
+    def template_variables(self) -> dict[str, Any]:
+        """What the request passes the chat template besides its messages and tools: `chat_template_kwargs`, and
+        `reasoning_effort` when it sent one."""
+        variables = dict(self.chat_template_kwargs or {})
+        if self.reasoning_effort is not None:
+            variables["reasoning_effort"] = self.reasoning_effort
+        return variables
 
     def image_urls(self) -> list[tuple[str, str]]:
         """Each image part's URL and its place (`messages.0.content.1`), in the order the messages give them."""

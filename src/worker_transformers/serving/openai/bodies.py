@@ -50,6 +50,7 @@ class ChatMessage(Strict):
     name: str | None = None
     tool_calls: list[MessageToolCall] | None = None
     tool_call_id: str | None = None
+    reasoning_content: str | None = None  # an earlier answer's reasoning, as this worker and vLLM return it
 
     def native(self, where: str) -> dict[str, Any]:
         """This message in the worker's own request: developer is system, a call's arguments a mapping."""
@@ -60,7 +61,7 @@ class ChatMessage(Strict):
             message["content"] = [p.model_dump(exclude_none=True) for p in self.content]
         elif self.content is not None:
             message["content"] = self.content
-        for key in ("name", "tool_call_id"):
+        for key in ("name", "tool_call_id", "reasoning_content"):
             if getattr(self, key) is not None:
                 message[key] = getattr(self, key)
         if self.tool_calls is not None:
@@ -153,16 +154,13 @@ class ChatCompletionBody(_Common):
     tools: list[Any] | None = None  # checked by the worker's own request (schema.py)
     tool_choice: Any = None
     parallel_tool_calls: bool | None = None
+    reasoning_effort: str | None = None  # checked by the worker's own request (schema.py)
+    chat_template_kwargs: dict[str, Any] | None = None  # an extension, as vLLM takes it
 
     @field_validator("messages", mode="before")
     @classmethod
     def _content_parts(cls, messages: Any) -> Any:
         return check_contents(messages)
-
-    @field_validator("parallel_tool_calls")
-    @classmethod
-    def _parallel_allowed(cls, value: bool | None) -> bool | None:
-        return _only(value, (None, True), "parallel_tool_calls")
 
     def to_request(self, max_new_tokens_cap: int, model_defaults: Mapping[str, Any]) -> GenerationRequest:
         check_text(self.model_dump())
@@ -171,11 +169,16 @@ class ChatCompletionBody(_Common):
         fields |= {"logprobs": bool(self.logprobs), "top_logprobs": self.top_logprobs or 0}
         if self.response_format is not None:
             fields["response_format"] = self.response_format.model_dump(by_alias=True, exclude_none=True)
+        for name in ("reasoning_effort", "chat_template_kwargs"):
+            if getattr(self, name) is not None:
+                fields[name] = getattr(self, name)
         # OpenAI's own forms of "no tools"; the worker's request has no empty list.
         if self.tools:
             fields["tools"] = self.tools
             if self.tool_choice is not None:
                 fields["tool_choice"] = self.tool_choice
+            if self.parallel_tool_calls is not None:
+                fields["parallel_tool_calls"] = self.parallel_tool_calls
         elif self.tool_choice not in (None, "none"):
             raise RequestError("tool_choice: send tools to choose from")
         return _convert({"messages": messages, **fields}, max_new_tokens_cap, tokens_field="max_tokens")
