@@ -1,4 +1,5 @@
-"""The runpod SDK's real local API server (`python handler.py --rp_serve_api`) in a subprocess, for tests."""
+"""Servers for tests: the runpod SDK's real local API server (`python handler.py --rp_serve_api`) in a subprocess,
+and the worker's local OpenAI server (serving/openai/server.py) on a thread in front of a handler."""
 
 from __future__ import annotations
 
@@ -67,3 +68,26 @@ def api_server(env: dict[str, str | None], capture: bool = False, start_timeout_
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@contextmanager
+def openai_server(handler) -> Iterator[str]:
+    """The local OpenAI server in front of `handler` on a free port of 127.0.0.1, over real HTTP; yields its base
+    URL (the OpenAI base is `<url>/openai/v1`)."""
+    import threading
+
+    import uvicorn
+
+    from worker_transformers.serving.openai.server import make_app
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(make_app(handler), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join()

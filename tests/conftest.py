@@ -139,22 +139,12 @@ TOOL_ANSWER = "It is sunny in Paris."
 
 def make_tool_model(folder: Path) -> Path:
     """A tiny model that, greedily, calls get_weather(city="Paris") when a user turn ends its prompt and answers
-    TOOL_ANSWER when a tool's result ends it.
-
-    Its layers write nothing into the residual stream (their output projections are zero), so the logits are a
-    function of the last token alone: a bigram table, set here through the embeddings and an untied lm_head.
-    The call and the answer are single added tokens, so each step of the chain is one distinct token."""
+    TOOL_ANSWER when a tool's result ends it (scripted_models: the call and the answer are single added tokens)."""
     import json
 
-    import torch
-    from transformers import AutoTokenizer, LlamaForCausalLM
+    from scripted_models import Script, make_scripted_model
 
-    make_tiny_model(folder)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    call_text = json.dumps(TOOL_CALL)
-    tokenizer.add_tokens(["<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>", call_text, TOOL_ANSWER])
-    tokenizer.chat_template = TOOL_TEMPLATE
-    tokenizer.response_template = TOOL_RESPONSE_TEMPLATE
+    base = make_tiny_model(folder.parent / f"{folder.name}-base")
     tool = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
     asked = [{"role": "user", "content": "Weather?"}]
     answered = [
@@ -162,35 +152,14 @@ def make_tool_model(folder: Path) -> Path:
         {"role": "assistant", "tool_calls": [{"type": "function", "function": TOOL_CALL}]},
         {"role": "tool", "content": "sunny"},
     ]
-
-    def last_token(messages):
-        text = tokenizer.apply_chat_template(messages, tools=[tool], add_generation_prompt=True, tokenize=False)
-        return tokenizer(text, add_special_tokens=False)["input_ids"][-1]
-
-    token = tokenizer.convert_tokens_to_ids
-    chain = {
-        last_token(asked): token("<tool_call>"),
-        token("<tool_call>"): token(call_text),
-        token(call_text): token("</tool_call>"),
-        token("</tool_call>"): tokenizer.eos_token_id,
-        last_token(answered): token(TOOL_ANSWER),
-        token(TOOL_ANSWER): tokenizer.eos_token_id,
-    }
-    model = LlamaForCausalLM.from_pretrained(folder, tie_word_embeddings=False)
-    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.self_attn.o_proj.weight.zero_()
-            layer.mlp.down_proj.weight.zero_()
-        hidden = model.config.hidden_size
-        assert len(chain) <= hidden, "each token of the chain needs a direction of its own"
-        for direction, (current, following) in enumerate(chain.items()):
-            model.model.embed_tokens.weight[current] = torch.nn.functional.one_hot(torch.tensor(direction), hidden)
-            model.lm_head.weight[following, direction] = 100.0
-    model.config.tie_word_embeddings = False
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    scripts = [
+        Script(asked, ["<tool_call>", json.dumps(TOOL_CALL), "</tool_call>"], [tool]),
+        Script(answered, [TOOL_ANSWER], [tool]),
+    ]
+    markup = ("<tool_response>", "</tool_response>")
+    return make_scripted_model(
+        folder, base, TOOL_TEMPLATE, scripts, markup=markup, response_template=TOOL_RESPONSE_TEMPLATE
+    )
 
 
 @pytest.fixture(scope="session")
@@ -211,25 +180,13 @@ def tool_engine(tool_model_dir):
 
 @pytest.fixture(scope="session")
 def tool_url(tool_engine, tool_model_dir):
-    import threading
-    import time
-
-    import uvicorn
-    from api_server import free_port
+    from api_server import openai_server
 
     from worker_transformers.serving.handlers import make_handler
-    from worker_transformers.serving.openai.server import make_app
 
     handler = make_handler(tool_engine, Settings.from_env({"MODEL_NAME": str(tool_model_dir), "MAX_NEW_TOKENS": "32"}))
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(make_app(handler), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.01)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join()
+    with openai_server(handler) as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

@@ -105,6 +105,21 @@ def _chat_template(name: str, raw: str) -> str | None:
         ) from None
 
 
+def _response_template(name: str, raw: str) -> str:
+    """`auto`, `none` or a format's name as it is (serving/tools/formats.py checks the name once the tokenizer is
+    known); anything with a path separator or a .json ending is a file, which must be readable."""
+    value = raw.strip()
+    if not value:
+        raise ConfigError(f"{name} is empty; use auto, none, a format's name or the path of a JSON file")
+    if "/" in value or value.endswith(".json"):
+        try:
+            Path(value).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            reason = error.strerror if isinstance(error, OSError) else "not UTF-8 text"
+            raise ConfigError(f"{name}={raw!r}: cannot read the file ({reason}); give a readable JSON file") from None
+    return value
+
+
 def _secret(name: str, raw: str) -> Secret | None:
     return Secret(raw.strip()) if raw.strip() else None
 
@@ -186,6 +201,14 @@ class Settings:
         None,
         _chat_template,
         "A chat template used instead of the model's own: a file path, or the Jinja text itself",
+    )
+    response_template: str = setting(
+        "RESPONSE_TEMPLATE",
+        "auto",
+        _response_template,
+        "How answers are read for tool calls and reasoning: `auto` (the tokenizer's own `response_template`, else "
+        "transformers' for the model's family, else one of the formats below found from the chat template's "
+        "markup), a format's name, `none`, or the path of a JSON file holding a response_template",
     )
     generation_config_defaults: bool = setting(
         "GENERATION_CONFIG_DEFAULTS",

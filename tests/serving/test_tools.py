@@ -9,13 +9,15 @@ from transformers import AutoTokenizer
 from worker_transformers.serving.schema import GenerationRequest
 from worker_transformers.serving.tools.reader import (
     Call,
+    CallArguments,
     CallReader,
+    CallStart,
     ForcedCallReader,
+    Reasoning,
     ToolCallFailed,
     ToolFormat,
     call_reader,
     forced_call_schema,
-    known_response_template,
 )
 
 TOOLS = [
@@ -43,12 +45,11 @@ QWEN_PROMPT_END = (
 
 @pytest.fixture(scope="module")
 def qwen_format(tiny_model_dir):
-    """Qwen 2's format as transformers keeps it, found by the model's type for a tokenizer that ships none."""
+    """Qwen 2's format as transformers keeps it (found by the model's type for a tokenizer that ships none)."""
     from transformers.cli.serving.utils import get_response_template
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    template = known_response_template(tokenizer, "qwen2")
-    assert template is get_response_template(tokenizer, SimpleNamespace(config=SimpleNamespace(model_type="qwen2")))
+    template = get_response_template(tokenizer, SimpleNamespace(config=SimpleNamespace(model_type="qwen2")))
     return ToolFormat(renders_tools=True, response_template=template, model_type="qwen2")
 
 
@@ -58,7 +59,7 @@ def request(tool_choice=None) -> GenerationRequest:
 
 
 def read(fmt, text: str, step: int, tool_choice=None, finish_reason="stop") -> list:
-    reader = CallReader(fmt, request(tool_choice), QWEN_PROMPT_END)
+    reader = call_reader(fmt, request(tool_choice), QWEN_PROMPT_END)
     pieces = []
     for start in range(0, len(text), step):
         pieces += reader.feed(text[start : start + step])
@@ -81,11 +82,30 @@ def test_an_answer_without_markup_is_all_text(qwen_format):
     assert "".join(pieces) == "Paris is sunny."
 
 
-def test_a_call_cut_short_by_max_tokens_leaves_the_text_before_it(qwen_format):
+def test_a_call_cut_short_by_max_tokens_ends_as_far_as_it_got_as_its_stream_showed(qwen_format):
     cut = QWEN_ANSWER[: QWEN_ANSWER.index('"days"')]
     pieces = read(qwen_format, cut, 4, finish_reason="length")
-    assert not [p for p in pieces if isinstance(p, Call)]
-    assert "".join(pieces).strip() == "Let me look that up."
+    [call] = [p for p in pieces if isinstance(p, Call)]
+    assert call.name == "get_weather" and call.arguments == '{"city": "Paris", '
+    assert "".join(p.text for p in pieces if isinstance(p, CallArguments)) == call.arguments
+    assert "".join(p for p in pieces if isinstance(p, str)).strip() == "Let me look that up."
+
+
+@pytest.mark.parametrize("step", [1, 2, 7])
+def test_a_call_streams_its_name_first_then_its_arguments_as_written(qwen_format, step):
+    answer = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris",  "days": 3}}\n</tool_call>\n' * 2
+    pieces = read(qwen_format, answer, step)
+    kinds = [type(p).__name__ for p in pieces if not isinstance(p, str)]
+    assert kinds[0] == "CallStart" and kinds.count("CallStart") == 2 and kinds.count("Call") == 2
+    assert kinds.index("CallArguments") < kinds.index("Call"), "the arguments did not stream before the call ended"
+    starts = [p for p in pieces if isinstance(p, CallStart)]
+    calls = [p for p in pieces if isinstance(p, Call)]
+    assert [c.id for c in calls] == [s.id for s in starts] and starts[0].id != starts[1].id
+    # the arguments as the model wrote them (two spaces and all), and what streamed is exactly that
+    assert calls[0].arguments == '{"city": "Paris",  "days": 3}'
+    first = kinds.index("Call")
+    assert "".join(p.text for p in pieces[: first + 1] if isinstance(p, CallArguments)) == calls[0].arguments
+    assert not "".join(p for p in pieces if isinstance(p, str)).strip()
 
 
 def test_unreadable_call_markup_is_an_error_naming_it(qwen_format):
@@ -108,9 +128,11 @@ def test_a_named_call_is_the_functions_arguments_and_is_read_as_a_call_of_it():
     assert forced_call_schema(request) == TOOLS[0]["function"]["parameters"]
     reader = call_reader(None, request, "")
     assert isinstance(reader, ForcedCallReader)
-    assert reader.feed('{"city": "Par') == [] and reader.feed('is"}') == []
+    start, first = reader.feed('{"city": "Par')
+    assert (start.name, first.text) == ("get_weather", '{"city": "Par')
+    assert reader.feed('is"}') == [CallArguments('is"}')]
     [call] = reader.finish("stop")
-    assert (call.name, json.loads(call.arguments)) == ("get_weather", {"city": "Paris"})
+    assert (call.id, call.name, call.arguments) == (start.id, "get_weather", '{"city": "Paris"}')
 
 
 def test_a_required_call_is_a_list_of_calls_of_the_tools_each_by_name():
@@ -131,16 +153,20 @@ def test_a_required_call_is_a_list_of_calls_of_the_tools_each_by_name():
     ]
 
 
-def test_a_forced_call_cut_short_by_max_tokens_is_no_call():
+def test_a_forced_call_cut_short_by_max_tokens_is_no_call_until_its_name_is_whole():
     reader = call_reader(None, forced("required"), "")
-    reader.feed('[{"name": "get_weath')
+    assert reader.feed('[{"name": "get_weath') == []
     assert reader.finish("length") == []
+    reader = call_reader(None, forced("required"), "")
+    [start, fragment] = reader.feed('[{"name": "get_weather", "arguments": {"ci')
+    [call] = reader.finish("length")
+    assert (call.name, call.arguments) == ("get_weather", fragment.text) == ("get_weather", '{"ci')
 
 
 def test_a_template_that_ignores_tools_is_refused_by_name(tiny_model_dir):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)  # ChatML without a tools section
-    fmt = ToolFormat.of(tokenizer, "qwen2")
-    assert not fmt.renders_tools
+    fmt = ToolFormat.of(tokenizer, "qwen2", "hermes")
+    assert not fmt.renders_tools and fmt.calls_template is not None  # a format to read calls, none shown
     from worker_transformers.serving.schema import RequestError
 
     with pytest.raises(RequestError, match="^tools: this model's chat template does not show tools"):
@@ -162,3 +188,47 @@ def test_required_and_named_choices_instruct_the_model_and_show_only_the_named_t
     assert system["content"].startswith("Be brief.") and "`get_time`" in system["content"]
     assert [t["function"]["name"] for t in named.template_tools()] == ["get_time"]
     assert request("none").template_tools() is None
+
+
+QWEN3_THINKING = "<think>\nThe user wants the weather.\n</think>\n\nIt is sunny."
+
+
+def test_reasoning_is_read_apart_in_a_chat_without_tools_and_calls_are_not(qwen_format):
+    chat = GenerationRequest.model_validate({"messages": [{"role": "user", "content": "Weather?"}]})
+    reader = call_reader(qwen_format, chat, QWEN_PROMPT_END)
+    assert isinstance(reader, CallReader) and reader.keeps_special_tokens
+    pieces = [p for i in range(0, len(QWEN3_THINKING), 3) for p in reader.feed(QWEN3_THINKING[i : i + 3])]
+    pieces += reader.finish("stop")
+    assert "".join(p.text for p in pieces if isinstance(p, Reasoning)).strip() == "The user wants the weather."
+    assert "".join(p for p in pieces if isinstance(p, str)).strip() == "It is sunny."
+    # without tools, markup of a call is no call: there is no tool to call
+    reader = call_reader(qwen_format, chat, QWEN_PROMPT_END)
+    pieces = reader.feed(QWEN_ANSWER) + reader.finish("stop")
+    assert not [p for p in pieces if isinstance(p, (Call, CallStart))]
+
+
+def test_a_prompt_or_a_model_with_nothing_to_read_is_not_read(qwen_format):
+    prompt = GenerationRequest.model_validate({"prompt": "<think>"})
+    assert call_reader(qwen_format, prompt, "") is None
+    chat = GenerationRequest.model_validate({"messages": [{"role": "user", "content": "Hi"}]})
+    calls_only = {
+        "start_anchor": "x",
+        "fields": {"tool_calls": {"open": "<c>", "close": "</c>", "content": "json"}, "content": {"content": "text"}},
+    }
+    assert call_reader(ToolFormat(True, calls_only, "x"), chat, "") is None
+    assert call_reader(ToolFormat(True, None, "x"), chat, "") is None
+
+
+def test_parallel_tool_calls_false_takes_the_first_call_and_drops_the_rest(qwen_format):
+    two = QWEN_ANSWER + '\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>'
+    fields = {"messages": [{"role": "user", "content": "Weather?"}], "tools": TOOLS}
+    for parallel, cities in ((True, ["Paris", "Oslo"]), (False, ["Paris"])):
+        single = GenerationRequest.model_validate(fields | {"parallel_tool_calls": parallel})
+        reader = call_reader(qwen_format, single, QWEN_PROMPT_END)
+        pieces = [p for step in range(0, len(two), 5) for p in reader.feed(two[step : step + 5])] + reader.finish(
+            "stop"
+        )
+        assert [json.loads(p.arguments)["city"] for p in pieces if isinstance(p, Call)] == cities
+        assert len([p for p in pieces if isinstance(p, CallStart)]) == len(cities)
+    one = GenerationRequest.model_validate(fields | {"tool_choice": "required", "parallel_tool_calls": False})
+    assert forced_call_schema(one)["maxItems"] == 1 and "maxItems" not in forced_call_schema(request("required"))

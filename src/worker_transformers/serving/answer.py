@@ -2,8 +2,8 @@
 generation read into the pieces of its answer, and an answer gathered whole.
 
 Pieces are answer text (a str), reasoning, tool calls, and the log-probabilities of the tokens behind the pieces
-that follow. A request with tools has its text read for calls and reasoning as it streams (tools.py); any other
-request's text is its answer as it comes.
+that follow. A chat's answer is read for reasoning and tool calls as it streams, by the model's format
+(tools/reader.py); a prompt's text, or the answer of a model whose format reads nothing, is its answer as it comes.
 """
 
 from __future__ import annotations
@@ -17,7 +17,16 @@ from transformers import PreTrainedTokenizerBase
 from worker_transformers.generation.events import Delta, Done
 from worker_transformers.generation.sampling import TokenLogprobs
 from worker_transformers.serving.schema import GenerationRequest
-from worker_transformers.serving.tools.reader import Call, CallReader, ForcedCallReader, Reasoning, ToolFormat, call_reader
+from worker_transformers.serving.tools.reader import (
+    Call,
+    CallArguments,
+    CallReader,
+    CallStart,
+    ForcedCallReader,
+    Reasoning,
+    ToolFormat,
+    call_reader,
+)
 
 
 @dataclass(frozen=True)
@@ -27,15 +36,14 @@ class Logprobs:
     items: tuple[TokenLogprobs, ...]
 
 
-Piece = str | Reasoning | Call | Logprobs  # a str is answer text
+Piece = str | Reasoning | CallStart | CallArguments | Call | Logprobs  # a str is answer text
 
 
 def read(frontend, request: GenerationRequest, prepared, tool_format: ToolFormat) -> AsyncIterator[Piece | Done]:
     """The pieces of `request`'s answer as `frontend` (frontend.py) generates it, then its Done."""
-    reader = None
-    if request.calls_tools:
-        reader = call_reader(tool_format, request, frontend.tokenizer.decode(prepared.ids))
-    return _pieces(frontend.stream(request, prepared), reader)
+    reader = call_reader(tool_format, request, prepared.chat or "")
+    keep_special = getattr(reader, "keeps_special_tokens", False)
+    return _pieces(frontend.stream(request, prepared, keep_special_tokens=keep_special), reader)
 
 
 async def _pieces(
@@ -66,6 +74,9 @@ class Answer:
     done: Done | None = None
 
     def take(self, piece: Piece | Done) -> None:
+        """Gather a piece; a call's start and fragments are whole in its Call."""
+        if isinstance(piece, (CallStart, CallArguments)):
+            return
         if isinstance(piece, Done):
             self.done = piece
         elif isinstance(piece, Call):

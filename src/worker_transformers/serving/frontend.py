@@ -26,7 +26,7 @@ from worker_transformers.serving.processing import ImagePrompts
 from worker_transformers.serving.prompt import Prompts
 from worker_transformers.serving.renderer import TemplateRenderers
 from worker_transformers.serving.schema import GenerationRequest, RequestError
-from worker_transformers.serving.tools.reader import forced_call_schema
+from worker_transformers.serving.tools.reader import ToolFormat, forced_call_schema
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,7 @@ class Prepared:
     ids: list[int]
     grammar: Grammar | None = None
     pixels: Pixels | None = None  # its processed images, for a vision-language model
+    chat: str | None = None  # the chat as the template wrote it, which its answer goes on from (None for a prompt)
 
 
 class Frontend:
@@ -48,10 +49,13 @@ class Frontend:
         renderers: TemplateRenderers | None = None,
         images: ImagePrompts | None = None,
         image_limits: ImageLimits | None = None,
+        tool_format: ToolFormat | None = None,
     ) -> None:
         """`renderers`: the chat-template renderers startup began before its imports (prompt.py makes a pool of
-        one when there are none). `images`: the model's processor, for a model that takes images."""
+        one when there are none). `images`: the model's processor, for a model that takes images. `tool_format`:
+        how its answers are read for tool calls and reasoning (tools/reader.py); the model's own when not given."""
         self.generation = generation
+        self.tool_format = tool_format or ToolFormat.of(generation.tokenizer, generation.model_type)
         self.tokenizer = generation.tokenizer
         self.model_name = model_name
         self.prompts = Prompts(generation.tokenizer, model_name, max_input_tokens, renderers, images, image_limits)
@@ -59,24 +63,33 @@ class Frontend:
     def prepare(self, request: GenerationRequest) -> Prepared:
         """The request's token ids (prompt.py) and grammar; RequestError when it could never fit the KV cache,
         names a token outside the vocabulary, or has a schema that cannot be enforced."""
-        ids, pixels = self.prompts.inputs(request)
+        ids, pixels, chat = self.prompts.inputs(request)
         self.generation.check(ids, request.max_new_tokens, sampling_of(request), pixels.images if pixels else 0)
         schema = request.json_schema()
         if request.required_tool is not None:
             schema = forced_call_schema(request), "tools"
-        return Prepared(ids, None if schema is None else self.generation.grammars.compile(*schema), pixels)
+        return Prepared(ids, None if schema is None else self.generation.grammars.compile(*schema), pixels, chat)
 
-    def job(self, request: GenerationRequest, prepared: Prepared) -> Job:
+    def job(self, request: GenerationRequest, prepared: Prepared, keep_special_tokens: bool = False) -> Job:
         return Job(
-            prepared.ids, request.max_new_tokens, sampling_of(request), request.stop, prepared.grammar, prepared.pixels
+            prepared.ids,
+            request.max_new_tokens,
+            sampling_of(request),
+            request.stop,
+            prepared.grammar,
+            prepared.pixels,
+            keep_special_tokens,
         )
 
     def submit(self, request: GenerationRequest, prepared: Prepared, emit: Callable[[Event], None]) -> Sequence:
         return self.generation.submit(self.job(request, prepared), emit)
 
-    def stream(self, request: GenerationRequest, prepared: Prepared) -> AsyncIterator[Delta | Done]:
-        """Events for one request as the engine produces them; leaving early takes it out of the engine."""
-        return self.generation.stream(self.job(request, prepared))
+    def stream(
+        self, request: GenerationRequest, prepared: Prepared, keep_special_tokens: bool = False
+    ) -> AsyncIterator[Delta | Done]:
+        """Events for one request as the engine produces them; leaving early takes it out of the engine. With
+        `keep_special_tokens`, the text shows them (for a reader of the model's markup, tools/reader.py)."""
+        return self.generation.stream(self.job(request, prepared, keep_special_tokens))
 
     def generate(self, request: GenerationRequest) -> dict[str, Any]:
         """The whole answer in the plain format, blocking: for scripts, tests and benchmarks outside an event

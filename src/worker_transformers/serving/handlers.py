@@ -54,10 +54,9 @@ def make_handler(frontend, settings: Settings, on_unhealthy: Callable[[], None] 
     from worker_transformers.serving.openai.protocol import DONE, error_result, failure_code, is_openai_job
     from worker_transformers.serving.openai.routes import OpenAIRoutes
     from worker_transformers.serving.plain import PlainJobs
-    from worker_transformers.serving.tools.reader import ToolFormat
 
     model_defaults = _model_defaults(frontend.generation.generation_config, settings)
-    tool_format = ToolFormat.of(frontend.tokenizer, frontend.generation.model_type)
+    tool_format = frontend.tool_format
     formats = (
         OpenAIRoutes(frontend, settings.max_new_tokens, model_defaults, tool_format),
         PlainJobs(frontend, settings.max_new_tokens, model_defaults, tool_format),

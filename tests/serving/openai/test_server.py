@@ -7,7 +7,6 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -20,10 +19,6 @@ from openai.types import Completion
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from test_routes import parse
 
-from worker_transformers.config import Settings
-from worker_transformers.serving.handlers import make_handler
-from worker_transformers.serving.openai.server import make_app
-from worker_transformers.worker import setup
 
 ROOT = Path(__file__).resolve().parents[3]
 TOOLS = [
@@ -123,9 +118,11 @@ def test_a_streamed_tool_call_comes_as_a_delta_and_no_markup_streams_as_text(cli
     chunks = [parse(ChatCompletionChunk, c.model_dump(exclude_unset=True)) for c in stream]
     deltas = [c.choices[0].delta for c in chunks if c.choices]
     assert "".join(d.content or "" for d in deltas) == ""
-    [call] = [tc for d in deltas for tc in d.tool_calls or []]
-    assert (call.index, call.type, call.function.name) == (0, "function", "get_weather")
-    assert json.loads(call.function.arguments) == TOOL_CALL["arguments"]
+    first, *fragments = [tc for d in deltas for tc in d.tool_calls or []]
+    assert (first.index, first.type, first.function.name) == (0, "function", "get_weather")
+    assert all(f.index == 0 and f.id is None and f.function.name is None for f in fragments)
+    arguments = first.function.arguments + "".join(f.function.arguments for f in fragments)
+    assert json.loads(arguments) == TOOL_CALL["arguments"]
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
 
 

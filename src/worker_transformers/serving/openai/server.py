@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from worker_transformers.serving.handlers import Handler
 from worker_transformers.serving.openai.protocol import ROUTES, error_body
+
 # OpenAI's status for each kind of error; a code of its own overrides the kind's.
 STATUS_OF_KIND = {"invalid_request_error": 400, "server_error": 500}
 STATUS_OF_CODE = {"model_not_found": 404, "unknown_route": 404}
@@ -39,7 +40,7 @@ def make_app(handler: Handler) -> FastAPI:
         job = {"id": f"local-{uuid.uuid4().hex}", "input": {"openai_route": route, "openai_input": body}}
         items = aiter(handler(job))
         first = await anext(items, None)
-        if isinstance(first, dict) and "error" in first:
+        if isinstance(first, dict) and isinstance(first.get("error"), str):  # a failed job (a Response has error: null)
             return _failed(first["error"])
         if isinstance(first, str):
             return StreamingResponse(_stream(first, items), media_type="text/event-stream")

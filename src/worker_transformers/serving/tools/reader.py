@@ -1,10 +1,12 @@
-"""Tool calls: whether this model can be offered tools, and its answer read back as calls while it streams.
+"""Tool calls and reasoning: whether this model can be offered tools, and its answer read back as text, reasoning
+and calls while it streams.
 
 The tools reach the model through its own chat template (`apply_chat_template(tools=...)`). Its answer is read
-with transformers' response parsing: a `response_template` (tokenizer_config.json's, else the one transformers'
-own server keeps for the model's family: Qwen 2 to 3.5, Gemma 4) says which markup opens and closes a call, and
-transformers' `ResponseParser` reads the text as it comes, holding back what may be the start of a call, so a
-call's markup never streams as text.
+with transformers' response parsing: a `response_template` (formats.py chooses it: the tokenizer's own, transformers'
+for the model's family, or a known format found in the chat template's markup) says which markup opens and closes
+reasoning and a call, and transformers' `ResponseParser` reads the text as it comes, holding back what may be the
+start of a marker, so markup never streams as text. A call whose arguments are JSON streams as it is written: its
+name first, then its arguments as they grow (arguments.py), as OpenAI streams calls.
 
 A required call (tool_choice `required` or a function by name) is forced while decoding, as vLLM does: the answer
 is JSON under a schema made from the tools (`forced_call_schema`, enforced by grammar.py), the named function's
@@ -14,17 +16,24 @@ arguments or a list of calls, so it needs no markup to read and comes whatever t
 from __future__ import annotations
 
 import json
+import logging
+import secrets
+import string
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 from transformers.utils.chat_parsing import ResponseParser
+from transformers.utils.chat_parsing.response_templates import load_response_template
 
 from worker_transformers.serving.schema import GenerationRequest, RequestError
+from worker_transformers.serving.tools.arguments import CallScanner
+from worker_transformers.serving.tools.formats import NINE_CHARACTER_IDS_MARK, PROBE_TOOL, choose
 
-# A tool the check below offers the template: its name shows in the prompt exactly when the template shows tools.
-_PROBE = {"type": "function", "function": {"name": "probe_tool_7f3a", "description": "-", "parameters": {}}}
+log = logging.getLogger("worker_transformers")
+
 _REASONING_FIELDS = ("reasoning_content", "thinking")
 
 
@@ -72,19 +81,33 @@ class Reasoning:
 Piece = str | Reasoning | CallStart | CallArguments | Call  # a str is answer text
 
 
+def new_call_id(nine_characters: bool = False) -> str:
+    """A call's id: OpenAI's shape, or 9 letters and digits for a template that takes only those back."""
+    if nine_characters:
+        return "".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(9))
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
 @dataclass(frozen=True)
 class ToolFormat:
-    """What this model's files say about tools: whether its template shows them and how to read its calls."""
+    """What this model's files say about its answers: whether its template shows tools, and the response template
+    its answers are read with (formats.py chooses it), if any."""
 
     renders_tools: bool
     response_template: dict[str, Any] | None
     model_type: str
+    nine_character_ids: bool = False  # the template takes call ids back only as 9 letters and digits (Mistral)
 
     @classmethod
-    def of(cls, tokenizer: PreTrainedTokenizerBase, model_type: str) -> ToolFormat:
-        # Looked up only for a template that shows tools: transformers' table costs its server's imports (~0.6 s).
-        renders = _renders_tools(tokenizer)
-        return cls(renders, known_response_template(tokenizer, model_type) if renders else None, model_type)
+    def of(cls, tokenizer: PreTrainedTokenizerBase, model_type: str, setting: str = "auto") -> ToolFormat:
+        chosen = choose(setting, tokenizer, model_type)
+        if chosen is not None:
+            log.info("answers are read for reasoning and tool calls with %s", chosen.source)
+        nine = NINE_CHARACTER_IDS_MARK in str(tokenizer.chat_template or "")
+        return cls(_renders_tools(tokenizer), chosen.template if chosen else None, model_type, nine)
+
+    def new_call_id(self) -> str:
+        return new_call_id(self.nine_character_ids)
 
     def check(self, request: GenerationRequest) -> None:
         """Refuse, naming `tools`, a request this model cannot serve with tools."""
@@ -95,12 +118,31 @@ class ToolFormat:
                 "tools: this model's chat template does not show tools to the model; use a model whose template "
                 "supports tools, or set CHAT_TEMPLATE to one that does"
             )
-        if self.response_template is None and request.required_tool is None:
+        if self.calls_template is None and request.required_tool is None:
             raise RequestError(
-                f"tools: transformers has no response_template to read this model's ({self.model_type}) tool calls; "
-                "add one to its tokenizer_config.json, send tool_choice 'required' or a function, or use a model "
-                "that has one"
+                f"tools: no response template reads this model's ({self.model_type}) tool calls; set "
+                "RESPONSE_TEMPLATE to its format (see the README's list) or to a JSON file, or send tool_choice "
+                "'required' or a function"
             )
+
+    @property
+    def calls_template(self) -> dict[str, Any] | None:
+        """The response template that reads tool calls, when this model's has a field for them."""
+        template = self.response_template
+        return template if template is not None and "tool_calls" in template["fields"] else None
+
+    @property
+    def plain_template(self) -> dict[str, Any] | None:
+        """The response template for an answer to a chat without tools: its tool calls are not read (they would
+        be calls of no tool), and None when what is left reads nothing (no reasoning, content as it comes)."""
+        template = self.response_template
+        if template is None:
+            return None
+        fields = {name: spec for name, spec in template["fields"].items() if name != "tool_calls"}
+        reads = any(name in _REASONING_FIELDS for name in fields) or any(
+            "open" in spec or "open_pattern" in spec for spec in fields.values()
+        )
+        return {**template, "fields": fields} if reads else None
 
 
 def _renders_tools(tokenizer: PreTrainedTokenizerBase) -> bool:
@@ -110,24 +152,11 @@ def _renders_tools(tokenizer: PreTrainedTokenizerBase) -> bool:
         return False
     try:
         text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": "Hi"}], tools=[_PROBE], add_generation_prompt=True, tokenize=False
+            [{"role": "user", "content": "Hi"}], tools=[PROBE_TOOL], add_generation_prompt=True, tokenize=False
         )
     except TemplateError:
         return False
-    return _PROBE["function"]["name"] in text
-
-
-def known_response_template(tokenizer: PreTrainedTokenizerBase, model_type: str) -> dict[str, Any] | None:
-    """The tokenizer's response_template, else the one transformers keeps for `model_type`'s family, else None."""
-    if getattr(tokenizer, "response_template", None) is not None:
-        return tokenizer.response_template
-    # transformers' own server keeps the templates of the families whose tokenizers ship none; it reads them by
-    # the model's type, the only thing of the model it looks at.
-    from types import SimpleNamespace
-
-    from transformers.cli.serving.utils import get_response_template
-
-    return get_response_template(tokenizer, SimpleNamespace(config=SimpleNamespace(model_type=model_type)))
+    return PROBE_TOOL["function"]["name"] in text
 
 
 def forced_call_schema(request: GenerationRequest) -> dict[str, Any]:
@@ -150,47 +179,151 @@ def forced_call_schema(request: GenerationRequest) -> dict[str, Any]:
         }
         for t in request.tools
     ]
-    return {"type": "array", "minItems": 1, "items": {"anyOf": calls}}
+    most = {} if request.parallel_tool_calls else {"maxItems": 1}
+    return {"type": "array", "minItems": 1, **most, "items": {"anyOf": calls}}
+
+
+class _CallStream:
+    """The calls of one stretch of JSON text as they are written: a CallStart for each once its name is known, then
+    CallArguments as its arguments grow (arguments.py scans them), and at the end each whole Call, whose arguments
+    are the text that streamed when there is one."""
+
+    def __init__(
+        self,
+        scanner: CallScanner | None,
+        new_id: Callable[[], str],
+        start: CallStart | None = None,
+        most: int | None = None,
+    ) -> None:
+        self.scanner = scanner
+        self.new_id = new_id
+        self.most = most  # the calls taken from this stretch (parallel_tool_calls false): later ones are dropped
+        self.starts: list[CallStart] = [start] if start is not None else []
+        self.sent: list[int] = [0] * len(self.starts)  # characters of each started call's arguments streamed
+
+    def feed(self, text: str) -> list[Piece]:
+        if self.scanner is None:
+            return []
+        self.scanner.feed(text)
+        pieces: list[Piece] = []
+        for i, scanned in enumerate(self.scanner.calls[: self.most]):
+            if i == len(self.starts):
+                if scanned.name is None:
+                    break
+                self.starts.append(CallStart(self.new_id(), scanned.name))
+                self.sent.append(0)
+                pieces.append(self.starts[i])
+            arguments = self.scanner.arguments(scanned)
+            if len(arguments) > self.sent[i]:
+                pieces.append(CallArguments(arguments[self.sent[i] :]))
+                self.sent[i] = len(arguments)
+        return pieces
+
+    def close(self, values: list[dict[str, Any]]) -> list[Piece]:
+        """The whole calls, read by the parser: `{"name", "arguments"}` each."""
+        pieces: list[Piece] = []
+        for i, value in enumerate(values[: self.most]):
+            if i == len(self.starts):
+                self.starts.append(CallStart(value.get("id") or self.new_id(), value["name"]))
+                self.sent.append(0)
+                pieces.append(self.starts[i])
+            arguments = self._written(i) or _arguments_text(value["arguments"])
+            if not arguments.startswith(self._streamed(i)):
+                message = "the model's tool call could not be read (its arguments changed); retry"
+                raise ToolCallFailed(message, "invalid_tool_call")
+            pieces.append(Call(self.starts[i].id, value["name"], arguments))
+        return pieces
+
+    def cut(self) -> list[Piece]:
+        """The calls begun when the answer was cut short (max_tokens): each as far as it got, as OpenAI gives a call
+        cut short, so that a whole answer shows what its stream showed."""
+        return [Call(start.id, start.name, self._streamed(i)) for i, start in enumerate(self.starts)]
+
+    def _streamed(self, i: int) -> str:
+        return self.scanner.arguments(self.scanner.calls[i])[: self.sent[i]] if self.sent[i] else ""
+
+    def _written(self, i: int) -> str | None:
+        """Call i's arguments exactly as written, when they were JSON (an object) and are whole."""
+        if self.scanner is None or i >= len(self.scanner.calls):
+            return None
+        scanned = self.scanner.calls[i]
+        if scanned.arguments_end is None or scanned.arguments_are_text:
+            return None
+        text = self.scanner.arguments(scanned)
+        try:
+            return text if isinstance(json.loads(text), dict) else None
+        except json.JSONDecodeError:
+            return None
 
 
 class ForcedCallReader:
-    """Reads the answer to a required call: JSON under `forced_call_schema`, read once it is whole."""
+    """Reads the answer to a required call: JSON under `forced_call_schema`, the named function's arguments or a
+    list of calls, streamed as it is written."""
 
-    def __init__(self, request: GenerationRequest) -> None:
+    def __init__(self, request: GenerationRequest, new_id: Callable[[], str] = new_call_id) -> None:
         self.required = request.required_tool
         self._text: list[str] = []
+        named = self.required != "*"
+        scanner = CallScanner(name=self.required if named else None)
+        self._calls = _CallStream(scanner, new_id, CallStart(new_id(), self.required) if named else None)
+        self._begun = False
 
     def feed(self, text: str) -> list[Piece]:
         self._text.append(text)
-        return []
+        pieces = self._calls.feed(text)
+        if not self._begun and self._calls.starts:  # the named call's start, before its first fragment
+            self._begun = True
+            if self.required != "*":
+                pieces.insert(0, self._calls.starts[0])
+        return pieces
 
     def finish(self, finish_reason: str) -> list[Piece]:
+        pieces = self.feed("")
         if finish_reason == "length":  # cut short by max_tokens: no whole call came
-            return []
+            return pieces + self._calls.cut()
         try:
             value = json.loads("".join(self._text))
         except json.JSONDecodeError as error:
             raise _unreadable(error) from None
         if self.required != "*":
-            return [_call(self.required, value)]
-        return [_call(call["name"], call["arguments"]) for call in value]
+            return pieces + self._calls.close([{"name": self.required, "arguments": value}])
+        return pieces + self._calls.close([{"name": call["name"], "arguments": call["arguments"]} for call in value])
 
 
-def call_reader(fmt: ToolFormat, request: GenerationRequest, prompt: str) -> CallReader | ForcedCallReader | None:
-    """What reads this request's answer for tool calls; None when it calls none."""
-    if not request.calls_tools:
-        return None
+def call_reader(
+    fmt: ToolFormat | None, request: GenerationRequest, prompt: str
+) -> CallReader | ForcedCallReader | None:
+    """What reads this request's answer; None when its text is its answer as it comes: a prompt to continue, or a
+    chat whose model's answers have nothing to read (no reasoning, no tool calls asked for)."""
     if request.required_tool is not None:
-        return ForcedCallReader(request)
-    return CallReader(fmt, request, prompt)
+        return ForcedCallReader(request, fmt.new_call_id if fmt is not None else new_call_id)
+    if request.messages is None or fmt is None:
+        return None
+    if request.calls_tools:
+        return CallReader(fmt.calls_template, request, prompt, fmt.new_call_id)
+    template = fmt.plain_template
+    return CallReader(template, request, prompt, fmt.new_call_id) if template is not None else None
 
 
 class CallReader:
     """Reads one answer's text, as it streams, into answer text, reasoning and the tool calls the model chose to
-    make (tool_choice `auto`), by the model's own call markup."""
+    make (tool_choice `auto`), by the model's own markup (a response template). The text must keep the special
+    tokens (`keeps_special_tokens`): many formats' markers are special tokens."""
 
-    def __init__(self, fmt: ToolFormat, request: GenerationRequest, prompt: str) -> None:
-        self.parser = ResponseParser(fmt.response_template, prefix=prompt, tools=request.template_tools())
+    keeps_special_tokens = True
+
+    def __init__(
+        self,
+        template: dict[str, Any],
+        request: GenerationRequest,
+        prompt: str,
+        new_id: Callable[[], str] = new_call_id,
+    ) -> None:
+        self.parser = _Parser(template, prefix=_answer_start(template, prompt), tools=request.template_tools())
+        self.new_id = new_id
+        self._shape = _json_shape(template["fields"].get("tool_calls"))
+        self._calls: _CallStream | None = None  # the tool-call region open now
+        self._room = None if request.parallel_tool_calls else 1  # the calls still taken, when limited
 
     def feed(self, text: str) -> list[Piece]:
         try:
@@ -202,8 +335,8 @@ class CallReader:
         try:
             _, events = self.parser.finalize()
         except ValueError as error:
-            if finish_reason == "length":  # a call cut short by max_tokens: the answer is what came before it
-                return []
+            if finish_reason == "length":  # a call cut short by max_tokens: it ends as far as it got
+                return self._calls.cut() if self._calls is not None else []
             raise _unreadable(error) from None
         return self._pieces(events)
 
@@ -211,25 +344,89 @@ class CallReader:
         pieces: list[Piece] = []
         for event in events:
             field = event.get("field")
-            if event["type"] == "region_chunk" and not event["dirty"] and event["text"]:
+            if field == "tool_calls":
+                pieces += self._call_pieces(event)
+            elif event["type"] == "region_chunk" and not event["dirty"] and event["text"]:
                 if field == "content":
                     pieces.append(event["text"])
                 elif field in _REASONING_FIELDS:
                     pieces.append(Reasoning(event["text"]))
-            elif event["type"] == "region_close" and field == "tool_calls":
-                pieces.append(self._call(event["value"]))
         return pieces
 
-    def _call(self, value: Any) -> Call:
-        function = value.get("function") if isinstance(value, dict) else None
-        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
-            raise ToolCallFailed(f"the model's tool call has no function name: {value!r}"[:300], "invalid_tool_call")
-        return _call(function["name"], function.get("arguments", {}))
+    def _call_pieces(self, event: dict[str, Any]) -> list[Piece]:
+        if event["type"] == "region_open":
+            if self._room == 0:  # parallel_tool_calls false, and the one call made: the rest are dropped
+                self._calls = None
+                return []
+            captures = event.get("captures", {})
+            name = captures.get("name")
+            start = CallStart(captures.get("id") or self.new_id(), name.strip()) if name else None
+            scanner = CallScanner(name=start.name) if self._shape == "arguments" and start else None
+            scanner = scanner or (CallScanner() if self._shape == "calls" else None)
+            self._calls = _CallStream(scanner, self.new_id, start, self._room)
+            return [start] if start is not None else []
+        if self._calls is None:  # a region the parser closed without opening it: nothing to add
+            return []
+        if event["type"] == "region_chunk":
+            return self._calls.feed(event["text"])
+        calls, self._calls = self._calls, None
+        pieces = calls.close([_function(value) for value in _listed(event["value"])])
+        if self._room is not None:
+            self._room -= sum(isinstance(piece, Call) for piece in pieces)
+        return pieces
 
 
-def _call(name: str, arguments: Any) -> Call:
-    text = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
-    return Call(f"call_{uuid.uuid4().hex[:24]}", name, text)
+def _answer_start(template: dict[str, Any], prompt: str) -> str:
+    """The prompt from the last place the template's start anchor finds, which the parser reads as the start of the
+    answer (a prefill that opens the reasoning, say); nothing of it when the anchor is not there, so that what the
+    prompt holds is never read as the answer (transformers' parser would read all of it)."""
+    found = None
+    for found in load_response_template(template).start_anchor_re.finditer(prompt):
+        pass
+    return prompt[found.start() :] if found is not None else ""
+
+
+def _json_shape(spec: dict[str, Any] | None) -> str | None:
+    """How a format's tool-call regions can stream: `calls` (JSON call objects, the name inside), `arguments`
+    (the name in the markup, the arguments JSON as written), None (read only when the call has ended)."""
+    if spec is None or spec.get("content", "text") != "json" or spec.get("content_args"):
+        return None
+    transform = spec.get("transform")
+    function = transform.get("function") if isinstance(transform, dict) else None
+    if transform is None or function == "{content}":
+        return "calls"
+    if isinstance(function, dict) and function.get("arguments") == "{content}" and function.get("name") == "{name}":
+        return "arguments"
+    return None
+
+
+def _listed(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else [value]
+
+
+def _function(value: Any) -> dict[str, Any]:
+    """A parsed call as `{"name", "arguments", "id"?}`, whichever way the format shaped it."""
+    function = value.get("function", value) if isinstance(value, dict) else None
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+        raise ToolCallFailed(f"the model's tool call has no function name: {value!r}"[:300], "invalid_tool_call")
+    arguments = function.get("arguments", function.get("parameters", {}))
+    call = {"name": function["name"].strip(), "arguments": arguments}
+    if isinstance(value.get("id"), str):
+        call["id"] = value["id"]
+    return call
+
+
+def _arguments_text(arguments: Any) -> str:
+    return arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
+
+
+class _Parser(ResponseParser):
+    """transformers' parser, with each region's named captures (a call's name, its id) on its open event: the parser
+    keeps them only privately, and only until the next region opens, which may be within the same feed."""
+
+    def _open_explicit(self, events: list[dict], field: Any, match: Any) -> None:
+        super()._open_explicit(events, field, match)
+        events[-1]["captures"] = {key: value for key, value in match.groupdict().items() if value is not None}
 
 
 def _unreadable(error: ValueError) -> ToolCallFailed:
