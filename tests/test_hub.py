@@ -188,15 +188,18 @@ def hub_test_handler(default_model_path):
 def test_a_hub_test_job_passes_the_schema_and_runs_through_the_handler(case, hub_test_handler):
     import jsonschema
     from openai.types.chat import ChatCompletion
+    from openai.types.responses import Response
     from test_worker import sdk_run
 
     from worker_transformers.serving.openai.bodies import ChatCompletionBody, CompletionBody
+    from worker_transformers.serving.openai.responses_bodies import ResponsesBody
     from worker_transformers.serving.schema import parse_request
 
     handler, settings = hub_test_handler
     job = case["input"]
     if "openai_route" in job:
-        body = {"/v1/chat/completions": ChatCompletionBody, "/v1/completions": CompletionBody}[job["openai_route"]]
+        bodies = {"/v1/chat/completions": ChatCompletionBody, "/v1/completions": CompletionBody}
+        body = {**bodies, "/v1/responses": ResponsesBody}[job["openai_route"]]
         body.model_validate(job["openai_input"])
     else:
         parse_request(job, settings.max_new_tokens)
@@ -206,7 +209,10 @@ def test_a_hub_test_job_passes_the_schema_and_runs_through_the_handler(case, hub
     assert time.monotonic() - started < case["timeout"] / 1000
     assert "error" not in result, result
     outputs = result["output"]
-    if "openai_route" in job:
+    if job.get("openai_route") == "/v1/responses":
+        [response] = outputs
+        text = Response.model_validate(response).output_text
+    elif "openai_route" in job:
         [completion] = outputs
         message = ChatCompletion.model_validate(completion).choices[0].message
         if job["openai_input"].get("tools"):

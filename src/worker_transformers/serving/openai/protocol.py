@@ -14,7 +14,7 @@ from typing import Any
 
 from worker_transformers.generation.errors import DeviceFailed, OutOfMemory
 
-ROUTES = ("/v1/models", "/v1/chat/completions", "/v1/completions")
+ROUTES = ("/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/responses")
 DONE = "data: [DONE]\n\n"  # the last event of every stream
 
 # The error code of each kind of generation failure; any other is `generation_failed`.

@@ -29,10 +29,18 @@ from worker_transformers.serving.answer import (
     usage,
 )
 from worker_transformers.serving.frontend import Frontend
+from worker_transformers.serving.openai import responses
 from worker_transformers.serving.openai.bodies import ChatCompletionBody, CompletionBody
 from worker_transformers.serving.openai.protocol import DONE, ROUTES, error_body, error_result, failure_code
 from worker_transformers.serving.schema import GenerationRequest, RequestError, describe
-from worker_transformers.serving.tools.reader import Call, Reasoning, ToolCallFailed, ToolFormat
+from worker_transformers.serving.tools.reader import (
+    Call,
+    CallArguments,
+    CallStart,
+    Reasoning,
+    ToolCallFailed,
+    ToolFormat,
+)
 
 OWNER = "worker-transformers"
 
@@ -61,6 +69,10 @@ class OpenAIRoutes:
             return
         if not isinstance(body, dict):
             yield error_result(f"openai_input: expected a JSON object, got {type(body).__name__}", "openai_input")
+            return
+        if route == "/v1/responses":
+            async for item in responses.handle(self, body):
+                yield item
             return
         schema = ChatCompletionBody if route == "/v1/chat/completions" else CompletionBody
         try:
@@ -150,13 +162,22 @@ class _Chat:
         """Chunks sent before any text: the chat stream names the speaker first."""
         return [self._chunk(index, {"role": "assistant", "content": ""})]
 
-    def piece(self, index: int, piece: Piece, calls: int, logprobs: list) -> dict[str, Any]:
-        """The chunk of one piece of the answer; `calls` counts the tool calls before this one."""
-        if isinstance(piece, Call):
-            return self._chunk(index, {"tool_calls": [{"index": calls, **piece.openai()}]})
+    def piece(self, index: int, piece: str | Reasoning, logprobs: list) -> dict[str, Any]:
+        """The chunk of a piece of the answer's text or reasoning."""
         if isinstance(piece, Reasoning):
             return self._chunk(index, {"reasoning_content": piece.text})
         return self._chunk(index, {"content": piece}, logprobs=logprobs)
+
+    def call_start(self, index: int, call: int, start: CallStart) -> dict[str, Any]:
+        """The chunk that opens tool call number `call` of the answer: its index, id, type and name."""
+        function = {"name": start.name, "arguments": ""}
+        return self._chunk(
+            index, {"tool_calls": [{"index": call, "id": start.id, "type": "function", "function": function}]}
+        )
+
+    def call_arguments(self, index: int, call: int, text: str) -> dict[str, Any]:
+        """A chunk of the arguments of tool call number `call`."""
+        return self._chunk(index, {"tool_calls": [{"index": call, "function": {"arguments": text}}]})
 
     def last(self, index: int, done: Done, calls: int, logprobs: list) -> dict[str, Any]:
         return self._chunk(index, {}, finish_reason(done, calls), logprobs)
@@ -212,7 +233,7 @@ class _Completion(_Chat):
     def preamble(self, index: int) -> list[dict[str, Any]]:
         return []
 
-    def piece(self, index: int, piece: Piece, calls: int, logprobs: list) -> dict[str, Any]:
+    def piece(self, index: int, piece: str | Reasoning, logprobs: list) -> dict[str, Any]:
         return self._text(index, piece, logprobs=logprobs)
 
     def last(self, index: int, done: Done, calls: int, logprobs: list) -> dict[str, Any]:
@@ -285,7 +306,8 @@ async def _sse(formatter: _Chat, choices: list[AsyncIterator[Piece | Done]]) -> 
     for index in range(len(choices)):
         for chunk in formatter.preamble(index):
             yield _data(chunk)
-    calls = [0] * len(choices)
+    calls: list[list[str]] = [[] for _ in choices]  # the ids of each choice's tool calls begun, in order
+    sent: list[dict[str, int]] = [{} for _ in choices]  # characters of each call's arguments sent, by its id
     logprobs: list[list] = [[] for _ in choices]  # each choice's, since its last chunk
     dones = []
     try:
@@ -293,11 +315,22 @@ async def _sse(formatter: _Chat, choices: list[AsyncIterator[Piece | Done]]) -> 
             if isinstance(piece, Logprobs):
                 logprobs[index].extend(piece.items)
             elif isinstance(piece, Done):
-                yield _data(formatter.last(index, piece, calls[index], logprobs[index]))
+                yield _data(formatter.last(index, piece, len(calls[index]), logprobs[index]))
                 dones.append(piece)
+            elif isinstance(piece, CallStart):
+                yield _data(formatter.call_start(index, len(calls[index]), piece))
+                calls[index].append(piece.id)
+                sent[index][piece.id] = 0
+            elif isinstance(piece, (CallArguments, Call)):
+                # Fragments are the latest call's; a whole call (which may come after later calls began) sends
+                # what its fragments have not: all of it, when none streamed.
+                call = calls[index][-1] if isinstance(piece, CallArguments) else piece.id
+                text = piece.text if isinstance(piece, CallArguments) else piece.arguments[sent[index][call] :]
+                sent[index][call] += len(text)
+                if text:
+                    yield _data(formatter.call_arguments(index, calls[index].index(call), text))
             else:
-                yield _data(formatter.piece(index, piece, calls[index], logprobs[index]))
-                calls[index] += isinstance(piece, Call)
+                yield _data(formatter.piece(index, piece, logprobs[index]))
                 logprobs[index] = [] if isinstance(piece, str) else logprobs[index]
         if formatter.include_usage:
             yield _data(formatter.usage_chunk(dones))
