@@ -248,3 +248,36 @@ def test_the_mistral_texts_are_what_mistral_common_writes(tmp_path, version, ren
     # the tools are shown before the last user turn: the answer follows the first
     written = tokenizer.decode(tokens, special_token_policy="keep").split("Weather in Paris?[/INST]", 1)[1]
     assert written.startswith(rendering.answer + "</s>")
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("hermez", "RESPONSE_TEMPLATE='hermez' names no format; use auto, none, one of hermes, "),
+        ("{path}", "RESPONSE_TEMPLATE='{path}': not a valid response template (response_template must define"),
+    ],
+    ids=["unknown name", "file without an anchor"],
+)
+def test_a_response_template_setting_that_names_no_format_stops_startup_before_the_weights(
+    tiny_model_dir, tmp_path, caplog, monkeypatch, setting, message
+):
+    """Each job of a worker whose RESPONSE_TEMPLATE cannot be used fails with one line naming the setting, and the
+    model is never built (the choice is made in the tokenizer phase)."""
+    from test_worker import sdk_run
+
+    from worker_transformers.loading import loader
+    from worker_transformers.worker import start_worker
+
+    def build_model(*args):
+        raise AssertionError("the model was built")
+
+    monkeypatch.setattr(loader, "build_model", build_model)
+
+    path = tmp_path / "template.json"
+    path.write_text(json.dumps({"fields": {"content": {"content": "text"}}}))
+    setting, message = setting.format(path=path), message.format(path=path)
+    with caplog.at_level("INFO"):
+        started = start_worker({"MODEL_NAME": str(tiny_model_dir), "RESPONSE_TEMPLATE": setting})
+    error = sdk_run(started.handler, {"prompt": "Hello"})["error"]
+    assert error.startswith(message), error
+    assert "Traceback" not in caplog.text
