@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import requests
 
@@ -91,3 +92,31 @@ def openai_server(handler) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join()
+
+
+@dataclass
+class ServedModel:
+    url: str  # the local server's base (the OpenAI base is `<url>/openai/v1`)
+    client: Any  # the real `openai` client, pointed at it
+    model: str  # the served model's name
+    engine: Any  # the worker's frontend (setup's)
+
+
+@contextmanager
+def served_model(folder: Path | str, **env: str) -> Iterator[ServedModel]:
+    """The model in `folder` started as the worker starts it (`env`: its settings; MAX_NEW_TOKENS 32 unless given),
+    behind the local OpenAI server, with the real `openai` client pointed at it; stopped afterwards."""
+    import openai
+
+    from worker_transformers.config import Settings
+    from worker_transformers.serving.handlers import make_handler
+    from worker_transformers.worker import setup
+
+    settings = Settings.from_env({"MODEL_NAME": str(folder), "MAX_NEW_TOKENS": "32", **env})
+    engine = setup(settings)
+    try:
+        with openai_server(make_handler(engine, settings)) as url:
+            client = openai.OpenAI(base_url=f"{url}/openai/v1", api_key="unused", max_retries=0)
+            yield ServedModel(url, client, settings.served_model_name or str(folder), engine)
+    finally:
+        engine.close()

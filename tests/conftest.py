@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -194,3 +196,25 @@ def tool_client(tool_url):
     import openai
 
     return openai.OpenAI(base_url=f"{tool_url}/openai/v1", api_key="unused", max_retries=0)
+
+
+@contextmanager
+def out_of_memory_after_first_step(engine) -> Iterator[None]:
+    """The device runs out of memory at every forward after the first (injected: this machine has no GPU to
+    exhaust), until the block ends."""
+    import torch
+
+    model = engine.generation.engine.model
+    real_forward, steps = model.forward, {"n": 0}
+
+    def forward(*args, **kwargs):
+        steps["n"] += 1
+        if steps["n"] > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_forward(*args, **kwargs)
+
+    model.forward = forward
+    try:
+        yield
+    finally:
+        model.forward = real_forward

@@ -426,15 +426,21 @@ def test_agents_chat_completions_run_calls_the_tool_and_answers(served, recorder
     assert checked(second).choices[0].message.content == ANSWER
 
 
-def test_agents_chat_completions_run_streamed(served, recorder, request):
+def check_streamed_run(served, model_class) -> None:
+    """Runner.run_streamed of the weather agent on `model_class`: the tool called once, the run's events in order,
+    and the call's argument deltas and the answer's text deltas as the model wrote them."""
     calls: list[str] = []
-    agent = weather_agent(served, OpenAIChatCompletionsModel, calls)
+    agent = weather_agent(served, model_class, calls)
     result, names, text, arguments = asyncio.run(_streamed(agent))
     assert result.final_output == ANSWER and calls == ["Paris"]
     assert names == ["tool_called", "tool_output", "message_output_created"]
     assert "".join(arguments) == CALL_ARGUMENTS
     assert text == ANSWER_PIECES
     check_run_items(result.new_items)
+
+
+def test_agents_chat_completions_run_streamed(served, recorder, request):
+    check_streamed_run(served, OpenAIChatCompletionsModel)
 
     first, second = recorder.of(request.node.name)
     assert first["request"]["stream"] is True and second["request"]["stream"] is True
@@ -461,14 +467,7 @@ def test_agents_responses_run_calls_the_tool_and_answers(served, recorder, reque
 
 
 def test_agents_responses_run_streamed(served, recorder, request):
-    calls: list[str] = []
-    agent = weather_agent(served, OpenAIResponsesModel, calls)
-    result, names, text, arguments = asyncio.run(_streamed(agent))
-    assert result.final_output == ANSWER and calls == ["Paris"]
-    assert names == ["tool_called", "tool_output", "message_output_created"]
-    assert "".join(arguments) == CALL_ARGUMENTS
-    assert text == ANSWER_PIECES
-    check_run_items(result.new_items)
+    check_streamed_run(served, OpenAIResponsesModel)
 
     first, second = recorder.of(request.node.name)
     assert first["route"] == second["route"] == "/v1/responses"

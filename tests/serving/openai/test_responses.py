@@ -11,14 +11,14 @@ import httpx
 import jsonschema
 import openai
 import pytest
-import torch
-from conftest import TOOL_ANSWER, TOOL_CALL, make_tiny_model
+from api_server import served_model
+from conftest import TOOL_ANSWER, TOOL_CALL, make_tiny_model, out_of_memory_after_first_step
 from openai.types.chat import ChatCompletion
 from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import BaseModel, TypeAdapter
 from scripted_models import Script, make_scripted_model
 from test_routes import parse
-from test_tool_streams import REASONING, THINKING_TEMPLATE, serve
+from test_tool_streams import REASONING, THINKING_TEMPLATE
 
 from worker_transformers.config import Settings
 from worker_transformers.serving.handlers import make_handler
@@ -245,21 +245,8 @@ def test_problems_are_named_by_the_responses_fields(tool_client, model):
 
 
 def test_a_failure_mid_stream_sends_an_error_event_then_response_failed(tool_engine, tool_url, model):
-    """The device running out of memory after the first token (injected: this machine has no GPU to exhaust)."""
-    real_forward = tool_engine.generation.engine.model.forward
-    calls = {"n": 0}
-
-    def forward(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] > 1:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real_forward(*args, **kwargs)
-
-    tool_engine.generation.engine.model.forward = forward
-    try:
+    with out_of_memory_after_first_step(tool_engine):
         events = stream_events(tool_url, {"model": model, "input": "Hello", "max_output_tokens": 8})
-    finally:
-        tool_engine.generation.engine.model.forward = real_forward
     error, failed = events[-2:]
     assert error.type == "error" and error.code == "out_of_memory"
     assert failed.type == "response.failed" and failed.response.status == "failed"
@@ -296,10 +283,8 @@ def thinker(tmp_path_factory):
     folder = tmp_path_factory.mktemp("thinker")
     ask = [{"role": "user", "content": ASK}]
     make_scripted_model(folder, make_tiny_model(folder / "base"), THINKING_TEMPLATE, [Script(ask, REASONING)])
-    engine, server = serve(folder)
-    with server as url:
-        yield openai.OpenAI(base_url=f"{url}/openai/v1", api_key="unused", max_retries=0), url, str(folder)
-    engine.close()
+    with served_model(folder) as served:
+        yield served.client, served.url, served.model
 
 
 def test_reasoning_comes_as_a_reasoning_item_before_the_message_whole_and_streamed(thinker):
@@ -329,10 +314,8 @@ def test_reasoning_comes_as_a_reasoning_item_before_the_message_whole_and_stream
 def smol(default_model_path):
     template = ROOT / "builder" / "chat_templates" / "chatml_tools.jinja"
     env = {"SERVED_MODEL_NAME": "smol", "DTYPE": "float32", "MAX_NEW_TOKENS": "64", "CHAT_TEMPLATE": str(template)}
-    engine, server = serve(default_model_path, **env)
-    with server as url:
-        yield openai.OpenAI(base_url=f"{url}/openai/v1", api_key="unused", max_retries=0)
-    engine.close()
+    with served_model(default_model_path, **env) as served:
+        yield served.client
 
 
 class Capital(BaseModel):

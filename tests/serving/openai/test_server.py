@@ -13,8 +13,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-import torch
-from conftest import TOOL_ANSWER, TOOL_CALL
+from conftest import TOOL_ANSWER, TOOL_CALL, out_of_memory_after_first_step
 from openai.types import Completion
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from test_routes import parse
@@ -166,21 +165,8 @@ def test_a_forced_call_on_a_vocabulary_that_cannot_write_json_is_refused_by_name
 
 
 def test_a_failure_mid_stream_ends_it_with_an_error_event_and_done(base_url, engine, model):
-    """The device running out of memory after the first token (injected: this machine has no GPU to exhaust)."""
-    real_forward = engine.generation.engine.model.forward
-    calls = {"n": 0}
-
-    def forward(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] > 1:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real_forward(*args, **kwargs)
-
-    engine.generation.engine.model.forward = forward
-    try:
+    with out_of_memory_after_first_step(engine):
         events = sse(base_url, {"model": model, "messages": ASK, "max_tokens": 8, "stream": True})
-    finally:
-        engine.generation.engine.model.forward = real_forward
     assert events[-1]["error"]["code"] == "out_of_memory"
     assert events[-1]["error"]["type"] == "server_error"
     assert all("error" not in e for e in events[:-1])

@@ -9,15 +9,11 @@ from pathlib import Path
 
 import openai
 import pytest
-from api_server import openai_server
+from api_server import served_model
 from conftest import CHATML, make_tiny_model
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from scripted_models import Script, make_scripted_model
 from test_routes import parse
-
-from worker_transformers.config import Settings
-from worker_transformers.serving.handlers import make_handler
-from worker_transformers.worker import setup
 
 ROOT = Path(__file__).resolve().parents[3]
 TOOLS = [
@@ -47,22 +43,14 @@ THINKING_TEMPLATE = CHATML + THINK
 REASONING = ["I should", " look outside.", "</think>", "\n\nIt is", " sunny."]
 
 
-def serve(folder: Path, **env: str):
-    settings = Settings.from_env({"MODEL_NAME": str(folder), "MAX_NEW_TOKENS": "32", **env})
-    engine = setup(settings)
-    return engine, openai_server(make_handler(engine, settings))
-
-
 @pytest.fixture(scope="module")
 def hermes(tmp_path_factory):
     """A model on the project's own tools template, with no response_template of its own."""
     folder = tmp_path_factory.mktemp("hermes")
     template = (ROOT / "builder/chat_templates/chatml_tools.jinja").read_text()
     make_scripted_model(folder, make_tiny_model(folder / "base"), template, [Script(ASK, CALLS, TOOLS)])
-    engine, server = serve(folder)
-    with server as url:
-        yield openai.OpenAI(base_url=f"{url}/openai/v1", api_key="unused", max_retries=0), str(folder)
-    engine.close()
+    with served_model(folder) as served:
+        yield served.client, served.model
 
 
 def test_the_projects_tools_template_calls_tools_in_auto_mode(hermes):
@@ -110,10 +98,8 @@ def thinker(tmp_path_factory):
     scripts = [Script(ASK, REASONING)]
     base = make_tiny_model(folder / "base")
     make_scripted_model(folder, base, THINKING_TEMPLATE, scripts, markup=("<think>",))
-    engine, server = serve(folder)
-    with server as url:
-        yield openai.OpenAI(base_url=f"{url}/openai/v1", api_key="unused", max_retries=0), str(folder)
-    engine.close()
+    with served_model(folder) as served:
+        yield served.client, served.model
 
 
 def test_reasoning_comes_apart_from_the_answer_whole_and_streamed(thinker):
@@ -134,19 +120,14 @@ def test_a_model_without_a_format_is_refused_tools_in_auto_mode_naming_the_setti
     base = make_tiny_model(tmp_path / "base")
     template = "{% if tools %}{{ tools | tojson }}{% endif %}" + CHATML  # shows tools, no call markup at all
     make_scripted_model(folder, base, template, [Script(ASK, ["Sunny."])])
-    engine, server = serve(folder)
-    try:
-        with server as url:
-            client = openai.OpenAI(base_url=f"{url}/openai/v1", api_key="unused", max_retries=0)
-            with pytest.raises(openai.BadRequestError) as caught:
-                client.chat.completions.create(model=str(folder), messages=ASK, tools=TOOLS)
-            assert "RESPONSE_TEMPLATE" in caught.value.body["message"]
-            forced = client.chat.completions.create(
-                model=str(folder), messages=ASK, tools=TOOLS, tool_choice="none", max_tokens=4
-            )
-            assert forced.choices[0].message.content == "Sunny."
-    finally:
-        engine.close()
+    with served_model(folder) as served:
+        with pytest.raises(openai.BadRequestError) as caught:
+            served.client.chat.completions.create(model=served.model, messages=ASK, tools=TOOLS)
+        assert "RESPONSE_TEMPLATE" in caught.value.body["message"]
+        forced = served.client.chat.completions.create(
+            model=served.model, messages=ASK, tools=TOOLS, tool_choice="none", max_tokens=4
+        )
+        assert forced.choices[0].message.content == "Sunny."
 
 
 def test_the_response_template_setting_forces_a_format_from_a_file(tmp_path, hermes):
@@ -167,14 +148,9 @@ def test_the_response_template_setting_forces_a_format_from_a_file(tmp_path, her
     }
     path = tmp_path / "hermes.json"
     path.write_text(json.dumps(spec))
-    engine, server = serve(folder, RESPONSE_TEMPLATE=str(path))
-    try:
-        with server as url:
-            client = openai.OpenAI(base_url=f"{url}/openai/v1", api_key="unused", max_retries=0)
-            reply = client.chat.completions.create(model=str(folder), messages=ASK, tools=TOOLS, temperature=0)
-            assert [c.function.name for c in reply.choices[0].message.tool_calls] == ["get_weather", "get_time"]
-    finally:
-        engine.close()
+    with served_model(folder, RESPONSE_TEMPLATE=str(path)) as served:
+        reply = served.client.chat.completions.create(model=served.model, messages=ASK, tools=TOOLS, temperature=0)
+        assert [c.function.name for c in reply.choices[0].message.tool_calls] == ["get_weather", "get_time"]
 
 
 def test_calls_made_whole_after_later_calls_began_each_send_their_own_rest():

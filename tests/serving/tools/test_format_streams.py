@@ -7,16 +7,11 @@ templates' text in test_formats.py.
 A piece is one token and a token is followed by one token only (the model is a bigram table), so markup a family
 repeats (a second call's markers) is merged into one piece."""
 
-import openai
 import pytest
-from api_server import openai_server
+from api_server import served_model
 from conftest import make_tiny_model
 from renderings import TOOLS
 from scripted_models import Script, make_scripted_model
-
-from worker_transformers.config import Settings
-from worker_transformers.serving.handlers import make_handler
-from worker_transformers.worker import setup
 
 ASK = [{"role": "user", "content": "Weather in Paris?"}]
 TOOL_NAMES = "{% for t in tools %}{{ t.function | tojson }}\n{% endfor %}"
@@ -136,11 +131,8 @@ def family(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp(request.param)
     base = make_tiny_model(folder / "base")
     make_scripted_model(folder, base, template, [Script(ASK, pieces, TOOLS)], special=special, markup=markup)
-    settings = Settings.from_env({"MODEL_NAME": str(folder), "MAX_NEW_TOKENS": "32"})
-    engine = setup(settings)
-    with openai_server(make_handler(engine, settings)) as url:
-        yield openai.OpenAI(base_url=f"{url}/openai/v1", api_key="unused", max_retries=0), str(folder), expected
-    engine.close()
+    with served_model(folder) as served:
+        yield served.client, served.model, expected
 
 
 def test_a_family_found_in_its_template_calls_tools_whole_and_streamed_alike(family):
