@@ -195,7 +195,7 @@ def test_max_output_tokens_cuts_the_answer_short_as_incomplete(tool_client, tool
         ("store", {"store": True}, "stores nothing"),
         ("background", {"background": True}, "background false"),
         ("prompt", {"prompt": {"id": "pmpt_123"}}, "send instructions and input"),
-        ("include", {"include": ["reasoning.encrypted_content"]}, "'reasoning.encrypted_content' is not served"),
+        ("include", {"include": ["message.output_text.logprobs"]}, "'message.output_text.logprobs' is not served"),
         ("truncation", {"truncation": "auto"}, "send 'disabled'"),
         ("tools", {"tools": [{"type": "web_search"}]}, "tools.0.type: 'web_search' is not served here"),
         ("tool_choice", {"tools": TOOLS, "tool_choice": {"type": "file_search"}}, "'file_search' is not served"),
@@ -209,6 +209,17 @@ def test_what_this_worker_cannot_honour_is_refused_by_name(tool_client, model, f
         tool_client.responses.create(**body)
     assert refused.value.status_code == 400 and refused.value.param == field
     assert refused.value.body["type"] == "invalid_request_error" and says in refused.value.message
+
+
+def test_what_clients_send_by_default_and_changes_nothing_here_is_taken(tool_client, model):
+    """Agent clients that keep no state ask for the reasoning they must send back (`include`), and hint at a cache
+    key: the reasoning items carry it as text already, and one worker answers the same without the hint."""
+    plain = whole(tool_client, model=model, input="Hello", max_output_tokens=4, temperature=0)
+    hinted = whole(
+        tool_client, model=model, input="Hello", max_output_tokens=4, temperature=0,
+        include=["reasoning.encrypted_content"], prompt_cache_key="conversation-1",
+    )  # fmt: skip
+    assert hinted.status == "completed" and hinted.output_text == plain.output_text
 
 
 def test_problems_are_named_by_the_responses_fields(tool_client, model):

@@ -22,6 +22,9 @@ from pydantic import ConfigDict, Field, ValidationError, field_validator
 from worker_transformers.serving.schema import FUNCTION_NAME, ReasoningEffort, RequestError, Strict, field_name
 
 STORES_NOTHING = "this worker stores nothing; send the whole conversation in input"
+# What `include` may ask for: the reasoning as a client can send it back, which this worker's reasoning items always
+# carry (as text, not encrypted: there is no store to keep it from the client).
+INCLUDABLE = ("reasoning.encrypted_content",)
 MAX_METADATA = 16  # OpenAI's bounds on metadata: 16 pairs, keys of 64 characters, values of 512
 Status = Literal["in_progress", "completed", "incomplete"]
 
@@ -230,6 +233,7 @@ class ResponsesBody(Strict):
     store: bool | None = None
     background: bool | None = None
     include: list[str] | None = None
+    prompt_cache_key: str | None = None  # a hint for routing to a cache; one worker's answer is the same without it
     previous_response_id: str | None = None
     conversation: str | dict[str, Any] | None = None
     prompt: dict[str, Any] | None = None
@@ -291,8 +295,9 @@ class ResponsesBody(Strict):
     @field_validator("include")
     @classmethod
     def _nothing_included(cls, value: list[str] | None) -> list[str] | None:
-        if value:
-            raise ValueError(f"{_shown(value[0])} is not served here; send an empty list or leave it out")
+        for asked in value or []:
+            if asked not in INCLUDABLE:
+                raise ValueError(f"{_shown(asked)} is not served here; send {', '.join(INCLUDABLE)} or nothing")
         return value
 
     @field_validator("previous_response_id", "conversation")
