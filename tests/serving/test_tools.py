@@ -232,3 +232,24 @@ def test_parallel_tool_calls_false_takes_the_first_call_and_drops_the_rest(qwen_
         assert len([p for p in pieces if isinstance(p, CallStart)]) == len(cities)
     one = GenerationRequest.model_validate(fields | {"tool_choice": "required", "parallel_tool_calls": False})
     assert forced_call_schema(one)["maxItems"] == 1 and "maxItems" not in forced_call_schema(request("required"))
+
+
+def test_gemma_4s_thought_channel_and_call_read_by_transformers_template(tiny_model_dir):
+    """Gemma 4's answer as its format writes it (transformers keeps the template, found by the model type): the
+    thought channel is reasoning, the call's unquoted-key arguments are JSON, whole and a character at a time."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    fmt = ToolFormat.of(tokenizer, "gemma4", "gemma4")
+    answer = (
+        "<|channel>thought\nThe user wants the weather.<channel|>"
+        '<|tool_call>call:get_weather{city:<|"|>Paris<|"|>,days:3}<tool_call|>'
+    )
+    for step in (1, len(answer)):
+        reader = call_reader(fmt, request(), "<bos><|turn>user\nWeather?<turn|>\n<|turn>model\n")
+        pieces = [p for i in range(0, len(answer), step) for p in reader.feed(answer[i : i + step])]
+        pieces += reader.finish("stop")
+        assert "".join(p.text for p in pieces if isinstance(p, Reasoning)) == "The user wants the weather."
+        assert "".join(p for p in pieces if isinstance(p, str)) == ""
+        [start] = [p for p in pieces if isinstance(p, CallStart)]
+        [call] = [p for p in pieces if isinstance(p, Call)]
+        assert (start.name, start.id) == (call.name, call.id) == ("get_weather", call.id)
+        assert json.loads(call.arguments) == {"city": "Paris", "days": 3}
