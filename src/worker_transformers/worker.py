@@ -66,9 +66,9 @@ def setup(settings: Settings, budget: InitBudget | None = None):
                 from worker_transformers.loading import loader
                 from worker_transformers.generation.service import Generation
                 from worker_transformers.serving.frontend import Frontend
-                from worker_transformers.serving.tools.reader import ToolFormat
+                from worker_transformers.serving.tools import formats
 
-                model_type = loader.import_model_code(location, settings)
+                loader.import_model_code(location, settings)
             with budget.phase("tokenizer"):
                 tokenizer = loader.load_tokenizer(location, settings)
                 processor = loader.load_processor(location, settings, tokenizer)
@@ -76,9 +76,9 @@ def setup(settings: Settings, budget: InitBudget | None = None):
                     tokenizer.chat_template = processor.chat_template
                 if settings.chat_template is not None:
                     use_chat_template(tokenizer, settings.chat_template)
-                # How answers are read for calls and reasoning: a RESPONSE_TEMPLATE that names none stops startup
-                # here, before the weights load.
-                tool_format = ToolFormat.of(tokenizer, model_type, settings.response_template)
+                # A RESPONSE_TEMPLATE that names no format stops startup here, before the weights load; the
+                # format is chosen once the chat template has rendered the warm-up (it may loop: bounded there).
+                formats.check(settings.response_template)
         with budget.phase("model"):
             empty = loader.build_model(location, settings, files)
         with budget.phase("weights"):
@@ -96,11 +96,10 @@ def setup(settings: Settings, budget: InitBudget | None = None):
             )
             model_name = settings.served_model_name or location.model_id
             limits = ImageLimits.from_settings(settings)
-            frontend = Frontend(
-                generation, model_name, settings.max_input_tokens, renderers, images, limits, tool_format
-            )
+            frontend = Frontend(generation, model_name, settings.max_input_tokens, renderers, images, limits)
             try:
                 ids = frontend.warm_up_ids()  # the chat template renders, or startup stops here
+                frontend.choose_tool_format(settings.response_template)
                 if not generation.warmed_up:
                     loader.warm_up(model, tokenizer, ids)
             except BaseException:

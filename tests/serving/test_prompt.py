@@ -73,6 +73,26 @@ def test_a_template_that_always_loops_stops_startup_at_the_warm_up_naming_it(tin
     )
 
 
+def test_a_template_that_loops_on_tools_starts_and_serves_chats_and_refuses_tools(tiny_model_dir, tmp_path, caplog):
+    """Startup's probes of what the template does with tools (serving/tools/) render as jobs' chats do, bounded:
+    a template that loops on them is stopped after TEMPLATE_TIMEOUT_S, then tools are refused and chats served."""
+    from worker_transformers.worker import start_worker
+
+    folder = with_template(tiny_model_dir, tmp_path, "{% if tools %}" + LOOP + "{% endif %}" + CHATML)
+    with caplog.at_level("WARNING"):
+        started = start_worker({"MODEL_NAME": str(folder)})
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+    try:
+        [refused] = run(started.handler, {**chat("Weather?"), "tools": [tool]})
+        [answered] = run(started.handler, chat("Hello"))
+    finally:
+        started.close()
+    assert refused["error"].startswith("tools: this model's chat template does not show tools")
+    assert answered["usage"]["completion_tokens"] == 3
+    assert "could not render a chat with tools (messages: the chat template" in caplog.text
+    assert f"did not finish rendering them within {TEMPLATE_TIMEOUT_S:.0f} s" in caplog.text
+
+
 def test_a_template_s_own_refusal_is_the_job_s_error(tiny_model_dir, tmp_path):
     from worker_transformers.worker import start_worker
 

@@ -54,11 +54,11 @@ def _check_remote_code(location: ModelLocation, settings: Settings) -> None:
         )
 
 
-def import_model_code(location: ModelLocation, settings: Settings) -> str:
-    """Import the model's architecture now, and return its model type. transformers imports it lazily on first
-    use, and that import is over a second for Llama (torch.distributed, dynamo): it belongs with the other
-    imports, which the weight prefetch runs alongside, not inside the load. A model transformers cannot generate
-    text with is refused here, by name."""
+def import_model_code(location: ModelLocation, settings: Settings) -> None:
+    """Import the model's architecture now. transformers imports it lazily on first use, and that import
+    is over a second for Llama (torch.distributed, dynamo): it belongs with the other imports, which the
+    weight prefetch runs alongside, not inside the load. A model transformers cannot generate text with is
+    refused here, by name."""
     _check_remote_code(location, settings)
     config = AutoConfig.from_pretrained(
         location.path, local_files_only=True, trust_remote_code=settings.trust_remote_code
@@ -69,7 +69,6 @@ def import_model_code(location: ModelLocation, settings: Settings) -> str:
             "transformers that generates text (neither a causal LM nor an image-text-to-text model); serve a "
             "text-generation or vision-language checkpoint"
         )
-    return config.model_type
 
 
 def load_tokenizer(location: ModelLocation, settings: Settings) -> PreTrainedTokenizerBase:

@@ -49,13 +49,13 @@ class Frontend:
         renderers: TemplateRenderers | None = None,
         images: ImagePrompts | None = None,
         image_limits: ImageLimits | None = None,
-        tool_format: ToolFormat | None = None,
     ) -> None:
         """`renderers`: the chat-template renderers startup began before its imports (prompt.py makes a pool of
-        one when there are none). `images`: the model's processor, for a model that takes images. `tool_format`:
-        how its answers are read for tool calls and reasoning (tools/reader.py); the model's own when not given."""
+        one when there are none). `images`: the model's processor, for a model that takes images."""
         self.generation = generation
-        self.tool_format = tool_format or ToolFormat.of(generation.tokenizer, generation.model_type)
+        # How its answers are read for tool calls and reasoning (tools/reader.py): nothing read, no tools taken,
+        # until startup chooses (`choose_tool_format`), once the chat template has rendered the warm-up.
+        self.tool_format = ToolFormat.reading_nothing(generation.model_type)
         self.tokenizer = generation.tokenizer
         self.model_name = model_name
         self.prompts = Prompts(generation.tokenizer, model_name, max_input_tokens, renderers, images, image_limits)
@@ -111,6 +111,15 @@ class Frontend:
         except RequestError as error:
             raise LoadError(f"warm-up failed: {str(error).removeprefix('messages: ')}") from None
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def choose_tool_format(self, setting: str) -> None:
+        """The model's format by RESPONSE_TEMPLATE (tools/formats.py), its chat template's probes rendered as jobs'
+        chats are, bounded in time."""
+
+        def render(messages, tools, add_generation_prompt) -> str:
+            return self.prompts.render(messages, tools, add_generation_prompt=add_generation_prompt)
+
+        self.tool_format = ToolFormat.of(self.tokenizer, self.generation.model_type, setting, render)
 
     def close(self) -> None:
         self.generation.close()

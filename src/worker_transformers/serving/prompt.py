@@ -123,13 +123,14 @@ class Prompts:
         messages: list[dict[str, Any]],
         tools: list[dict[str, Any]] | None = None,
         variables: dict[str, Any] | None = None,
+        add_generation_prompt: bool = True,
     ) -> str:
         """The chat template applied to `messages` (and `tools`, and its own `variables`, when the request has
-        them), within TEMPLATE_TIMEOUT_S."""
+        them), within TEMPLATE_TIMEOUT_S; with the generation prompt unless told otherwise."""
         if not self.tokenizer.chat_template:
             raise RequestError("messages: this model has no chat template; send prompt instead")
         try:
-            return self._renderers.render(messages, tools, variables)
+            return self._renderers.render(messages, tools, variables, add_generation_prompt)
         except RenderTimeout:
             raise TemplateTimeout(
                 f"messages: the chat template of {self.model_name} did not finish rendering them within "

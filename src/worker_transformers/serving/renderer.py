@@ -85,9 +85,14 @@ class _Child:
             raise RendererUnavailable(f"the chat-template renderer could not start: {answer[1]}")
 
     def render(
-        self, messages: list[dict[str, Any]], tools: list | None, variables: dict[str, Any], limit_s: float
+        self,
+        messages: list[dict[str, Any]],
+        tools: list | None,
+        variables: dict[str, Any],
+        limit_s: float,
+        add_generation_prompt: bool = True,
     ) -> str:
-        self.connection.send((messages, tools, variables))
+        self.connection.send((messages, tools, variables, add_generation_prompt))
         if not self.connection.poll(limit_s):
             raise RenderTimeout
         kind, detail = self.connection.recv()
@@ -153,14 +158,18 @@ class TemplateRenderers:
             self._bring_up_later(child)
 
     def render(
-        self, messages: list[dict[str, Any]], tools: list | None = None, variables: dict[str, Any] | None = None
+        self,
+        messages: list[dict[str, Any]],
+        tools: list | None = None,
+        variables: dict[str, Any] | None = None,
+        add_generation_prompt: bool = True,
     ) -> str:
         """The chat template applied to `messages` (and `tools`, and the template's own `variables` such as
-        `enable_thinking`) with the generation prompt. Raises RenderTimeout past the limit, RenderFailed when the
-        template raises, RendererUnavailable when no child can start."""
+        `enable_thinking`), with the generation prompt unless told otherwise. Raises RenderTimeout past the limit,
+        RenderFailed when the template raises, RendererUnavailable when no child can start."""
         child = self._take()
         try:
-            text = child.render(messages, tools, variables or {}, self.limit_s)
+            text = child.render(messages, tools, variables or {}, self.limit_s, add_generation_prompt)
         except RenderTimeout:
             self._replace(child)
             raise
@@ -303,12 +312,12 @@ def _serve(connection: Connection) -> None:
     connection.send(("ready", ""))
     while True:
         try:
-            messages, tools, variables = connection.recv()
+            messages, tools, variables, add_generation_prompt = connection.recv()
         except EOFError:  # the worker closed its end, or exited
             return
         try:
             text = tokenizer.apply_chat_template(
-                messages, tools=tools, add_generation_prompt=True, tokenize=False, **variables
+                messages, tools=tools, add_generation_prompt=add_generation_prompt, tokenize=False, **variables
             )
         except Exception as error:  # jinja2's TemplateError from raise_exception, or a template that is broken
             connection.send(("error", f"{type(error).__name__}: {error}"))

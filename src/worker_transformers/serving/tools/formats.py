@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -233,6 +234,18 @@ _MARKS: list[tuple[str, tuple[str, ...]]] = [
 ]
 
 
+# The chat template applied to messages and tools, with or without the generation prompt. At startup it renders in
+# the renderer's children, bounded in time (serving/renderer.py): a template may loop on the probes below.
+Render = Callable[[list[dict[str, Any]], list[dict[str, Any]] | None, bool], str]
+
+
+def in_process(tokenizer: Any) -> Render:
+    """The chat template rendered here, unbounded: for a template known to finish (tests, tools of this project)."""
+    return lambda messages, tools, ask: tokenizer.apply_chat_template(
+        messages, tools=tools, add_generation_prompt=ask, tokenize=False
+    )
+
+
 @dataclass(frozen=True)
 class AnswerFormat:
     template: dict[str, Any]
@@ -246,25 +259,42 @@ def detect(chat_template: str | None) -> str | None:
     return next((name for name, marks in _MARKS if all(mark in chat_template for mark in marks)), None)
 
 
-def choose(setting: str, tokenizer: Any, model_type: str) -> AnswerFormat | None:
-    """The response template this model's answers are read with, by RESPONSE_TEMPLATE (config.py)."""
+def check(setting: str) -> None:
+    """Refuse, naming RESPONSE_TEMPLATE, a setting that names no format or a file that holds no response template:
+    startup checks it before the model loads, since choosing needs the chat template rendered."""
+    if setting in ("auto", "none") or setting in FORMATS:
+        return
+    if _is_file(setting):
+        _read_file(Path(setting))
+    elif _transformers_template(setting) is None:
+        raise ConfigError(
+            f"RESPONSE_TEMPLATE={setting!r} names no format; use auto, none, one of {', '.join(FORMATS)}, a model "
+            "type transformers keeps a response template for (qwen3, gemma4, ...), or the path of a JSON file"
+        )
+
+
+def choose(setting: str, tokenizer: Any, model_type: str, render: Render | None = None) -> AnswerFormat | None:
+    """The response template this model's answers are read with, by RESPONSE_TEMPLATE (config.py). `render`: how
+    the chat template is applied to find where answers start (in this process when not given)."""
+    check(setting)
+    render = render or in_process(tokenizer)
     if setting == "none":
         return None
     if setting == "auto":
-        return _automatic(tokenizer, model_type)
-    if "/" in setting or setting.endswith(".json"):
+        return _automatic(tokenizer, model_type, render)
+    if _is_file(setting):
         return AnswerFormat(_read_file(Path(setting)), f"the response template in {setting} (RESPONSE_TEMPLATE)")
     if setting in FORMATS:
-        return AnswerFormat(_anchored(FORMATS[setting], tokenizer), f"the {setting} format (RESPONSE_TEMPLATE)")
-    if (template := _transformers_template(setting)) is not None:
-        return AnswerFormat(template, f"transformers' response template for {setting} (RESPONSE_TEMPLATE)")
-    raise ConfigError(
-        f"RESPONSE_TEMPLATE={setting!r} names no format; use auto, none, one of {', '.join(FORMATS)}, a model type "
-        "transformers keeps a response template for (qwen3, gemma4, ...), or the path of a JSON file"
-    )
+        return AnswerFormat(_anchored(FORMATS[setting], render), f"the {setting} format (RESPONSE_TEMPLATE)")
+    template = _transformers_template(setting)
+    return AnswerFormat(template, f"transformers' response template for {setting} (RESPONSE_TEMPLATE)")
 
 
-def _automatic(tokenizer: Any, model_type: str) -> AnswerFormat | None:
+def _is_file(setting: str) -> bool:
+    return "/" in setting or setting.endswith(".json")  # as config.py reads the setting
+
+
+def _automatic(tokenizer: Any, model_type: str, render: Render) -> AnswerFormat | None:
     own = getattr(tokenizer, "response_template", None)
     if own is not None:
         return AnswerFormat(own, "the tokenizer's own response_template")
@@ -277,7 +307,7 @@ def _automatic(tokenizer: Any, model_type: str) -> AnswerFormat | None:
     ) is not None:
         return AnswerFormat(template, f"transformers' response template for {model_type}")
     if found is not None:
-        return AnswerFormat(_anchored(FORMATS[found], tokenizer), f"the {found} format, found in the chat template")
+        return AnswerFormat(_anchored(FORMATS[found], render), f"the {found} format, found in the chat template")
     return None
 
 
@@ -304,11 +334,11 @@ def _read_file(path: Path) -> dict[str, Any]:
     return template
 
 
-def _anchored(fields: dict[str, Any], tokenizer: Any) -> dict[str, Any]:
+def _anchored(fields: dict[str, Any], render: Render) -> dict[str, Any]:
     """A format anchored where this model's answers begin: at its chat template's generation prompt, cut before
     any reasoning marker in it, so that a prompt that opens (or skips) the reasoning is read as the model's own
     start. Without a generation prompt, the answer starts where the prompt ends."""
-    start = _generation_prompt(tokenizer)
+    start = _generation_prompt(render)
     reasoning = fields["fields"].get("reasoning_content")
     if start and reasoning is not None:
         markers = [_marker(reasoning, "open"), _marker(reasoning, "close")]
@@ -333,21 +363,16 @@ def _marker(field: dict[str, Any], end: str) -> str | None:
     return "|".join(regex.escape(text) for text in literals)
 
 
-def _generation_prompt(tokenizer: Any) -> str | None:
+def _generation_prompt(render: Render) -> str | None:
     """What the chat template adds to a chat to ask for the assistant's answer."""
-    from jinja2 import TemplateError
-
     chat = [{"role": "user", "content": "Hi"}]
-    error = None
+    failure = None
     for tools in (None, [PROBE_TOOL]):  # some templates render only with tools (Hermes 3's loops over them)
         try:
-            asked, plain = (
-                tokenizer.apply_chat_template(chat, tools=tools, add_generation_prompt=ask, tokenize=False)
-                for ask in (True, False)
-            )
-        except (TemplateError, ValueError, TypeError) as failure:
-            error = failure
+            asked, plain = render(chat, tools, True), render(chat, tools, False)
+        except Exception as error:  # noqa: BLE001 - the template's refusal, a render stopped at its time limit, ...
+            failure = error
             continue
         return asked[len(plain) :] if asked.startswith(plain) else None
-    log.warning("the chat template could not render a probe chat (%s); answers are read from the prompt's end", error)
+    log.warning("the chat template could not render a probe chat (%s); answers are read from the prompt's end", failure)
     return None

@@ -30,7 +30,7 @@ from transformers.utils.chat_parsing.response_templates import load_response_tem
 
 from worker_transformers.serving.schema import GenerationRequest, RequestError
 from worker_transformers.serving.tools.arguments import CallScanner
-from worker_transformers.serving.tools.formats import NINE_CHARACTER_IDS_MARK, PROBE_TOOL, choose
+from worker_transformers.serving.tools.formats import NINE_CHARACTER_IDS_MARK, PROBE_TOOL, Render, choose, in_process
 
 log = logging.getLogger("worker_transformers")
 
@@ -99,12 +99,23 @@ class ToolFormat:
     nine_character_ids: bool = False  # the template takes call ids back only as 9 letters and digits (Mistral)
 
     @classmethod
-    def of(cls, tokenizer: PreTrainedTokenizerBase, model_type: str, setting: str = "auto") -> ToolFormat:
-        chosen = choose(setting, tokenizer, model_type)
+    def of(
+        cls, tokenizer: PreTrainedTokenizerBase, model_type: str, setting: str = "auto", render: Render | None = None
+    ) -> ToolFormat:
+        """The model's, by RESPONSE_TEMPLATE. `render` applies the chat template to the probes (formats.Render): at
+        startup in the renderer's children, bounded in time; in this process when not given."""
+        render = render or in_process(tokenizer)
+        chosen = choose(setting, tokenizer, model_type, render)
         if chosen is not None:
             log.info("answers are read for reasoning and tool calls with %s", chosen.source)
         nine = NINE_CHARACTER_IDS_MARK in str(tokenizer.chat_template or "")
-        return cls(_renders_tools(tokenizer), chosen.template if chosen else None, model_type, nine)
+        shows_tools = bool(tokenizer.chat_template) and _renders_tools(render)
+        return cls(shows_tools, chosen.template if chosen else None, model_type, nine)
+
+    @classmethod
+    def reading_nothing(cls, model_type: str) -> ToolFormat:
+        """A format that reads nothing and takes no tools (before startup has chosen the model's)."""
+        return cls(False, None, model_type)
 
     def new_call_id(self) -> str:
         return new_call_id(self.nine_character_ids)
@@ -145,16 +156,11 @@ class ToolFormat:
         return {**template, "fields": fields} if reads else None
 
 
-def _renders_tools(tokenizer: PreTrainedTokenizerBase) -> bool:
-    from jinja2 import TemplateError
-
-    if not tokenizer.chat_template:
-        return False
+def _renders_tools(render: Render) -> bool:
     try:
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": "Hi"}], tools=[PROBE_TOOL], add_generation_prompt=True, tokenize=False
-        )
-    except TemplateError:
+        text = render([{"role": "user", "content": "Hi"}], [PROBE_TOOL], True)
+    except Exception as error:  # noqa: BLE001 - the template's refusal, or a render stopped at its time limit
+        log.warning("the chat template could not render a chat with tools (%s): tools are refused", error)
         return False
     return PROBE_TOOL["function"]["name"] in text
 
