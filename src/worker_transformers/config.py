@@ -105,13 +105,18 @@ def _chat_template(name: str, raw: str) -> str | None:
         ) from None
 
 
+def names_a_file(response_template: str) -> bool:
+    """Whether a RESPONSE_TEMPLATE value is the path of a file: it has a path separator or a .json ending."""
+    return "/" in response_template or response_template.endswith(".json")
+
+
 def _response_template(name: str, raw: str) -> str:
-    """`auto`, `none` or a format's name as it is (serving/tools/formats.py checks the name once the tokenizer is
-    known); anything with a path separator or a .json ending is a file, which must be readable."""
+    """`auto`, `none` or a format's name as it is (serving/tools/formats.py checks the name at startup); a file
+    (`names_a_file`) must be readable."""
     value = raw.strip()
     if not value:
         raise ConfigError(f"{name} is empty; use auto, none, a format's name or the path of a JSON file")
-    if "/" in value or value.endswith(".json"):
+    if names_a_file(value):
         try:
             Path(value).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as error:

@@ -162,7 +162,7 @@ def test_the_answer_is_read_from_the_templates_generation_prompt(tokenizer, rend
     """What the reader reads of the prompt is the generation prompt, its reasoning prefill included (Qwen3's
     `<think>\\n\\n</think>\\n\\n` with thinking off, DeepSeek V3.1's `<think></think>`, GLM 4.7's `</think>`), and
     nothing before it; Mistral's templates have none, so nothing of the prompt is read."""
-    template = anchored(rendering, tokenizer)
+    template = load_response_template(anchored(rendering, tokenizer))
     assert _answer_start(template, rendering.prompt) == rendering.generation_prompt
     # the anchor finds the last generation prompt of a longer chat too
     earlier = f"Hi{rendering.turn_end}{rendering.generation_prompt}Hello.\n"

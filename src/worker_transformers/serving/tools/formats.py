@@ -21,7 +21,7 @@ from typing import Any
 
 import regex
 
-from worker_transformers.config import ConfigError
+from worker_transformers.config import ConfigError, names_a_file
 
 log = logging.getLogger("worker_transformers")
 
@@ -264,34 +264,37 @@ def check(setting: str) -> None:
     startup checks it before the model loads, since choosing needs the chat template rendered."""
     if setting in ("auto", "none") or setting in FORMATS:
         return
-    if _is_file(setting):
+    if names_a_file(setting):
         _read_file(Path(setting))
-    elif _transformers_template(setting) is None:
-        raise ConfigError(
-            f"RESPONSE_TEMPLATE={setting!r} names no format; use auto, none, one of {', '.join(FORMATS)}, a model "
-            "type transformers keeps a response template for (qwen3, gemma4, ...), or the path of a JSON file"
-        )
+    else:
+        _named_by_model_type(setting)
 
 
 def choose(setting: str, tokenizer: Any, model_type: str, render: Render | None = None) -> AnswerFormat | None:
     """The response template this model's answers are read with, by RESPONSE_TEMPLATE (config.py). `render`: how
     the chat template is applied to find where answers start (in this process when not given)."""
-    check(setting)
     render = render or in_process(tokenizer)
     if setting == "none":
         return None
     if setting == "auto":
         return _automatic(tokenizer, model_type, render)
-    if _is_file(setting):
+    if names_a_file(setting):
         return AnswerFormat(_read_file(Path(setting)), f"the response template in {setting} (RESPONSE_TEMPLATE)")
     if setting in FORMATS:
         return AnswerFormat(_anchored(FORMATS[setting], render), f"the {setting} format (RESPONSE_TEMPLATE)")
-    template = _transformers_template(setting)
+    template = _named_by_model_type(setting)
     return AnswerFormat(template, f"transformers' response template for {setting} (RESPONSE_TEMPLATE)")
 
 
-def _is_file(setting: str) -> bool:
-    return "/" in setting or setting.endswith(".json")  # as config.py reads the setting
+def _named_by_model_type(setting: str) -> dict[str, Any]:
+    """transformers' response template for the model type RESPONSE_TEMPLATE names; ConfigError when it keeps none."""
+    template = _transformers_template(setting)
+    if template is None:
+        raise ConfigError(
+            f"RESPONSE_TEMPLATE={setting!r} names no format; use auto, none, one of {', '.join(FORMATS)}, a model "
+            "type transformers keeps a response template for (qwen3, gemma4, ...), or the path of a JSON file"
+        )
+    return template
 
 
 def _automatic(tokenizer: Any, model_type: str, render: Render) -> AnswerFormat | None:

@@ -26,7 +26,7 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 from transformers.utils.chat_parsing import ResponseParser
-from transformers.utils.chat_parsing.response_templates import load_response_template
+from transformers.utils.chat_parsing.response_templates import ResponseTemplate, load_response_template
 
 from worker_transformers.serving.schema import GenerationRequest, RequestError
 from worker_transformers.serving.tools.arguments import CallScanner
@@ -325,7 +325,8 @@ class CallReader:
         prompt: str,
         new_id: Callable[[], str] = new_call_id,
     ) -> None:
-        self.parser = _Parser(template, prefix=_answer_start(template, prompt), tools=request.template_tools())
+        loaded = load_response_template(template)  # its patterns compiled once, for the anchor and the parser
+        self.parser = _Parser(loaded, prefix=_answer_start(loaded, prompt), tools=request.template_tools())
         self.new_id = new_id
         self._shape = _json_shape(template["fields"].get("tool_calls"))
         self._calls: _CallStream | None = None  # the tool-call region open now
@@ -382,12 +383,12 @@ class CallReader:
         return pieces
 
 
-def _answer_start(template: dict[str, Any], prompt: str) -> str:
+def _answer_start(template: ResponseTemplate, prompt: str) -> str:
     """The prompt from the last place the template's start anchor finds, which the parser reads as the start of the
     answer (a prefill that opens the reasoning, say); nothing of it when the anchor is not there, so that what the
     prompt holds is never read as the answer (transformers' parser would read all of it)."""
     found = None
-    for found in load_response_template(template).start_anchor_re.finditer(prompt):
+    for found in template.start_anchor_re.finditer(prompt):
         pass
     return prompt[found.start() :] if found is not None else ""
 
