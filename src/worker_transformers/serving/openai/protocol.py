@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from pydantic import ValidationError
+
 from worker_transformers.generation.errors import DeviceFailed, OutOfMemory
 
 ROUTES = ("/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/responses")
@@ -37,6 +39,22 @@ def error_result(
 ) -> dict[str, str]:
     """A failed job's result: the OpenAI error object as JSON text (the SDK wants error values to be strings)."""
     return {"error": json.dumps(error_body(message, param, code, kind))}
+
+
+def model_not_served(asked: str, served: str) -> dict[str, str]:
+    """The failed job of a request for a model this worker does not serve."""
+    return error_result(f"model: {asked!r} is not served here; use {served!r}", "model", "model_not_found")
+
+
+def param_of(message: str) -> str:
+    """The top-level field a refusal names first: `messages.0.content: ...` names `messages`."""
+    return message.split(":", 1)[0].split(".", 1)[0]
+
+
+def first_param(error: ValidationError) -> str | None:
+    """The top-level field of a body's first validation problem."""
+    loc = error.errors()[0]["loc"]
+    return str(loc[0]) if loc else None
 
 
 def failure_code(error: BaseException) -> str:

@@ -27,7 +27,14 @@ from worker_transformers.generation.errors import GenerationFailed
 from worker_transformers.generation.events import Done
 from worker_transformers.serving.answer import Logprobs, Piece, read, usage
 from worker_transformers.serving.openai.bodies import ChatCompletionBody
-from worker_transformers.serving.openai.protocol import DONE, error_result, failure_code
+from worker_transformers.serving.openai.protocol import (
+    DONE,
+    error_result,
+    failure_code,
+    first_param,
+    model_not_served,
+    param_of,
+)
 from worker_transformers.serving.openai.responses_bodies import FieldNames, ResponsesBody, TextConfig
 from worker_transformers.serving.schema import GenerationRequest, RequestError, check_text, describe
 from worker_transformers.serving.tools.reader import Call, CallArguments, CallStart, Reasoning, ToolCallFailed
@@ -41,20 +48,18 @@ async def handle(routes, body: dict[str, Any]) -> AsyncIterator[Any]:
         check_text(body)
         parsed = ResponsesBody.model_validate(body)
         if parsed.model != routes.frontend.model_name:
-            message = f"model: {parsed.model!r} is not served here; use {routes.frontend.model_name!r}"
-            yield error_result(message, "model", "model_not_found")
+            yield model_not_served(parsed.model, routes.frontend.model_name)
             return
         chat, names = parsed.chat_body()
         request = _request(chat, routes.max_new_tokens, routes.sampling_defaults)
         routes.tool_format.check(request)
         prepared = await asyncio.to_thread(routes.frontend.prepare, request)
     except ValidationError as error:
-        loc = error.errors()[0]["loc"]
-        yield error_result(describe(error), str(loc[0]) if loc else None)
+        yield error_result(describe(error), first_param(error))
         return
     except RequestError as error:
         message = names.rename(str(error)) if names is not None else str(error)
-        yield error_result(message, message.split(":", 1)[0].split(".", 1)[0])
+        yield error_result(message, param_of(message))
         return
     shape = _Shape(parsed, request, routes.frontend.model_name)
     pieces = read(routes.frontend, request, prepared, routes.tool_format)

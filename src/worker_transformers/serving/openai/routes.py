@@ -31,7 +31,16 @@ from worker_transformers.serving.answer import (
 from worker_transformers.serving.frontend import Frontend
 from worker_transformers.serving.openai import responses
 from worker_transformers.serving.openai.bodies import ChatCompletionBody, CompletionBody
-from worker_transformers.serving.openai.protocol import DONE, ROUTES, error_body, error_result, failure_code
+from worker_transformers.serving.openai.protocol import (
+    DONE,
+    ROUTES,
+    error_body,
+    error_result,
+    failure_code,
+    first_param,
+    model_not_served,
+    param_of,
+)
 from worker_transformers.serving.schema import GenerationRequest, RequestError, describe
 from worker_transformers.serving.tools.reader import (
     Call,
@@ -78,20 +87,16 @@ class OpenAIRoutes:
         try:
             parsed = schema.model_validate(body)
             if parsed.model != self.frontend.model_name:
-                yield error_result(
-                    f"model: {parsed.model!r} is not served here; use {self.frontend.model_name!r}",
-                    "model",
-                    "model_not_found",
-                )
+                yield model_not_served(parsed.model, self.frontend.model_name)
                 return
             request = parsed.to_request(self.max_new_tokens, self.sampling_defaults)
             self.tool_format.check(request)
             prepared = await asyncio.to_thread(self.frontend.prepare, request)
         except ValidationError as error:
-            yield error_result(describe(error), _first_param(error))
+            yield error_result(describe(error), first_param(error))
             return
         except RequestError as error:
-            yield error_result(str(error), str(error).split(":", 1)[0].split(".", 1)[0])
+            yield error_result(str(error), param_of(str(error)))
             return
         choices = [read(self.frontend, choice, prepared, self.tool_format) for choice in _choices(request, parsed.n)]
         shape = _Chat if route == "/v1/chat/completions" else _Completion
@@ -108,11 +113,6 @@ class OpenAIRoutes:
     def models(self) -> dict[str, Any]:
         model = {"id": self.frontend.model_name, "object": "model", "created": self.created, "owned_by": OWNER}
         return {"object": "list", "data": [model]}
-
-
-def _first_param(error: ValidationError) -> str | None:
-    loc = error.errors()[0]["loc"]
-    return str(loc[0]) if loc else None
 
 
 def _choices(request: GenerationRequest, n: int) -> list[GenerationRequest]:
