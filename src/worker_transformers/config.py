@@ -22,6 +22,7 @@ DTYPES = ("auto", "bfloat16", "float16", "float32")
 DEVICES = ("auto", "cuda", "cpu")
 SDK_LOG_LEVELS = ("error", "warn", "info", "debug")
 ENGINES = ("auto", "batch", "continuous", "serial")
+COMPILE_MODES = ("background", "before_ready", "off")
 
 _TRUE = ("true", "1", "yes", "on")
 _FALSE = ("false", "0", "no", "off")
@@ -67,6 +68,11 @@ def _absolute_path(name: str, raw: str) -> Path:
     if not raw.startswith("/"):
         raise ConfigError(f"{name}={raw!r} is not allowed; use an absolute folder path")
     return Path(raw)
+
+
+def _folder_or_auto(name: str, raw: str) -> Path | None:
+    """None for `auto`; else an absolute folder path."""
+    return None if raw.strip().lower() == "auto" else _absolute_path(name, raw.strip())
 
 
 def _flag(name: str, raw: str) -> bool:
@@ -193,6 +199,21 @@ class Settings:
         "`continuous`: transformers' own continuous batching (a paged KV cache, attention layers only); `serial`: "
         "one job at a time through `generate` (RWKV, RecurrentGemma, flash attention); `auto` batches (`batch`) "
         "wherever the model allows it and passes its check",
+    )
+    compile: str = setting(
+        "COMPILE",
+        "background",
+        _choice(*COMPILE_MODES),
+        "The batch engine's decode step compiled (torch.compile): `background` serves on the eager step from "
+        "ready on and switches to the compiled one once it is built; `before_ready` builds it during startup; "
+        "`off` never compiles",
+    )
+    compile_cache_dir: Path | None = setting(
+        "COMPILE_CACHE_DIR",
+        "auto",
+        _folder_or_auto,
+        "Folder where the compiled decode step is saved for the next worker: `auto` is the network volume's "
+        "`worker-transformers/compile` for a volume model, else `~/.cache/worker-transformers/compile`",
     )
     served_model_name: str | None = setting(
         "SERVED_MODEL_NAME",
@@ -338,6 +359,17 @@ def hf_hub_cache_dir(env: Mapping[str, str]) -> Path:
         return Path(env["HF_HOME"]).expanduser() / "hub"
     cache_home = Path(env["XDG_CACHE_HOME"]) if env.get("XDG_CACHE_HOME") else Path(env.get("HOME", "~")) / ".cache"
     return cache_home.expanduser() / "huggingface" / "hub"
+
+
+def compile_cache_folder(settings: Settings, model_source: str, env: Mapping[str, str]) -> Path:
+    """Where the compiled decode step is kept (COMPILE_CACHE_DIR): on the network volume beside a volume model,
+    where every worker of the endpoint finds it; else in the user's cache folder, which an image can carry."""
+    if settings.compile_cache_dir is not None:
+        return settings.compile_cache_dir
+    if model_source == "volume":
+        return Path(settings.volume_model_dir).parent / "worker-transformers" / "compile"
+    cache_home = Path(env["XDG_CACHE_HOME"]) if env.get("XDG_CACHE_HOME") else Path(env.get("HOME", "~")) / ".cache"
+    return cache_home.expanduser() / "worker-transformers" / "compile"
 
 
 def settings_table() -> str:

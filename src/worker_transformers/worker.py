@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from worker_transformers.config import ConfigError, Settings, is_deployed
+from worker_transformers.config import ConfigError, Settings, compile_cache_folder, is_deployed
 from worker_transformers.model import weights
 from worker_transformers.model.errors import ModelNotFound, UnsupportedWeights
 from worker_transformers.model.sources import resolve
@@ -34,6 +34,9 @@ from worker_transformers.startup.readahead import Readahead
 from worker_transformers.startup.sdk import import_runpod, quiet_runpod_logs
 
 log = logging.getLogger("worker_transformers")
+
+# COMPILE=before_ready: seconds of RUNPOD_INIT_TIMEOUT left unused by the compile, for handing over to the SDK.
+COMPILE_RESERVE_S = 10.0
 
 
 def import_libraries() -> None:
@@ -93,6 +96,8 @@ def setup(settings: Settings, budget: InitBudget | None = None):
                 settings.max_new_tokens,
                 settings.engine,
                 images.sample(_render_sample(tokenizer)) if images is not None else None,
+                settings.compile,
+                _compile_artifacts(settings, location, model),
             )
             model_name = settings.served_model_name or location.model_id
             limits = ImageLimits.from_settings(settings)
@@ -105,12 +110,35 @@ def setup(settings: Settings, budget: InitBudget | None = None):
             except BaseException:
                 frontend.close()
                 raise
+        if settings.compile == "before_ready" and generation.decode_graph is not None:
+            with budget.phase("compile"):
+                compile_before_ready(generation.decode_graph, budget)
     except BaseException:
         renderers.close()
         raise
     finally:
         reading.stop()
     return frontend
+
+
+def compile_before_ready(graph, budget: InitBudget) -> None:
+    """COMPILE=before_ready: the decode step compiled before the worker takes jobs, unless that would overrun
+    RUNPOD_INIT_TIMEOUT; then the worker is ready on the eager step and the compile goes on behind it."""
+    graph.start()
+    if not graph.wait(max(0.0, budget.remaining() - COMPILE_RESERVE_S)):
+        log.warning(
+            "the decode step is still compiling with %.0f s of RUNPOD_INIT_TIMEOUT left: ready on the eager step, "
+            "the compiled one takes over once built",
+            budget.remaining(),
+        )
+
+
+def _compile_artifacts(settings: Settings, location, model):
+    """The file the compiled decode step is kept in (COMPILE_CACHE_DIR), named for this model's files."""
+    from worker_transformers.generation.batch.compiled import artifacts_file
+
+    folder = compile_cache_folder(settings, location.source, os.environ)
+    return artifacts_file(folder, model, f"{location.model_id}|{location.revision}|{location.path}")
 
 
 def image_prompts(processor, tokenizer):
@@ -173,9 +201,11 @@ def start_worker(
     env: Mapping[str, str],
     on_unhealthy: Callable[[], None] = lambda: None,
     reading_ahead: Readahead | None = None,
+    compile_behind: bool = True,
 ) -> Started:
     """Run startup and return the engine's handler, or the failed-startup one. `reading_ahead`, started by
-    the entry point, joins the timeline."""
+    the entry point, joins the timeline. `compile_behind`: COMPILE=background starts its compile at ready (not
+    for a process that runs one job and exits)."""
     try:
         settings = Settings.from_env(env)
     except ConfigError as error:
@@ -210,6 +240,10 @@ def start_worker(
                 if gone
                 else "",
             )
+    graph = frontend.generation.decode_graph
+    if settings.compile == "background" and graph is not None and compile_behind:
+        compiling = budget.begin("compile")  # the timeline shows it still running at ready
+        graph.start(lambda: budget.end(compiling))
     budget.ready()
     handler = make_handler(frontend, settings, on_unhealthy)
     concurrency = frontend.generation.concurrency
@@ -228,8 +262,6 @@ def main(env: Mapping[str, str] = os.environ, argv: list[str] = sys.argv, readah
     # For a generator handler the SDK ignores a returned "refresh_worker"; it stops the worker after a job only
     # when its config says so (rp_job.handle_job), so the out-of-memory guard sets it there.
     config: dict[str, Any] = {"return_aggregate_stream": True}
-    started = start_worker(env, lambda: config.update(refresh_worker=True), readahead)
-
     from worker_transformers.local import LocalJobError, local_job, run_local
 
     try:
@@ -237,6 +269,8 @@ def main(env: Mapping[str, str] = os.environ, argv: list[str] = sys.argv, readah
     except LocalJobError as error:
         log.error("%s", error)
         sys.exit(1)
+    # One local job and exit: a compile in the background would only slow it down, and be cut off at exit.
+    started = start_worker(env, lambda: config.update(refresh_worker=True), readahead, compile_behind=job is None)
     if job is not None:
         exit_code = asyncio.run(run_local(started.handler, job))
         started.close()

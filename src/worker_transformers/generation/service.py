@@ -15,12 +15,14 @@ import logging
 import queue
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from worker_transformers.generation import choice
 from worker_transformers.generation.batch.batcher import Batcher, ShedForMemory
+from worker_transformers.generation.batch.compiled import DecodeGraph
 from worker_transformers.generation.continuous import ContinuousEngine
 from worker_transformers.generation.engine import Engine
 from worker_transformers.generation.errors import DeviceFailed, GenerationFailed, OutOfMemory, RequestError
@@ -59,9 +61,13 @@ class Generation:
         max_new_tokens: int,
         engine_setting: str = "auto",
         image_prompt: tuple[list[int], Pixels] | None = None,
+        compile_mode: str = "off",
+        compile_artifacts: Path | None = None,
     ) -> None:
         """`image_prompt`: for a model that takes images, a sample image prompt its processor made (its ids and
-        processed images), with which the batcher is checked; None: the worker takes no images."""
+        processed images), with which the batcher is checked; None: the worker takes no images. `compile_mode`
+        (COMPILE): whether the batcher's decode step is compiled, its compiled code kept in `compile_artifacts`;
+        the compile itself starts when startup says (`decode_graph.start`)."""
         self.tokenizer = tokenizer
         self.detokenizer = Detokenizer(tokenizer)
         self.model_type = model.config.model_type
@@ -77,6 +83,13 @@ class Generation:
         self.engine = _start_engine(
             self.engine_kind, model, tokenizer, eos, layout, why, max_batch, longest_request, self.vision
         )
+        self.decode_graph: DecodeGraph | None = None  # the batcher's compiled decode step, where it has one
+        if self.engine_kind == "batch" and compile_mode != "off":
+            why_eager = DecodeGraph.why_not(model, layout)
+            if why_eager:
+                log.info("decode step: eager, not compiled (%s)", why_eager)
+            else:
+                self.decode_graph = self.engine.graph = DecodeGraph(model, layout, compile_artifacts, max_batch)
 
     @property
     def warmed_up(self) -> bool:

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel
 
+from worker_transformers.generation.batch.compiled import DecodeGraph
 from worker_transformers.generation.batch.layout import CacheLayout, forward_parameters
 from worker_transformers.generation.batch.masks import attention_masks, held_columns
 from worker_transformers.generation.batch.slot_cache import SlotCache
@@ -129,6 +130,7 @@ class Batcher(Engine):
         self._counts: torch.Tensor | None = None  # (rows, vocab): generated tokens' counts, when a penalty asks
         self._sampler = BatchSampler(self.device)
         self._batch_asks = _Asks(grammar=False, logprobs=False)  # what the rows in the batch ask for
+        self.graph: DecodeGraph | None = None  # the compiled decode step, where the model has one (compiled.py)
         if start:  # not for check.py, which drives the steps itself
             self._thread.start()
 
@@ -334,9 +336,7 @@ class Batcher(Engine):
         live = slice(0, rows)
         positions = self._positions[live, None]
         rotary = positions + self._offsets[live, None] if self.vision and self.vision.rope_index else None
-        logits = self._forward(
-            self._last[live, None], positions, live, self.column, decode=True, continuing=True, rotary=rotary
-        )
+        logits = self._decode_forward(rows, positions, rotary)
         seen = self._seen[live] if self._seen is not None else None
         counts = self._counts[live] if self._counts is not None else None
         # Grammars and log-probabilities cost a pass each only in batches with a request that asks for them.
@@ -422,6 +422,26 @@ class Batcher(Engine):
         with cache.writing(rows, start, end, continuing):
             out = self.model(**arguments)
         return out.logits[:, -1]
+
+    def _decode_forward(self, rows: int, positions: torch.Tensor, rotary: torch.Tensor | None) -> torch.Tensor:
+        """A decode step's logits: from the compiled step once it is ready (compiled.py), else the eager forward.
+        A prompt being prefilled in chunks holds a row after the batch's, which the compiled step does not keep
+        out of its writes: the eager step serves meanwhile."""
+        graph, live = self.graph, slice(0, rows)
+        if graph is not None and graph.ready and self.chunks is None:
+            # the rows the compiled step runs, and a column to spare after the step's (DecodeGraph.run)
+            self._make_room(max(rows, graph.fewest_rows), 0, spare=1)
+            try:
+                rotary = positions if rotary is None else rotary
+                return graph.run(self._last[live, None], positions, rotary, self.cache, rows, self.column)
+            except torch.OutOfMemoryError:
+                raise
+            except Exception:  # noqa: BLE001 - the eager step is always there to serve
+                graph.ready = False
+                log.exception("the compiled decode step failed; the eager step serves from now on")
+        return self._forward(
+            self._last[live, None], positions, live, self.column, decode=True, continuing=True, rotary=rotary
+        )
 
     def _prefill_prefix(self, prefix: list[int], rows: slice, start: int) -> None:
         """The prompt tokens every one of `rows` starts with, computed once in the first of them at columns from
@@ -526,20 +546,20 @@ class Batcher(Engine):
         if not self.active:
             self.column = 0
 
-    def _make_room(self, rows: int, prompt_length: int) -> None:
+    def _make_room(self, rows: int, prompt_length: int, spare: int = 0) -> None:
         """Enough rows, and columns for a prompt of `prompt_length` ending at the next column and the decode step
-        after it, keeping a prompt being prefilled in chunks: reclaim the columns before every row's first, and
-        grow (doubling) only when reclaiming leaves less than half free."""
+        after it (and `spare` columns after that), keeping a prompt being prefilled in chunks: reclaim the columns
+        before every row's first, and grow (doubling) only when reclaiming leaves less than half free."""
         cache, chunks, used = self.cache, self.chunks, self.column
         if chunks is not None:  # its row, and its columns (they may end past the batch's next one)
             rows, used = max(rows, chunks.row + 1), max(used, chunks.end)
-        if rows <= cache.row_capacity and max(used, prompt_length) + 1 <= cache.column_capacity:
+        if rows <= cache.row_capacity and max(used, prompt_length) + 1 + spare <= cache.column_capacity:
             return
         first, kept, held = min(self.starts, default=self.column), len(self.active), self.column
         if chunks is not None:  # what its chunks so far wrote is kept
             first, held = min(first, chunks.start), max(held, chunks.start + chunks.done)
             kept = min(chunks.row + 1, cache.row_capacity)
-        needed = max(used - first, prompt_length) + 1
+        needed = max(used - first, prompt_length) + 1 + spare
         column_capacity = cache.column_capacity
         if needed > column_capacity // 2:
             column_capacity = max(2 * needed, 16)

@@ -1,0 +1,258 @@
+"""The compiled decode step (batch/compiled.py): for every family the batcher serves, either the compiled step
+serves, answering exactly as `generate` and as the eager step do, alone and in batches of every size, without
+compiling again once it is ready; or the family stays on the eager step and the log says why.
+
+Each family is started by the real startup with COMPILE=before_ready, on tiny random models (fp32) of the
+architectures tests/generation/test_architectures.py serves."""
+
+import logging
+import time
+
+import pytest
+import torch
+from generation.test_architectures import ARCHITECTURES, PROMPTS, generated_by_generate, greedy, jobs
+from torch._dynamo.utils import counters
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from worker_transformers.config import Settings
+from worker_transformers.generation.batch.compiled import DecodeGraph
+from worker_transformers.serving.handlers import make_handler
+from worker_transformers.worker import setup, start_worker
+
+# Families whose step stays eager, and the reason the log must give.
+EAGER = {
+    "qwen3_5_text": "recurrent layers",
+    "qwen3_next": "recurrent layers",
+    "lfm2": "recurrent layers",
+    "nemotron_h": "recurrent layers",
+    "zamba2": "recurrent layers",
+    "mamba2": "recurrent layers",
+    "falcon_mamba": "recurrent layers",
+    "jamba": "recurrent layers",
+    "mamba": "recurrent layers",
+    "bloom": "2D mask",
+}
+# Families whose step torch's compiler takes as one graph only from a release on: before it, they keep the eager
+# step, and the log says why (torch 2.8's compiler refuses to inline a function Gemma 4's code calls).
+COMPILES_FROM = {"gemma4_text-shared-kv": (2, 13)}
+BATCHED = [name for name, (*_, engine) in ARCHITECTURES.items() if engine == "batch"]
+
+
+def compiles_here(name: str) -> bool:
+    return tuple(int(part) for part in torch.__version__.split(".")[:2]) >= COMPILES_FROM.get(name, (0, 0))
+
+
+def make_folder(name: str, tmp_path_factory):
+    from generation.test_architectures import CHATML
+
+    config_class, arguments, make_tokenizer, _ = ARCHITECTURES[name]
+    tokenizer = make_tokenizer()
+    tokenizer.chat_template = CHATML
+    special = {k: tokenizer.convert_tokens_to_ids(v) for k, v in (("bos", "<s>"), ("eos", tokenizer.eos_token))}
+    config = config_class(
+        vocab_size=len(tokenizer),
+        bos_token_id=special["bos"],
+        eos_token_id=special["eos"],
+        pad_token_id=tokenizer.pad_token_id,
+        **arguments,
+    )
+    if hasattr(config, "vocab_size_per_layer_input"):
+        config.vocab_size_per_layer_input = config.vocab_size
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp(name)
+    AutoModelForCausalLM.from_config(config).to(torch.float32).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module", params=BATCHED)
+def compiled(request, tmp_path_factory):
+    """(name, engine, settings, tokenizer, reference model, log records) for one family, started with its decode
+    step compiled before ready."""
+    name = request.param
+    folder = make_folder(name, tmp_path_factory)
+    env = {
+        "MODEL_NAME": str(folder),
+        "MAX_CONCURRENCY": "4",
+        "MAX_NEW_TOKENS": "64",
+        "COMPILE": "before_ready",
+        "COMPILE_CACHE_DIR": str(tmp_path_factory.mktemp("compiled")),
+    }
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("worker_transformers")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        engine = setup(Settings.from_env(env))
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    reference = AutoModelForCausalLM.from_pretrained(folder).eval()
+    yield name, engine, Settings.from_env(env), AutoTokenizer.from_pretrained(folder), reference, records
+    engine.close()
+    forget_compiled()
+
+
+def forget_compiled() -> None:
+    """A worker compiles one model's step; these tests compile many in one process, more graphs of the one
+    function than the compiler keeps (its recompile limit) unless each family's are dropped after it."""
+    torch._dynamo.reset()
+
+
+def test_the_step_is_compiled_or_the_log_says_why_not(compiled):
+    name, engine, *_, records = compiled
+    graph = engine.generation.decode_graph
+    messages = [record.getMessage() for record in records]
+    if name in EAGER:
+        assert graph is None
+        assert any("decode step: eager" in m and EAGER[name] in m for m in messages), messages
+    elif not compiles_here(name):
+        assert graph is not None and not graph.ready and graph.failed
+        assert any("compiled decode step unavailable, the eager step serves on" in m for m in messages)
+    else:
+        assert graph is not None and graph.ready, graph and graph.failed
+        assert any("compiled decode step in service" in m for m in messages)
+        assert graph.artifacts.is_file()  # kept for the next worker
+
+
+def test_compiled_answers_equal_generate_alone_and_together_with_no_compile_once_ready(compiled, monkeypatch):
+    name, engine, settings, tokenizer, reference, _ = compiled
+    graph = engine.generation.decode_graph
+    if graph is None or not compiles_here(name):
+        pytest.skip(f"{name} keeps the eager step")
+    steps = []
+    run = graph.run
+    monkeypatch.setattr(graph, "run", lambda *a, **k: steps.append(a[4]) or run(*a, **k))
+    graphs_before = counters["stats"]["unique_graphs"]
+    handler = make_handler(engine, settings)
+    for prompt in PROMPTS:
+        [[answer]] = jobs(handler, [greedy(prompt)])
+        ids = tokenizer(prompt)["input_ids"]
+        out = generated_by_generate(reference, tokenizer, ids)
+        generated = [t for t in out if t != reference.config.eos_token_id]
+        assert answer["usage"]["completion_tokens"] == len(out)
+        assert prompt + answer["text"] == tokenizer.decode(ids + generated, skip_special_tokens=True)
+    inputs = [greedy(p) for p in PROMPTS] + [{**greedy(p), "stream": True, "max_new_tokens": 24} for p in PROMPTS[:1]]
+    one_by_one = [jobs(handler, [job_input])[0] for job_input in inputs]
+    assert jobs(handler, inputs) == one_by_one
+    assert graph.ready  # no step fell back to eager
+    assert {1, 4} <= set(steps)  # the compiled step ran alone and for a batch of four
+    assert counters["stats"]["unique_graphs"] == graphs_before  # and never compiled again
+
+
+def test_a_step_that_would_compile_again_goes_back_to_eager_and_keeps_answering(compiled, monkeypatch, caplog):
+    name, engine, settings, tokenizer, reference, _ = compiled
+    graph = engine.generation.decode_graph
+    if graph is None or not compiles_here(name):
+        pytest.skip(f"{name} keeps the eager step")
+    handler = make_handler(engine, settings)
+    [[expected]] = jobs(handler, [greedy(PROMPTS[0])])
+    # A step with inputs of another dtype than the warm-up's would need a graph of its own.
+    run = graph.run
+    monkeypatch.setattr(graph, "run", lambda ids, *a, **k: run(ids.to(torch.int32), *a, **k))
+    with caplog.at_level(logging.ERROR):
+        [[answer]] = jobs(handler, [greedy(PROMPTS[0])])
+    assert answer == expected
+    assert not graph.ready
+    assert "the eager step serves from now on" in caplog.text
+    graph.ready = True  # for the tests after this one
+
+
+def test_a_damaged_compile_cache_file_is_compiled_afresh(tmp_path, caplog):
+    """A file that is not saved compiled code (damaged, or from another torch) costs a compile, nothing more."""
+    from worker_transformers.generation.batch.layout import probe
+
+    model = AutoModelForCausalLM.from_config(
+        ARCHITECTURES["llama"][0](vocab_size=64, **ARCHITECTURES["llama"][1])
+    ).eval()
+    damaged = tmp_path / "decode.bin"
+    damaged.write_bytes(b"not compiled code")
+    graph = DecodeGraph(model, probe(model), damaged, max_rows=4)
+    with caplog.at_level(logging.WARNING):
+        assert graph.compile(), graph.failed
+    forget_compiled()
+    assert "COMPILE_CACHE_DIR" in caplog.text and "compiling afresh" in caplog.text
+    assert damaged.read_bytes() != b"not compiled code"  # replaced by what was compiled
+
+
+# How startup runs the compile (COMPILE): the real start_worker on the conftest's tiny Llama.
+
+
+def answer(started, job_input: dict) -> dict:
+    [[output]] = jobs(started.handler, [job_input])
+    return output
+
+
+def wait_for(caplog, text: str, timeout_s: float = 300) -> None:
+    deadline = time.monotonic() + timeout_s
+    while text not in caplog.text:
+        assert time.monotonic() < deadline, f"no {text!r} in the log after {timeout_s} s"
+        time.sleep(0.2)
+
+
+def timeline_phases(log_text: str) -> dict[str, str]:
+    timeline = log_text[log_text.index("startup timeline") :].splitlines()[2:]
+    return {line.split()[0]: line for line in timeline if line.startswith("  ")}
+
+
+def test_background_compile_serves_at_once_then_takes_over_and_a_second_worker_starts_from_what_it_saved(
+    tiny_model_dir, tmp_path, caplog
+):
+    env = {"MODEL_NAME": str(tiny_model_dir), "COMPILE": "background", "COMPILE_CACHE_DIR": str(tmp_path)}
+    job = greedy("The capital of", max_new_tokens=12)
+    with caplog.at_level(logging.INFO):
+        started = start_worker(env)
+        try:
+            assert "(still running)" in timeline_phases(caplog.text)["compile"]  # ready before the compile ends
+            eager = answer(started, job)  # served at once, whatever the compile's progress
+            wait_for(caplog, "compiled decode step in service")
+            assert "nothing saved to start from" in caplog.text
+            assert answer(started, job) == eager
+        finally:
+            started.close()
+        assert [path.suffix for path in tmp_path.iterdir()] == [".bin"]
+        caplog.clear()
+        second = start_worker(env)
+        try:
+            wait_for(caplog, "compiled decode step in service")
+            assert "with the compiled code an earlier worker saved" in caplog.text
+            assert answer(second, job) == eager
+        finally:
+            second.close()
+    forget_compiled()
+
+
+def test_compile_off_serves_the_eager_step_and_compiles_nothing(tiny_model_dir, tmp_path, caplog):
+    env = {"MODEL_NAME": str(tiny_model_dir), "COMPILE": "off", "COMPILE_CACHE_DIR": str(tmp_path)}
+    with caplog.at_level(logging.INFO):
+        started = start_worker(env)
+    try:
+        assert "compile" not in timeline_phases(caplog.text)
+        assert answer(started, greedy("The capital of"))["usage"]["completion_tokens"] > 0
+    finally:
+        started.close()
+    assert "compiled decode step" not in caplog.text and not list(tmp_path.iterdir())
+
+
+def test_before_ready_goes_ready_on_the_eager_step_when_the_compile_would_overrun_the_init_timeout(
+    tiny_model_dir, tmp_path, caplog
+):
+    env = {
+        "MODEL_NAME": str(tiny_model_dir),
+        "COMPILE": "before_ready",
+        "COMPILE_CACHE_DIR": str(tmp_path),
+        "RUNPOD_INIT_TIMEOUT": "5",  # less than the compile's share of it leaves: ready at once, on the eager step
+    }
+    with caplog.at_level(logging.INFO):
+        started = start_worker(env)
+        try:
+            assert "compile" in timeline_phases(caplog.text)
+            assert "the decode step is still compiling" in caplog.text
+            assert answer(started, greedy("The capital of"))["usage"]["completion_tokens"] > 0
+            wait_for(caplog, "compiled decode step in service")  # and it takes over once built
+        finally:
+            started.close()
+    forget_compiled()
