@@ -1,6 +1,7 @@
 """The batch engine's decode step, eager against compiled (batch/compiled.py), on the default model, side by side.
 
-    python bench/decode_step.py [--batches 1,16,32] [--steps 24] [--rounds 3] [--dtype bfloat16] [--json PATH]
+    python bench/decode_step.py [--batches 1,16,32] [--steps 24] [--rounds 3] [--dtype bfloat16] [--device cpu]
+        [--json PATH]
 
 For each batch size, one batcher (the engine's own, driven step by step as batch/check.py drives it) prefills that
 many prompts and then decodes, and each decode step is timed, the model's forward and everything around it (the
@@ -30,13 +31,13 @@ from serve import machine  # noqa: E402
 from step_overhead import prompts  # noqa: E402
 
 
-def load(dtype: str):
+def load(dtype: str, device: str = "cpu"):
     import torch
     from step_overhead import tokenizer
     from transformers import AutoModelForCausalLM
 
     tok = tokenizer()
-    model = AutoModelForCausalLM.from_pretrained(tok.name_or_path, dtype=getattr(torch, dtype)).eval()
+    model = AutoModelForCausalLM.from_pretrained(tok.name_or_path, dtype=getattr(torch, dtype)).eval().to(device)
     return model, tok
 
 
@@ -68,7 +69,7 @@ def step_ms(batcher, graph, steps: int) -> float:
     return statistics.median(times[2:]) * 1e3
 
 
-def compile_s(cache_dir: str, dtype: str) -> dict:
+def compile_s(cache_dir: str, dtype: str, device: str) -> dict:
     """Compile the step in a fresh process with COMPILE_CACHE_DIR `cache_dir`: seconds, and whether it loaded."""
     code = f"""
 import json, sys, time
@@ -77,7 +78,7 @@ from pathlib import Path
 from decode_step import load
 from worker_transformers.generation.batch.compiled import DecodeGraph, artifacts_file
 from worker_transformers.generation.batch.layout import probe
-model, tok = load({dtype!r})
+model, tok = load({dtype!r}, {device!r})
 graph = DecodeGraph(model, probe(model), artifacts_file(Path({cache_dir!r}), model, "bench"), max_rows=32)
 loaded = graph.artifacts.is_file()
 ready = graph.compile()
@@ -95,6 +96,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=24, help="decode steps a side each round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "out" / "decode_step.json")
     args = parser.parse_args()
 
@@ -102,11 +104,11 @@ def main() -> None:
     from worker_transformers.generation.batch.layout import probe
 
     with tempfile.TemporaryDirectory() as cache_dir:
-        cold = compile_s(cache_dir, args.dtype)
-        warm = compile_s(cache_dir, args.dtype)
+        cold = compile_s(cache_dir, args.dtype, args.device)
+        warm = compile_s(cache_dir, args.dtype, args.device)
     print(f"compile: {cold['seconds']:.1f} s with nothing saved, {warm['seconds']:.1f} s with the saved step")
 
-    model, tok = load(args.dtype)
+    model, tok = load(args.dtype, args.device)
     batches = [int(b) for b in args.batches.split(",")]
     graph = DecodeGraph(model, probe(model), None, max_rows=max(batches))
     with torch.inference_mode():

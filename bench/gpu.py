@@ -12,7 +12,9 @@ to a temporary folder and removed after):
 4. recovery from an out-of-memory error: the process's share of GPU memory is capped just above what the worker
    holds, a burst of long requests runs out, and afterwards a short request must still succeed;
 5. placement throughput of an 8 GB checkpoint from a warm page cache: bench/coldstart.py's synthetic case, whose
-   verdict says whether the weights phase reached 20 GB/s.
+   verdict says whether the weights phase reached 20 GB/s;
+6. the compiled decode step against the eager one on CUDA (bench/decode_step.py --device cuda): milliseconds a
+   step at batch 1, 16 and 32 on the default model, and the compile's seconds with and without a saved step.
 Writes one JSON file; prints each part as it finishes. Exits 2 without CUDA.
 """
 
@@ -148,6 +150,14 @@ def placement(out: Path) -> dict:
             "tail": done.stdout[-2000:] + done.stderr[-1000:]}  # fmt: skip
 
 
+def compiled_step(out: Path) -> dict:
+    command = [sys.executable, "bench/decode_step.py", "--device", "cuda", "--rounds", "2", "--json", str(out)]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    report = json.loads(out.read_text()) if out.is_file() else {}
+    return {"returncode": done.returncode, "steps": report.get("steps"), "compile_cold": report.get("compile_cold"),
+            "compile_warm": report.get("compile_warm"), "tail": done.stdout[-2000:] + done.stderr[-1000:]}  # fmt: skip
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "out" / "gpu.json")
@@ -186,6 +196,8 @@ def main() -> int:
     if not args.skip_placement:
         report["placement"] = placement(args.json.with_name("gpu-coldstart.json"))
         print("placement", json.dumps(report["placement"]["goals"]), flush=True)
+    report["compiled_step"] = compiled_step(args.json.with_name("gpu-decode-step.json"))
+    print("compiled step", json.dumps(report["compiled_step"]["steps"]), flush=True)
     report["seconds"] = time.perf_counter() - started
     args.json.write_text(json.dumps(report, indent=1))
     print(f"wrote {args.json} in {report['seconds']:.0f} s")

@@ -35,6 +35,7 @@ EAGER = {
 # Families whose step torch's compiler takes as one graph only from a release on: before it, they keep the eager
 # step, and the log says why (torch 2.8's compiler refuses to inline a function Gemma 4's code calls).
 COMPILES_FROM = {"gemma4_text-shared-kv": (2, 13)}
+TIME_STEPS = DecodeGraph._time_steps  # the real timing, which the fixture below replaces for the other tests
 BATCHED = [name for name, (*_, engine) in ARCHITECTURES.items() if engine == "batch"]
 
 
@@ -63,6 +64,17 @@ def make_folder(name: str, tmp_path_factory):
     AutoModelForCausalLM.from_config(config).to(torch.float32).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(autouse=True, scope="module")
+def compiled_step_timed_faster():
+    """On a CPU the compiled step is timed against the eager one once compiled (compiled.py), to serve only the
+    batches it is faster at; these tests check behaviour, not timings: here it is faster at every batch size,
+    except where a test says otherwise."""
+    patch = pytest.MonkeyPatch()
+    patch.setattr(DecodeGraph, "_time_steps", lambda graph, rows: (1.0, 2.0))
+    yield
+    patch.undo()
 
 
 @pytest.fixture(scope="module", params=BATCHED)
@@ -256,3 +268,40 @@ def test_before_ready_goes_ready_on_the_eager_step_when_the_compile_would_overru
         finally:
             started.close()
     forget_compiled()
+
+
+def test_batches_wider_than_the_compiled_step_is_faster_at_run_the_eager_step(tiny_model_dir, tmp_path, monkeypatch):
+    """Timings that say the compiled step is faster at 1 and 2 rows and slower at 4: it serves batches of up to 2,
+    and the eager step the batches of 3 and 4, with the same answers."""
+    timed = {1: (1.0, 2.0), 2: (1.0, 2.0), 4: (3.0, 2.0)}
+    monkeypatch.setattr(DecodeGraph, "_time_steps", lambda graph, rows: timed[rows])
+    env = {"MODEL_NAME": str(tiny_model_dir), "MAX_CONCURRENCY": "4", "COMPILE": "before_ready"}
+    env["COMPILE_CACHE_DIR"] = str(tmp_path)
+    engine = setup(Settings.from_env(env))
+    try:
+        graph = engine.generation.decode_graph
+        assert graph.ready and graph.most_rows == 2
+        widths = []
+        run = graph.run
+        monkeypatch.setattr(graph, "run", lambda *a, **k: widths.append(a[4]) or run(*a, **k))
+        handler = make_handler(engine, Settings.from_env(env))
+        inputs = [greedy(p) for p in (*PROMPTS, "A fourth prompt")]
+        one_by_one = [jobs(handler, [job_input])[0] for job_input in inputs]
+        assert jobs(handler, inputs) == one_by_one
+        assert engine.generation.engine.peak_batch == 4 and set(widths) <= {1, 2} and 1 in widths
+    finally:
+        engine.close()
+        forget_compiled()
+
+
+def test_the_steps_are_timed_on_a_scratch_cache_without_touching_the_batch(tiny_model_dir):
+    """The real timing (compiled.py's `_time_steps`): two durations, from a scratch cache of its own."""
+    from worker_transformers.generation.batch.layout import probe
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    graph = DecodeGraph(model, probe(model), None, max_rows=4)
+    with torch.inference_mode():
+        assert graph.compile(), graph.failed
+        compiled, eager = TIME_STEPS(graph, 4)
+    forget_compiled()
+    assert compiled > 0 and eager > 0

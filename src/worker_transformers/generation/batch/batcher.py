@@ -424,11 +424,11 @@ class Batcher(Engine):
         return out.logits[:, -1]
 
     def _decode_forward(self, rows: int, positions: torch.Tensor, rotary: torch.Tensor | None) -> torch.Tensor:
-        """A decode step's logits: from the compiled step once it is ready (compiled.py), else the eager forward.
-        A prompt being prefilled in chunks holds a row after the batch's, which the compiled step does not keep
-        out of its writes: the eager step serves meanwhile."""
+        """A decode step's logits: from the compiled step once it is ready (compiled.py) for batches it serves,
+        else the eager forward. A prompt being prefilled in chunks holds a row after the batch's, which the
+        compiled step does not keep out of its writes: the eager step serves meanwhile."""
         graph, live = self.graph, slice(0, rows)
-        if graph is not None and graph.ready and self.chunks is None:
+        if graph is not None and graph.ready and rows <= graph.most_rows and self.chunks is None:
             # the rows the compiled step runs, and a column to spare after the step's (DecodeGraph.run)
             self._make_room(max(rows, graph.fewest_rows), 0, spare=1)
             try:

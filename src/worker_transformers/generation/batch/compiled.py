@@ -27,14 +27,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import statistics
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from torch._inductor import config as inductor_config
-from torch.fx.experimental import _config as shape_config
 from transformers import PreTrainedModel
 from transformers.cache_utils import Cache, CacheLayerMixin, DummyLayer
 
@@ -50,6 +49,9 @@ log = logging.getLogger(__name__)
 # little next to a second compile. A cache that can hold one row only gets the graph of one row.
 _FEWEST_ROWS = 2
 _SCRATCH_COLUMNS = 8  # the scratch cache's width: any width above 1 stands for every other
+# Timing the compiled step against the eager one (on a CPU): cache columns, and steps of each, interleaved.
+_TIMED_COLUMNS = 256
+_TIMINGS = 5
 
 
 class DecodeGraph:
@@ -60,6 +62,9 @@ class DecodeGraph:
         self.model = model
         self.layout = layout
         self.fewest_rows = min(_FEWEST_ROWS, max_rows)  # a step runs at least this many rows (the cache has them)
+        # The widest batch the compiled step serves: on a CPU, the widest it beats the eager step at (timed once
+        # compiled); wider batches run the eager step.
+        self.most_rows = max_rows
         # Weights frozen into the graph where that packs them for oneDNN's low-precision kernels (bfloat16 and
         # float16 on the CPU): a CPU step's gain. Inductor keeps no frozen graph in its cache, so such a step is
         # compiled afresh by every worker; the others are saved for the next.
@@ -71,7 +76,7 @@ class DecodeGraph:
         self._takes = forward_parameters(model)
         self._additive = model.config._attn_implementation != "sdpa"
         self._done = threading.Event()
-        self._step = torch.compile(self._eager_step, fullgraph=True, dynamic=True)
+        self._step = None  # torch.compile's wrapper, made by `compile` (it imports the compiler: not at startup)
 
     @staticmethod
     def why_not(model: PreTrainedModel, layout: CacheLayout) -> str:
@@ -110,7 +115,12 @@ class DecodeGraph:
     def compile(self) -> bool:
         """Compile the step for the shapes that stand for every batch (loading what an earlier worker saved
         first), each on a scratch cache; whether it is ready. Never raises: a failure leaves the step eager."""
+        # The compiler's modules take about a second to import: here, behind the worker's readiness.
+        from torch._inductor import config as inductor_config
+        from torch.fx.experimental import _config as shape_config
+
         started = time.monotonic()
+        self._step = torch.compile(self._eager_step, fullgraph=True, dynamic=True)
         loaded = self._load_artifacts()
         try:
             # Without duck sizing: a size that happens to equal another at compile time (the scratch cache's
@@ -124,25 +134,41 @@ class DecodeGraph:
             log.warning("compiled decode step unavailable, the eager step serves on: %s", self.failed)
             log.debug("the compile's failure", exc_info=True)
             self._done.set()
+            release_openmp_team()
             return False
+        self.compile_s = time.monotonic() - started
+        try:
+            if self.model.device.type == "cpu":
+                self.most_rows = self._most_rows_faster(self.most_rows)
         finally:
             release_openmp_team()  # this thread's team would slow the engine thread's forwards (engine.py)
-        self.compile_s = time.monotonic() - started
-        self.ready = True
+        self.ready = self.most_rows > 0
         self._done.set()
+        saved = "with the compiled code an earlier worker saved" if loaded else "nothing saved to start from"
+        if not self.ready:
+            log.warning("compiled decode step unavailable: slower than the eager step here at every batch size")
+            return False
         log.info(
-            "compiled decode step in service after %.1f s of compiling (%s)",
+            "compiled decode step in service for batches of up to %d after %.1f s of compiling (%s)",
+            self.most_rows,
             self.compile_s,
-            "with the compiled code an earlier worker saved" if loaded else "nothing saved to start from",
+            saved,
         )
         self._save_artifacts()
         return True
 
     def _warm(self, rows: int) -> None:
-        """Compile for `rows` rows: an eager prefill of two tokens into a scratch cache (which learns each layer's
-        shapes), then the compiled step after it, whose logits must match the eager step's."""
+        """Compile for `rows` rows, on a scratch cache."""
+        cache = self._scratch(rows, _SCRATCH_COLUMNS)
+        ids = torch.ones(rows, 1, dtype=torch.long, device=self.model.device)
+        positions = torch.full((rows, 1), 2, device=self.model.device)
+        self.run(ids, positions, positions, cache, rows, 2, compile_now=True)
+
+    def _scratch(self, rows: int, columns: int) -> SlotCache:
+        """A scratch cache of `rows` rows and `columns` columns, each row holding two tokens prefilled by the eager
+        forward (which allocates each layer's keys and values in their shapes)."""
         device = self.model.device
-        cache = SlotCache(list(self.layout.layers), rows, _SCRATCH_COLUMNS, device)
+        cache = SlotCache(list(self.layout.layers), rows, columns, device)
         ids = torch.ones(rows, 2, dtype=torch.long, device=device)
         positions = torch.arange(2, device=device).expand(rows, 2)
         cache.positions[:, :2] = positions
@@ -151,8 +177,43 @@ class DecodeGraph:
             self.model(
                 input_ids=ids, past_key_values=cache, attention_mask=masks, position_ids=positions, use_cache=True
             )
-        step_positions = torch.full((rows, 1), 2, device=device)
-        self.run(ids[:, :1], step_positions, step_positions, cache, rows, 2, compile_now=True)
+        return cache
+
+    def _most_rows_faster(self, max_rows: int) -> int:
+        """The largest batch (of 1, 2, 4, ... up to `max_rows`) whose compiled step beats the eager one here: on a
+        CPU, the compiled attention of a wide batch can be the slower. 0 where none does."""
+        faster = 0
+        for rows in sorted({min(2**i, max_rows) for i in range(max_rows.bit_length() + 1)}):
+            compiled, eager = self._time_steps(rows)
+            if compiled >= eager:
+                break
+            faster = rows
+        return faster
+
+    def _time_steps(self, rows: int) -> tuple[float, float]:
+        """Median seconds of the compiled and of the eager step for `rows` rows, interleaved, on a scratch cache of
+        _TIMED_COLUMNS columns."""
+        cache = self._scratch(max(rows, self.fewest_rows), _TIMED_COLUMNS + 2)
+        cache.positions[:, :_TIMED_COLUMNS] = torch.arange(_TIMED_COLUMNS, device=self.model.device)
+        column = _TIMED_COLUMNS
+        ids = torch.ones(rows, 1, dtype=torch.long, device=self.model.device)
+        positions = torch.full((rows, 1), column, device=self.model.device)
+        compiled, eager = [], []
+        for _ in range(_TIMINGS):
+            compiled.append(_timed(lambda: self.run(ids, positions, positions, cache, rows, column)))
+            eager.append(_timed(lambda: self._eager_decode(ids, positions, cache, rows, column)))
+        return statistics.median(compiled), statistics.median(eager)
+
+    def _eager_decode(self, ids, positions, cache: SlotCache, rows: int, column: int) -> torch.Tensor:
+        """The eager decode step, as the batcher runs it (its `_forward`), for timing against the compiled one."""
+        held = cache.positions[:rows, : column + 1]
+        masks = attention_masks(held, positions, self.layout.kinds, self.model.dtype, self._additive, decode=True)
+        with cache.writing(slice(0, rows), column, column + 1, continuing=True):
+            out = self.model(
+                input_ids=ids, past_key_values=cache, attention_mask=masks, position_ids=positions, use_cache=True,
+                logits_to_keep=1,
+            )  # fmt: skip
+        return out.logits[:, -1]
 
     def _load_artifacts(self) -> bool:
         if self.artifacts is None or not self.artifacts.is_file():
@@ -275,6 +336,12 @@ class _StepCache(Cache):
 
     def __init__(self, keys: list, values: list, column: torch.Tensor) -> None:
         super().__init__(layers=[DummyLayer() if k is None else _StepLayer(k, v, column) for k, v in zip(keys, values)])
+
+
+def _timed(step: Callable[[], torch.Tensor]) -> float:
+    start = time.perf_counter()
+    step()
+    return time.perf_counter() - start
 
 
 def _padded(rows: torch.Tensor, width: int) -> torch.Tensor:
