@@ -55,7 +55,7 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from coldstart import machine  # noqa: E402
-from serve import QUESTIONS, cpu_flags, make_requests, percentiles  # noqa: E402
+from serve import QUESTIONS, cpu_flags, gathered, make_requests, percentiles  # noqa: E402
 
 from worker_transformers.config import DEFAULT_MODEL, hf_hub_cache_dir  # noqa: E402
 from worker_transformers.model import hf_cache  # noqa: E402
@@ -237,15 +237,10 @@ def stats(prefix: str, values: list[float]) -> dict:
 
 
 async def level(client, model: str, jobs: list[dict], concurrency: int, usage: bool) -> dict:
-    gate = asyncio.Semaphore(concurrency)
+    def ask(job: dict):
+        return one(client, model, job["messages"], job["max_new_tokens"], usage)
 
-    async def gated(job):
-        async with gate:
-            return await one(client, model, job["messages"], job["max_new_tokens"], usage)
-
-    start = time.perf_counter()
-    results = await asyncio.gather(*(gated(job) for job in jobs))
-    wall = time.perf_counter() - start
+    results, wall = await gathered(ask, jobs, concurrency)
     tokens = sum(r["tokens"] for r in results)
     return {
         "concurrency": concurrency,

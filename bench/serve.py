@@ -79,16 +79,22 @@ async def one(handler, job: dict) -> dict:
     }
 
 
-async def level(handler, jobs: list[dict], concurrency: int) -> dict:
+async def gathered(run, jobs: list[dict], concurrency: int) -> tuple[list[dict], float]:
+    """`run(job)` for every job, at most `concurrency` at once: the results in the jobs' order, and the seconds
+    all took."""
     gate = asyncio.Semaphore(concurrency)
 
     async def gated(job):
         async with gate:
-            return await one(handler, job)
+            return await run(job)
 
     start = time.perf_counter()
     results = await asyncio.gather(*(gated(job) for job in jobs))
-    wall = time.perf_counter() - start
+    return results, time.perf_counter() - start
+
+
+async def level(handler, jobs: list[dict], concurrency: int) -> dict:
+    results, wall = await gathered(lambda job: one(handler, job), jobs, concurrency)
     latencies = [r["latency"] for r in results]
     gaps = [g for r in results for g in r["gaps"]]
     tokens = sum(r["tokens"] for r in results)

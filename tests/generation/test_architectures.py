@@ -11,6 +11,7 @@ cancellation too.
 """
 
 import asyncio
+from pathlib import Path
 
 import pytest
 import torch
@@ -209,10 +210,9 @@ ARCHITECTURES = {
 CORE_ONLY = {"qwen3_next", "lfm2", "nemotron_h", "zamba2", "falcon_mamba", "rwkv", "jamba", "mamba"}
 
 
-@pytest.fixture(scope="module", params=list(ARCHITECTURES))
-def served(request, tmp_path_factory):
-    """(name, engine, settings, tokenizer, reference model) for one architecture, started by the real startup."""
-    name = request.param
+def saved_model(name: str, tmp_path_factory) -> Path:
+    """A folder holding a tiny random model (float32, seeded) of the architecture ARCHITECTURES names, and its
+    tokenizer with a ChatML template, as save_pretrained writes them."""
     config_class, arguments, make_tokenizer, _ = ARCHITECTURES[name]
     tokenizer = make_tokenizer()
     tokenizer.chat_template = CHATML
@@ -230,6 +230,14 @@ def served(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp(name)
     AutoModelForCausalLM.from_config(config).to(torch.float32).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module", params=list(ARCHITECTURES))
+def served(request, tmp_path_factory):
+    """(name, engine, settings, tokenizer, reference model) for one architecture, started by the real startup."""
+    name = request.param
+    folder = saved_model(name, tmp_path_factory)
     env = {"MODEL_NAME": str(folder), "MAX_CONCURRENCY": "4", "MAX_NEW_TOKENS": "64"}
     forced = name.rpartition("-")[2]
     if forced in ("serial", "continuous"):

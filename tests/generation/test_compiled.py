@@ -10,7 +10,7 @@ import time
 
 import pytest
 import torch
-from generation.test_architectures import ARCHITECTURES, PROMPTS, generated_by_generate, greedy, jobs
+from generation.test_architectures import ARCHITECTURES, PROMPTS, generated_by_generate, greedy, jobs, saved_model
 from torch._dynamo.utils import counters
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -43,29 +43,6 @@ def compiles_here(name: str) -> bool:
     return tuple(int(part) for part in torch.__version__.split(".")[:2]) >= COMPILES_FROM.get(name, (0, 0))
 
 
-def make_folder(name: str, tmp_path_factory):
-    from generation.test_architectures import CHATML
-
-    config_class, arguments, make_tokenizer, _ = ARCHITECTURES[name]
-    tokenizer = make_tokenizer()
-    tokenizer.chat_template = CHATML
-    special = {k: tokenizer.convert_tokens_to_ids(v) for k, v in (("bos", "<s>"), ("eos", tokenizer.eos_token))}
-    config = config_class(
-        vocab_size=len(tokenizer),
-        bos_token_id=special["bos"],
-        eos_token_id=special["eos"],
-        pad_token_id=tokenizer.pad_token_id,
-        **arguments,
-    )
-    if hasattr(config, "vocab_size_per_layer_input"):
-        config.vocab_size_per_layer_input = config.vocab_size
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp(name)
-    AutoModelForCausalLM.from_config(config).to(torch.float32).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 @pytest.fixture(autouse=True, scope="module")
 def compiled_step_timed_faster():
     """On a CPU the compiled step is timed against the eager one once compiled (compiled.py), to serve only the
@@ -82,7 +59,7 @@ def compiled(request, tmp_path_factory):
     """(name, engine, settings, tokenizer, reference model, log records) for one family, started with its decode
     step compiled before ready."""
     name = request.param
-    folder = make_folder(name, tmp_path_factory)
+    folder = saved_model(name, tmp_path_factory)
     env = {
         "MODEL_NAME": str(folder),
         "MAX_CONCURRENCY": "4",
