@@ -326,6 +326,8 @@ class Settings:
     )
     # Where huggingface_hub keeps its cache; derived in from_env exactly as huggingface_hub does.
     hf_hub_cache: Path = field(default_factory=lambda: hf_hub_cache_dir({}))
+    # The user's cache folder (XDG_CACHE_HOME, else ~/.cache), derived in from_env: COMPILE_CACHE_DIR's `auto`.
+    cache_home: Path = field(default_factory=lambda: cache_home_dir({}))
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
@@ -335,6 +337,7 @@ class Settings:
             if name is not None and name in env:
                 values[f.name] = f.metadata["parse"](name, env[name])
         values["hf_hub_cache"] = hf_hub_cache_dir(env)
+        values["cache_home"] = cache_home_dir(env)
         return cls(**values)
 
     @property
@@ -357,19 +360,23 @@ def hf_hub_cache_dir(env: Mapping[str, str]) -> Path:
         return Path(env["HF_HUB_CACHE"]).expanduser()
     if env.get("HF_HOME"):
         return Path(env["HF_HOME"]).expanduser() / "hub"
+    return cache_home_dir(env) / "huggingface" / "hub"
+
+
+def cache_home_dir(env: Mapping[str, str]) -> Path:
+    """The user's cache folder: XDG_CACHE_HOME, else ~/.cache."""
     cache_home = Path(env["XDG_CACHE_HOME"]) if env.get("XDG_CACHE_HOME") else Path(env.get("HOME", "~")) / ".cache"
-    return cache_home.expanduser() / "huggingface" / "hub"
+    return cache_home.expanduser()
 
 
-def compile_cache_folder(settings: Settings, model_source: str, env: Mapping[str, str]) -> Path:
+def compile_cache_folder(settings: Settings, model_source: str) -> Path:
     """Where the compiled decode step is kept (COMPILE_CACHE_DIR): on the network volume beside a volume model,
     where every worker of the endpoint finds it; else in the user's cache folder, which an image can carry."""
     if settings.compile_cache_dir is not None:
         return settings.compile_cache_dir
     if model_source == "volume":
         return Path(settings.volume_model_dir).parent / "worker-transformers" / "compile"
-    cache_home = Path(env["XDG_CACHE_HOME"]) if env.get("XDG_CACHE_HOME") else Path(env.get("HOME", "~")) / ".cache"
-    return cache_home.expanduser() / "worker-transformers" / "compile"
+    return settings.cache_home / "worker-transformers" / "compile"
 
 
 def settings_table() -> str:

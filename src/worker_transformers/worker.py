@@ -137,7 +137,7 @@ def _compile_artifacts(settings: Settings, location, model):
     """The file the compiled decode step is kept in (COMPILE_CACHE_DIR), named for this model's files."""
     from worker_transformers.generation.batch.compiled import artifacts_file
 
-    folder = compile_cache_folder(settings, location.source, os.environ)
+    folder = compile_cache_folder(settings, location.source)
     return artifacts_file(folder, model, f"{location.model_id}|{location.revision}|{location.path}")
 
 
