@@ -55,7 +55,7 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from coldstart import machine  # noqa: E402
-from serve import QUESTIONS, cpu_flags, gathered, make_requests, percentiles  # noqa: E402
+from serve import QUESTIONS, cpu_flags, gathered, make_requests, percentiles, totals  # noqa: E402
 
 from worker_transformers.config import DEFAULT_MODEL, hf_hub_cache_dir  # noqa: E402
 from worker_transformers.model import hf_cache  # noqa: E402
@@ -241,13 +241,8 @@ async def level(client, model: str, jobs: list[dict], concurrency: int, usage: b
         return one(client, model, job["messages"], job["max_new_tokens"], usage)
 
     results, wall = await gathered(ask, jobs, concurrency)
-    tokens = sum(r["tokens"] for r in results)
     return {
-        "concurrency": concurrency,
-        "requests": len(jobs),
-        "output_tokens": tokens,
-        "wall_s": wall,
-        "throughput_tok_s": tokens / wall,
+        **totals(results, wall, concurrency),
         **stats("ttft", [r["ttft"] for r in results if not math.isnan(r["ttft"])]),
         **stats("itl", [g for r in results for g in r["gaps"]]),
         "answers": [r["text"] for r in results] if concurrency == 1 else None,

@@ -93,17 +93,24 @@ async def gathered(run, jobs: list[dict], concurrency: int) -> tuple[list[dict],
     return results, time.perf_counter() - start
 
 
+def totals(results: list[dict], wall: float, concurrency: int) -> dict:
+    """A level's requests, output tokens, seconds and output tokens/s (each result counts its `tokens`)."""
+    tokens = sum(r["tokens"] for r in results)
+    return {
+        "concurrency": concurrency,
+        "requests": len(results),
+        "output_tokens": tokens,
+        "wall_s": wall,
+        "throughput_tok_s": tokens / wall,
+    }
+
+
 async def level(handler, jobs: list[dict], concurrency: int) -> dict:
     results, wall = await gathered(lambda job: one(handler, job), jobs, concurrency)
     latencies = [r["latency"] for r in results]
     gaps = [g for r in results for g in r["gaps"]]
-    tokens = sum(r["tokens"] for r in results)
     return {
-        "concurrency": concurrency,
-        "requests": len(jobs),
-        "output_tokens": tokens,
-        "wall_s": wall,
-        "throughput_tok_s": tokens / wall,
+        **totals(results, wall, concurrency),
         **percentiles("ttft", [r["ttft"] for r in results]),
         **percentiles("itl", gaps),
         **percentiles("latency", latencies),

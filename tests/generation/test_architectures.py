@@ -305,7 +305,12 @@ def generated_by_generate(reference, tokenizer, ids: list[int], max_new_tokens: 
 
 def test_greedy_answers_equal_generate_and_the_decoding_of_all_ids(served):
     _, engine, settings, tokenizer, reference = served
-    handler = make_handler(engine, settings)
+    assert_greedy_answers_equal_generate(make_handler(engine, settings), tokenizer, reference)
+
+
+def assert_greedy_answers_equal_generate(handler, tokenizer, reference) -> None:
+    """Each of PROMPTS answered greedily, alone, as the reference model's `generate` answers it, and as the
+    tokenizer's own decoding of the prompt's and answer's ids."""
     for prompt in PROMPTS:
         [[answer]] = jobs(handler, [greedy(prompt)])
         ids = tokenizer(prompt)["input_ids"]

@@ -10,7 +10,14 @@ import time
 
 import pytest
 import torch
-from generation.test_architectures import ARCHITECTURES, PROMPTS, generated_by_generate, greedy, jobs, saved_model
+from generation.test_architectures import (
+    ARCHITECTURES,
+    PROMPTS,
+    assert_greedy_answers_equal_generate,
+    greedy,
+    jobs,
+    saved_model,
+)
 from torch._dynamo.utils import counters
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -117,13 +124,7 @@ def test_compiled_answers_equal_generate_alone_and_together_with_no_compile_once
     monkeypatch.setattr(graph, "run", lambda *a, **k: steps.append(a[4]) or run(*a, **k))
     graphs_before = counters["stats"]["unique_graphs"]
     handler = make_handler(engine, settings)
-    for prompt in PROMPTS:
-        [[answer]] = jobs(handler, [greedy(prompt)])
-        ids = tokenizer(prompt)["input_ids"]
-        out = generated_by_generate(reference, tokenizer, ids)
-        generated = [t for t in out if t != reference.config.eos_token_id]
-        assert answer["usage"]["completion_tokens"] == len(out)
-        assert prompt + answer["text"] == tokenizer.decode(ids + generated, skip_special_tokens=True)
+    assert_greedy_answers_equal_generate(handler, tokenizer, reference)
     inputs = [greedy(p) for p in PROMPTS] + [{**greedy(p), "stream": True, "max_new_tokens": 24} for p in PROMPTS[:1]]
     one_by_one = [jobs(handler, [job_input])[0] for job_input in inputs]
     assert jobs(handler, inputs) == one_by_one
